@@ -1,0 +1,166 @@
+"""Gradient checking: compare a layer's hand-written backward with finite differences.
+
+For a scalar function f of an array x, the central difference
+
+    df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / (2h)
+
+has error O(h^2). In float64 with h = 1e-6 that leaves about 1e-10 of truncation and rounding
+error, so a correct backward agrees to ~1e-8 relative error and a wrong one is off by O(1).
+
+To check a module we make the scalar ``f = sum(forward(x) * g)`` for a fixed random ``g``: then
+df/d(output) = g, so ``backward(g)`` must return df/dx and put df/dW into each ``param.grad``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+
+from tinyunet.backend import to_host, xp
+
+
+def relative_error(analytic: Any, numeric: Any) -> float:
+    """max_i |a_i - n_i| / max(max_i |a_i|, max_i |n_i|): 0 means identical, ~1 means unrelated.
+
+    The error is measured against the tensor's largest entry rather than entry by entry: finite
+    differences carry an absolute noise of about eps * |f| / h ~ 1e-10, which makes an entry-wise
+    ratio meaningless for the many near-zero entries of a deep network's gradient, while a wrong
+    backward is still off by O(1) on its large entries.
+    """
+    a, n = to_host(analytic).astype(np.float64), to_host(numeric).astype(np.float64)
+    if not a.size:
+        return 0.0
+    scale = max(np.abs(a).max(), np.abs(n).max(), 1e-300)
+    return float(np.abs(a - n).max() / scale)
+
+
+def numerical_gradient(f: Callable[[], float], x: Any, h: float = 1e-6) -> Any:
+    """Central differences of the scalar ``f()`` with respect to every entry of ``x`` (changed in place
+    and restored). One loop over entries: fine for the small arrays of a check, never for training."""
+    grad = xp.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)  # views: writing flat[i] changes x
+    for i in range(flat.size):
+        old = flat[i].item()
+        flat[i] = old + h
+        plus = f()
+        flat[i] = old - h
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+def check_module(module: Any, *inputs: Any, seed: int = 0, h: float = 1e-6) -> Dict[str, float]:
+    """Check every input gradient and every parameter gradient of ``module``.
+
+    inputs: float64 arrays; module parameters must be float64 too (``module.double()``).
+    Returns {"input0": err, ..., "<param name>": err} with max relative errors.
+    """
+    rng = np.random.default_rng(seed)
+    out = module.forward(*inputs)
+    g = xp.asarray(rng.standard_normal(out.shape))
+
+    def f() -> float:
+        return float((module.forward(*inputs) * g).sum())
+
+    module.zero_grad()
+    module.forward(*inputs)
+    dinputs = module.backward(g)
+    if not isinstance(dinputs, tuple):
+        dinputs = (dinputs,)
+    errors = {}
+    for k, (x, dx) in enumerate(zip(inputs, dinputs)):
+        errors[f"input{k}"] = relative_error(dx, numerical_gradient(f, x, h))
+    for name, p in module.named_parameters():
+        analytic = p.grad.copy()
+        errors[name] = relative_error(analytic, numerical_gradient(f, p.data, h))
+    return errors
+
+
+def check_loss(loss: Any, logits: Any, target: Any, h: float = 1e-6) -> float:
+    """Check ``loss.backward()`` (dlogits) against finite differences of ``loss.forward``."""
+    loss.forward(logits, target)
+    analytic = loss.backward()
+    numeric = numerical_gradient(lambda: float(loss.forward(logits, target)), logits, h)
+    return relative_error(analytic, numeric)
+
+
+def check_model_with_loss(model: Any, loss: Any, x: Any, target: Any, h: float = 1e-6) -> Dict[str, float]:
+    """End to end: d(loss)/d(input) and d(loss)/d(every parameter) of ``loss(model(x), target)``.
+
+    BatchNorm in train mode updates running statistics on every forward; they do not affect the
+    output in train mode, so the repeated forwards of the check are still the same function.
+    """
+    def f() -> float:
+        return float(loss.forward(model.forward(x), target))
+
+    model.zero_grad()
+    loss.forward(model.forward(x), target)
+    dx = model.backward(loss.backward())
+    errors = {"input": relative_error(dx, numerical_gradient(f, x, h))}
+    for name, p in model.named_parameters():
+        analytic = p.grad.copy()
+        errors[name] = relative_error(analytic, numerical_gradient(f, p.data, h))
+    return errors
+
+
+def run_all(seed: int = 0, tolerance: float = 1e-6, model_tolerance: float = 1e-5) -> List[Tuple[str, str, float, bool]]:
+    """The ``tinyunet gradcheck`` suite: every layer, the loss and a small U-Net, in float64.
+
+    Returns rows (module, tensor, max relative error, passed).
+    """
+    from tinyunet.backend import seed as seed_all
+    from tinyunet.losses import CrossEntropyLoss
+    from tinyunet.models import UNet
+    from tinyunet.nn import BatchNorm2d, Concat, Conv2d, ConvTranspose2d, MaxPool2d, ReLU
+
+    seed_all(seed)
+    rng = np.random.default_rng(seed)
+
+    def randn(*shape: int) -> Any:
+        return xp.asarray(rng.standard_normal(shape))
+
+    def away_from_zero(*shape: int) -> Any:
+        # ReLU has a kink at 0: keep every input at least 0.1 away so x +- h never crosses it
+        v = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+        return xp.asarray(v)
+
+    def distinct(*shape: int) -> Any:
+        # max-pool is not differentiable at ties: a shuffled grid of values 0.01 apart has none
+        v = rng.permutation(np.prod(shape)).reshape(shape) * 0.01
+        return xp.asarray(v.astype(np.float64))
+
+    cases = [
+        ("Conv2d(3,4,k3,s1,p1)", Conv2d(3, 4, 3, padding=1).double(), (randn(2, 3, 7, 6),)),
+        ("Conv2d(2,3,k5,s2,p2)", Conv2d(2, 3, 5, stride=2, padding=2).double(), (randn(2, 2, 9, 8),)),
+        ("MaxPool2d(2)", MaxPool2d(2), (distinct(2, 3, 6, 7),)),
+        ("MaxPool2d(3,s2)", MaxPool2d(3, 2), (distinct(2, 2, 7, 7),)),
+        ("ConvTranspose2d(4,3,k2,s2)", ConvTranspose2d(4, 3, 2, stride=2).double(), (randn(2, 4, 3, 5),)),
+        ("ConvTranspose2d(2,3,k3,s2,p1)", ConvTranspose2d(2, 3, 3, stride=2, padding=1).double(), (randn(2, 2, 4, 3),)),
+        ("Concat(axis=1)", Concat(1), (randn(2, 2, 3, 3), randn(2, 3, 3, 3))),
+        ("ReLU", ReLU(), (away_from_zero(2, 3, 4, 5),)),
+        ("BatchNorm2d(train)", BatchNorm2d(3).double(), (randn(4, 3, 3, 2),)),
+        ("BatchNorm2d(eval)", BatchNorm2d(3).double().eval(), (randn(2, 3, 3, 2),)),
+    ]
+    rows = []
+    for label, module, inputs in cases:
+        if label.startswith("BatchNorm2d"):  # non-trivial affine parameters make the check stronger
+            module.weight.data = randn(3)
+            module.bias.data = randn(3)
+            if not module.training:
+                module.running_mean, module.running_var = randn(3), xp.asarray(rng.uniform(0.5, 2.0, 3))
+        for tensor, err in check_module(module, *inputs, seed=seed).items():
+            rows.append((label, tensor, err, err <= tolerance))
+
+    logits, target = randn(2, 3, 4, 5), xp.asarray(rng.integers(0, 3, (2, 4, 5)))
+    for label, loss in [("CrossEntropyLoss", CrossEntropyLoss()),
+                        ("CrossEntropyLoss(weight, ignore_index)",
+                         CrossEntropyLoss(weight=np.array([0.5, 2.0, 1.0]), ignore_index=2))]:
+        err = check_loss(loss, logits, target)
+        rows.append((label, "logits", err, err <= tolerance))
+
+    model = UNet(in_channels=3, num_classes=3, base_channels=4, depth=2).double()
+    x, target = randn(2, 3, 16, 16), xp.asarray(rng.integers(0, 3, (2, 16, 16)))
+    for tensor, err in check_model_with_loss(model, CrossEntropyLoss(), x, target).items():
+        rows.append(("UNet(base 4, depth 2)", tensor, err, err <= model_tolerance))
+    return rows

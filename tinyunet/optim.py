@@ -1,0 +1,95 @@
+"""Optimizers: turn gradients into parameter updates (the same rules as PyTorch's SGD and Adam)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Tuple
+
+import numpy as np
+
+from tinyunet.backend import to_device, to_host, xp
+from tinyunet.nn.module import Parameter
+
+
+class Optimizer:
+    #: names of the per-parameter state arrays (e.g. Adam's "m" and "v")
+    slots: Tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Parameter], lr: float) -> None:
+        self.params: List[Parameter] = list(params)
+        self.lr = lr
+        self.t = 0  # number of steps taken
+        self.state: Dict[str, List[Any]] = {s: [xp.zeros_like(p.data) for p in self.params] for s in self.slots}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad[...] = 0
+
+    def step(self) -> None:
+        self.t += 1
+        for i, p in enumerate(self.params):
+            self.update(i, p)
+
+    def update(self, i: int, p: Parameter) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Flat host arrays: ``step``, ``lr`` and ``<slot>.<i>`` for each parameter i."""
+        state = {"step": np.array(self.t), "lr": np.array(self.lr)}
+        for slot, arrays in self.state.items():
+            state.update({f"{slot}.{i}": to_host(a).copy() for i, a in enumerate(arrays)})
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.t = int(state["step"])
+        self.lr = float(state["lr"])
+        for slot, arrays in self.state.items():
+            for i, a in enumerate(arrays):
+                value = state[f"{slot}.{i}"]
+                if tuple(value.shape) != tuple(a.shape):
+                    raise ValueError(f"optimizer state {slot}.{i} has shape {value.shape}, expected {a.shape}")
+                arrays[i] = to_device(value, a.dtype).copy()
+
+
+class SGD(Optimizer):
+    """v = momentum * v + (g + weight_decay * w);  w -= lr * v   (PyTorch's form, no dampening)."""
+
+    def __init__(self, params: Iterable[Parameter], lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        self.slots = ("velocity",) if momentum else ()
+        super().__init__(params, lr)
+        self.momentum, self.weight_decay = momentum, weight_decay
+
+    def update(self, i: int, p: Parameter) -> None:
+        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+        if self.momentum:
+            v = self.state["velocity"][i]
+            # PyTorch starts the buffer at the first gradient rather than at momentum * 0 + g: same thing
+            v *= self.momentum
+            v += g
+            g = v
+        p.data -= self.lr * g
+
+
+class Adam(Optimizer):
+    """m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  w -= lr * m_hat / (sqrt(v_hat) + eps),
+    with bias corrections m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t) (PyTorch's Adam; weight decay
+    added to the gradient, i.e. L2, not AdamW)."""
+
+    slots = ("m", "v")
+
+    def __init__(self, params: Iterable[Parameter], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+
+    def update(self, i: int, p: Parameter) -> None:
+        b1, b2 = self.betas
+        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+        m, v = self.state["m"][i], self.state["v"][i]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        bias1, bias2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        # PyTorch: denom = sqrt(v) / sqrt(bias2) + eps; step = lr / bias1
+        denom = xp.sqrt(v) / (bias2 ** 0.5) + self.eps
+        p.data -= (self.lr / bias1) * m / denom

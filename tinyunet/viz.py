@@ -1,0 +1,174 @@
+"""Pictures: colored masks, overlays, training curves and prediction grids.
+
+All functions take host or device arrays (they are copied to the host first) and write PNG files.
+Figures are drawn with ``matplotlib.figure.Figure`` directly rather than ``pyplot``: that renders with
+the Agg (file-only) backend, needs no screen, and keeps no global figure state that could leak
+memory over a long training run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from tinyunet.backend import to_host
+from tinyunet.classes import CLASS_NAMES, PALETTE, labels_to_rgb
+
+__all__ = ["colorize", "save_mask_png", "overlay", "save_overlay_png", "plot_curves", "plot_predictions"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _labels(labels: Any) -> np.ndarray:
+    """Host int array of class ids, checked against the class table (a bad id would index garbage)."""
+    labels = np.asarray(to_host(labels))
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(PALETTE)):
+        raise ValueError(f"labels must be in [0, {len(PALETTE)}), got range [{labels.min()}, {labels.max()}]")
+    return labels
+
+
+def _image(image: Any) -> np.ndarray:
+    image = np.asarray(to_host(image))
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def colorize(labels: Any) -> np.ndarray:
+    """Class ids ``(H, W)`` int -> RGB ``(H, W, 3)`` uint8 using the class table's PALETTE."""
+    return labels_to_rgb(_labels(labels))
+
+
+def save_mask_png(labels: Any, path: PathLike) -> None:
+    """Save ids ``(H, W)`` as a palette PNG: pixel values ARE the class ids, the palette colors them.
+
+    A program reading the file (``np.array(Image.open(path))``) gets the ids back unchanged, while an
+    image viewer shows the class colors — one file serves both.
+    """
+    labels = _labels(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    image = Image.fromarray(labels.astype(np.uint8))  # mode "L"
+    image.putpalette(np.asarray(PALETTE, dtype=np.uint8).ravel().tolist())  # "L" + palette -> mode "P"
+    image.save(os.fspath(path))
+
+
+def overlay(image: Any, labels: Any, alpha: float = 0.5) -> np.ndarray:
+    """Blend class colors over a photo: ``(1 - alpha) * image + alpha * colorize(labels)``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        labels: ``(H, W)`` int class ids.
+        alpha: 0 returns the image unchanged, 1 the colored mask.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    image = _image(image)
+    colors = colorize(labels)
+    if colors.shape != image.shape:
+        raise ValueError(f"labels {colors.shape[:2]} and image {image.shape[:2]} differ in size")
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def save_overlay_png(image: Any, labels: Any, path: PathLike, alpha: float = 0.5) -> None:
+    """Save :func:`overlay` of ``image`` ``(H, W, 3)`` uint8 and ``labels`` ``(H, W)`` as an RGB PNG."""
+    Image.fromarray(overlay(image, labels, alpha)).save(os.fspath(path))
+
+
+def _legend_handles() -> List[Any]:
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="black", label=n) for n, c in zip(CLASS_NAMES, PALETTE)]
+
+
+def _column(rows: Sequence[Dict[str, Any]], key: str) -> np.ndarray:
+    """One metric per row as float; missing or empty cells (csv strings) become NaN (gaps in the line)."""
+    values = []
+    for row in rows:
+        value = row.get(key, "")
+        values.append(float(value) if value not in ("", None) else math.nan)
+    return np.asarray(values, dtype=np.float64)
+
+
+def plot_curves(rows: Sequence[Dict[str, Any]], path: PathLike) -> None:
+    """Training curves as a two-panel PNG: losses per epoch, and validation mIoU / pixel accuracy.
+
+    Args:
+        rows: one dict per epoch with keys ``epoch, train_loss, val_loss, val_miou,
+            val_pixel_accuracy`` — e.g. ``list(csv.DictReader(open("metrics.csv")))``; values may be
+            numbers or strings, and missing values are skipped.
+        path: output PNG.
+    """
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("no rows to plot: metrics.csv is empty")
+    epoch = _column(rows, "epoch")
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, score_ax = fig.subplots(1, 2)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        loss_ax.plot(epoch, _column(rows, key), marker="o", label=label)
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="loss")
+    loss_ax.legend()
+    for key, label in (("val_miou", "mIoU"), ("val_pixel_accuracy", "pixel accuracy")):
+        score_ax.plot(epoch, _column(rows, key), marker="o", label=label)
+    score_ax.set(title="Validation scores", xlabel="epoch", ylabel="score", ylim=(0.0, 1.0))
+    score_ax.legend()
+    for ax in (loss_ax, score_ax):
+        ax.grid(alpha=0.3)
+    fig.savefig(os.fspath(path), dpi=100)
+
+
+def plot_predictions(
+    images: Any,
+    true_labels: Any,
+    pred_labels: Any,
+    path: PathLike,
+    names: Optional[Sequence[str]] = None,
+) -> None:
+    """A grid with one row per sample: image | true mask | predicted mask, plus a class legend.
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8.
+        true_labels: ``(N, H, W)`` int class ids.
+        pred_labels: ``(N, H, W)`` int class ids.
+        path: output PNG.
+        names: optional ``N`` row titles (e.g. image file names).
+    """
+    from matplotlib.figure import Figure
+
+    images = np.asarray(to_host(images))
+    true_labels = _labels(true_labels)
+    pred_labels = _labels(pred_labels)
+    n = len(images)
+    if not (images.ndim == 4 and true_labels.shape == pred_labels.shape == images.shape[:3]):
+        raise ValueError(
+            f"expected images (N, H, W, 3) and labels (N, H, W), got {images.shape}, "
+            f"{true_labels.shape}, {pred_labels.shape}"
+        )
+    if names is not None and len(names) != n:
+        raise ValueError(f"{len(names)} names given for {n} images")
+
+    fig = Figure(figsize=(9, 3 * n + 0.6), layout="constrained")
+    axes = fig.subplots(n, 3, squeeze=False)
+    for i in range(n):
+        panels = (_image(images[i]), colorize(true_labels[i]), colorize(pred_labels[i]))
+        for ax, panel, title in zip(axes[i], panels, ("image", "true mask", "predicted mask")):
+            ax.imshow(panel, interpolation="nearest")  # nearest: masks keep crisp class borders
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title)
+        if names is not None:
+            axes[i][0].set_ylabel(str(names[i]))
+    fig.legend(handles=_legend_handles(), loc="outside lower center", ncol=len(CLASS_NAMES))
+    fig.savefig(os.fspath(path), dpi=100)
