@@ -53,3 +53,41 @@ def make_pets_root(tmp_path: Path) -> Callable[..., Path]:
 def write_example() -> Callable[..., None]:
     """The :func:`write_pet_example` helper, for tests that build bad examples next to good ones."""
     return write_pet_example
+
+
+@pytest.fixture
+def write_split_file() -> Callable[..., None]:
+    """The :func:`write_split` helper: ``write_split_file(root, split, names)``."""
+    return write_split
+
+
+# --- array backend fixtures (tests of nn/, losses, optim, models, backend) -------------------------
+
+
+@pytest.fixture
+def numpy_backend():
+    """Make NumPy the active backend for the test and again afterwards."""
+    from tinyunet import backend
+
+    backend.use("numpy")
+    yield backend
+    backend.use("numpy")
+
+
+@pytest.fixture
+def fake_cupy():
+    """Install the strict CuPy stand-in (tests/fake_cupy.py) as the array module; NumPy afterwards.
+
+    Build models *inside* the test (after this fixture) so their parameters are stand-in arrays.
+    ``fake_cupy.stats["transfers"]`` counts explicit device -> host copies; ``reset_counters()``
+    zeroes it. Yields the stand-in module.
+    """
+    import fake_cupy as fake
+    from tinyunet import backend
+
+    backend.use_module(fake, "fake-cupy")
+    fake.reset_counters()
+    try:
+        yield fake
+    finally:
+        backend.use("numpy")

@@ -151,7 +151,8 @@ def download_pets(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create data folder {root} ({exc.strerror}); pass --root DIR to a writable place") from exc
+        raise DataError(f"cannot create data folder {root} ({exc.strerror}); "
+                        "pass --root DIR to a writable place") from exc
     base = (mirror or BASE_URL).rstrip("/")
     for name, expected in files:
         if _marker(root, name).is_file():

@@ -261,7 +261,8 @@ def load_pets(
         raise DataError(f"split file {root / 'annotations' / f'{split}.txt'} lists no examples; {_FIX}")
 
     fingerprint = _fingerprint(root, split, names, size)
-    cache_path = Path(cache_dir or default_cache_dir()) / f"{_cache_prefix(root, split, size, limit)}{fingerprint[:16]}.npz"
+    cache_name = f"{_cache_prefix(root, split, size, limit)}{fingerprint[:16]}.npz"
+    cache_path = Path(cache_dir or default_cache_dir()) / cache_name
     data = _read_cache(cache_path, fingerprint) if cache_path.is_file() else None
     if data is None:
         data = _decode_all(root, split, names, size, strict, progress)

@@ -19,8 +19,13 @@ __all__ = ["make_shapes"]
 
 PET, BACKGROUND, OUTLINE = (c.id for c in CLASSES)
 _ELLIPSE, _BLOB, _POLYGON = 0, 1, 2
-_CHUNK = 256  # images per vectorized step: bounds memory at (256, S, S) float64 arrays
+_CHUNK = 256  # images per vectorized step: bounds memory at (256, S, S) float32 arrays
 _HALF_BAND = 1.25  # outline = |rho - r| <= 1.25 px, i.e. a band ~2.5 px wide like the trimap's
+
+
+def _uniform(rng: np.random.Generator, low, high, shape) -> np.ndarray:
+    # float32 everywhere halves the time; a float64 parameter would silently promote whole images.
+    return rng.uniform(low, high, shape).astype(np.float32)
 
 
 def _radius(kind: np.ndarray, theta: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
@@ -30,22 +35,22 @@ def _radius(kind: np.ndarray, theta: np.ndarray, rng: np.random.Generator, size:
         kind: (B,) shape kind per image (_ELLIPSE, _BLOB, _POLYGON).
         theta: (B, S, S) angle of each pixel around that image's center.
     Returns:
-        (B, S, S) float64.
+        (B, S, S) float32.
     """
     b = len(kind)
-    r0 = rng.uniform(0.2, 0.34, (b, 1, 1)) * size
-    phase = rng.uniform(0, 2 * np.pi, (b, 1, 1))
+    r0 = _uniform(rng, 0.2, 0.34, (b, 1, 1)) * size
+    phase = _uniform(rng, 0, 2 * np.pi, (b, 1, 1))
     # Ellipse: r = a*b / sqrt((b cos t)^2 + (a sin t)^2), with axis ratio up to 2:1.
-    ratio = rng.uniform(0.5, 1.0, (b, 1, 1))
+    ratio = _uniform(rng, 0.5, 1.0, (b, 1, 1))
     t = theta - phase
     r_ellipse = r0 * ratio / np.sqrt((ratio * np.cos(t)) ** 2 + np.sin(t) ** 2)
     # Blob: a circle wobbled by three low harmonics (k = 2, 3, 4) with random amplitude and phase.
-    k = np.arange(2, 5).reshape(1, 3, 1, 1)
-    amp = rng.uniform(0.0, 0.12, (b, 3, 1, 1))
-    phi = rng.uniform(0, 2 * np.pi, (b, 3, 1, 1))
+    k = np.arange(2, 5, dtype=np.float32).reshape(1, 3, 1, 1)
+    amp = _uniform(rng, 0.0, 0.12, (b, 3, 1, 1))
+    phi = _uniform(rng, 0, 2 * np.pi, (b, 3, 1, 1))
     r_blob = r0 * (1 + (amp * np.cos(k * theta[:, None] + phi)).sum(axis=1))
     # Regular polygon with n sides: r = R cos(pi/n) / cos((t mod 2pi/n) - pi/n).
-    n = rng.integers(3, 7, (b, 1, 1)).astype(np.float64)
+    n = rng.integers(3, 7, (b, 1, 1)).astype(np.float32)
     sector = 2 * np.pi / n
     r_poly = r0 * 1.15 * np.cos(np.pi / n) / np.cos(np.mod(t, sector) - np.pi / n)
     kind = kind.reshape(b, 1, 1)
@@ -59,20 +64,20 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, b: int, f
         yy, xx: (1, S, S) pixel coordinates.
         freq: range of wave frequencies in cycles per pixel.
     Returns:
-        (B, S, S) float64.
+        (B, S, S) float32.
     """
-    f = rng.uniform(*freq, (b, 3, 1, 1)) * 2 * np.pi
-    angle = rng.uniform(0, np.pi, (b, 3, 1, 1))
-    phase = rng.uniform(0, 2 * np.pi, (b, 3, 1, 1))
+    f = _uniform(rng, *freq, (b, 3, 1, 1)) * np.float32(2 * np.pi)
+    angle = _uniform(rng, 0, np.pi, (b, 3, 1, 1))
+    phase = _uniform(rng, 0, 2 * np.pi, (b, 3, 1, 1))
     proj = np.cos(angle) * xx[:, None] + np.sin(angle) * yy[:, None]
     return np.cos(f * proj + phase).mean(axis=1)
 
 
 def _make_chunk(b: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Make ``b`` images and labels: uint8 (b, S, S, 3) and uint8 (b, S, S)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     yy, xx = yy[None], xx[None]
-    center = rng.uniform(0.35, 0.65, (b, 2, 1, 1)) * size
+    center = _uniform(rng, 0.35, 0.65, (b, 2, 1, 1)) * size
     dy, dx = yy - center[:, 0], xx - center[:, 1]
     rho, theta = np.hypot(dy, dx), np.arctan2(dy, dx)
     kind = rng.integers(0, 3, b)
@@ -84,15 +89,15 @@ def _make_chunk(b: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray
 
     # Pet: warm base color with fine stripes ("fur"); background: cooler, duller, coarse waves.
     # Colors overlap a little so the network must also use texture and shape, not one threshold.
-    pet_base = rng.uniform([120, 60, 20], [250, 180, 120], (b, 3))
-    bg_base = rng.uniform([30, 50, 60], [170, 180, 200], (b, 3))
-    pet_tex = _texture(rng, yy, xx, b, (0.15, 0.3))[..., None] * rng.uniform(15, 45, (b, 1, 1, 1))
-    bg_tex = _texture(rng, yy, xx, b, (0.01, 0.05))[..., None] * rng.uniform(20, 50, (b, 1, 1, 1))
+    pet_base = _uniform(rng, [120, 60, 20], [250, 180, 120], (b, 3))
+    bg_base = _uniform(rng, [30, 50, 60], [170, 180, 200], (b, 3))
+    pet_tex = _texture(rng, yy, xx, b, (0.15, 0.3))[..., None] * _uniform(rng, 15, 45, (b, 1, 1, 1))
+    bg_tex = _texture(rng, yy, xx, b, (0.01, 0.05))[..., None] * _uniform(rng, 20, 50, (b, 1, 1, 1))
     pet_rgb = pet_base[:, None, None, :] + pet_tex
     bg_rgb = bg_base[:, None, None, :] + bg_tex
     # Anti-aliased edge: blend over the one pixel the boundary crosses, like a real photo.
-    alpha = np.clip(0.5 - dist, 0.0, 1.0)[..., None]
-    rgb = alpha * pet_rgb + (1 - alpha) * bg_rgb + rng.normal(0, 8, (b, size, size, 3))
+    alpha = np.clip(0.5 - dist, 0, 1)[..., None]
+    rgb = alpha * pet_rgb + (1 - alpha) * bg_rgb + 8 * rng.standard_normal((b, size, size, 3), dtype=np.float32)
     images = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     return images, labels
 

@@ -62,10 +62,11 @@ def resize_mask(mask: Image.Image | np.ndarray, size: int) -> np.ndarray:
 def hflip(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mirror a batch left-right, photos and masks together.
 
+    Width is axis 2 in both layouts, so the same slice flips both.
+
     Args:
         images: (N, H, W, 3) photos, NHWC as stored in :class:`SegmentationData`.
         masks: (N, H, W).
-    Width is axis 2 in both layouts, so one slice flips both.
     Returns:
         (flipped images, flipped masks), new arrays.
     """

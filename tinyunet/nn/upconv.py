@@ -2,13 +2,17 @@
 
 A transposed convolution is the *backward pass of a convolution* used as a forward pass: each input
 pixel paints a weighted kh×kw stamp onto a larger output, stamps ``stride`` apart, overlaps summed.
-So it reuses the convolution's two helpers the other way round:
+So it reuses the convolution's two channels-last helpers (see conv.py) the other way round, with
+x as rows (N*H*W, Cin) and the weight as w2 (Cin, kh*kw*Cout):
 
-    forward:  cols = weight^T @ x_n        then col2im (scatter-add) -> output
-    backward: dcols = im2col(dout)          then dx = weight @ dcols,  dweight = sum_n x_n @ dcols_n^T
+    forward:  stamps = x @ w2               (N*H*W, kh*kw*Cout): every pixel's stamp, one product
+              then row2im adds the stamps onto the output (for the U-Net's kernel 2, stride 2 they
+              do not overlap, so that is four strided copies)
+    backward: drows = im2row(dout)          (N*H*W, kh*kw*Cout): what each stamp touched
+              dx = drows @ w2^T,  dweight = x^T @ drows  (sum over the batch inside the product)
 
 Weight layout (in_channels, out_channels, kh, kw), output size (H-1)*stride - 2*padding + kh,
-both as in PyTorch.
+both as in PyTorch. Input and output are NCHW-shaped; the output has channels-last memory.
 """
 from __future__ import annotations
 
@@ -17,8 +21,28 @@ from typing import Any
 import numpy as np
 
 from tinyunet.backend import xp
-from tinyunet.nn.conv import col2im, im2col, kaiming_uniform, pair
+from tinyunet.nn.conv import im2row, kaiming_uniform, nchw, nhwc, pair, row2im
 from tinyunet.nn.module import Module, Parameter
+
+
+def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
+                           padding: int = 0) -> np.ndarray:
+    """Reference with explicit loops: every input pixel adds weight[c] * x[n, c, y, x] onto the output.
+
+    x: (N, Cin, H, W), weight: (Cin, Cout, kh, kw) -> (N, Cout, Hout, Wout)
+    """
+    n, cin, h, w = x.shape
+    _, cout, kh, kw = weight.shape
+    full = np.zeros((n, cout, (h - 1) * stride + kh, (w - 1) * stride + kw), dtype=x.dtype)
+    for b in range(n):
+        for c in range(cin):
+            for y in range(h):
+                for xx in range(w):
+                    full[b, :, y * stride:y * stride + kh, xx * stride:xx * stride + kw] += x[b, c, y, xx] * weight[c]
+    out = full[:, :, padding:full.shape[2] - padding, padding:full.shape[3] - padding]
+    if bias is not None:
+        out = out + bias[None, :, None, None]
+    return out
 
 
 def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
@@ -56,31 +80,37 @@ class ConvTranspose2d(Module):
     def output_size(self, size: int, axis: int) -> int:
         return (size - 1) * self.stride - 2 * self.padding + self.kernel_size[axis]
 
+    def _w2(self) -> Any:
+        """weight (Cin, Cout, kh, kw) -> (Cin, kh*kw*Cout), the column order of :func:`im2row`."""
+        return self.weight.data.transpose(0, 2, 3, 1).reshape(self.in_channels, -1)
+
     def forward(self, x: Any) -> Any:
         """x: (N, Cin, H, W) -> (N, Cout, (H-1)*stride - 2*padding + kh, ...)."""
         kh, kw = self.kernel_size
         n, _, h, w = x.shape
-        out_shape = (n, self.out_channels, self.output_size(h, 0), self.output_size(w, 1))
-        w2 = self.weight.data.reshape(self.in_channels, -1)  # (Cin, Cout*kh*kw)
-        cols = xp.matmul(w2.T, x.reshape(n, self.in_channels, h * w))
-        out = col2im(cols, out_shape, kh, kw, self.stride, self.padding)
+        x_rows = nhwc(x).reshape(n * h * w, self.in_channels)   # a copy only if x is NCHW in memory
+        stamps = xp.matmul(x_rows, self._w2())                   # (N*H*W, kh*kw*Cout)
+        out_shape = (n, self.output_size(h, 0), self.output_size(w, 1), self.out_channels)
+        out = row2im(stamps, out_shape, kh, kw, self.stride, self.padding)   # (N, Hout, Wout, Cout)
         if self.bias is not None:
-            out += self.bias.data[:, None, None]
-        self.x = x
-        return out
+            out += self.bias.data
+        self.x = x_rows
+        return nchw(out)
 
     def backward(self, dout: Any) -> Any:
         """dout: (N, Cout, Hout, Wout) -> dx: (N, Cin, H, W); accumulates weight/bias grads."""
         kh, kw = self.kernel_size
-        x, self.x = self.x, None
-        n, _, h, w = x.shape
-        dcols = im2col(dout, kh, kw, self.stride, self.padding)  # (N, Cout*kh*kw, H*W)
-        x2 = x.reshape(n, self.in_channels, h * w)
-        self.weight.grad += xp.matmul(x2, dcols.transpose(0, 2, 1)).sum(axis=0).reshape(self.weight.data.shape)
+        x_rows, self.x = self.x, None
+        n, _, hout, wout = dout.shape
+        dout_nhwc = nhwc(dout)
+        drows = im2row(dout_nhwc, kh, kw, self.stride, self.padding)    # (N*H*W, kh*kw*Cout)
+        dw2 = xp.matmul(x_rows.T, drows)                                 # (Cin, kh*kw*Cout)
+        self.weight.grad += dw2.reshape(self.in_channels, kh, kw, self.out_channels).transpose(0, 3, 1, 2)
         if self.bias is not None:
-            self.bias.grad += dout.sum(axis=(0, 2, 3))
-        dx = xp.matmul(self.weight.data.reshape(self.in_channels, -1), dcols)
-        return dx.reshape(x.shape)
+            self.bias.grad += dout_nhwc.sum(axis=(0, 1, 2))
+        dx = xp.matmul(drows, self._w2().T)                              # (N*H*W, Cin)
+        h, w = (hout + 2 * self.padding - kh) // self.stride + 1, (wout + 2 * self.padding - kw) // self.stride + 1
+        return nchw(dx.reshape(n, h, w, self.in_channels))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

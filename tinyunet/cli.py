@@ -1,0 +1,158 @@
+"""`tinyunet <command>`: argument parsing only; the work is done by the modules it calls.
+
+Errors a user can cause (TinyUNetError and its kinds) are printed as one line, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import List, Optional
+
+from tinyunet import __version__, backend
+from tinyunet.errors import TinyUNetError
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                   help="array backend (default: $TINYUNET_BACKEND, else cupy if a GPU is usable, else numpy)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tinyunet.train import TrainConfig
+
+    d = TrainConfig()
+    parser = argparse.ArgumentParser(prog="tinyunet", description="A from-scratch U-Net in NumPy/CuPy.")
+    parser.add_argument("--version", action="version", version=f"tinyunet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    p = sub.add_parser("gradcheck", help="check every layer's backward against finite differences")
+    p.add_argument("--seed", type=int, default=0)
+    _add_backend(p)
+
+    p = sub.add_parser("train", help="train a U-Net (on Oxford-IIIT Pet or synthetic shapes)")
+    p.add_argument("--dataset", choices=["pets", "shapes"], default=d.dataset)
+    p.add_argument("--data", default=None, help="Oxford-IIIT Pet folder (default: $TINYUNET_DATA, else the "
+                                                "folder `tinyunet download` fills)")
+    p.add_argument("--out", required=True, help="run folder for config, metrics, checkpoints and figures")
+    p.add_argument("--arch", default=d.arch, help="model architecture (default: %(default)s)")
+    p.add_argument("--size", type=int, default=None, help="square training size (default 128 for pets, 64 for shapes)")
+    p.add_argument("--epochs", type=int, default=None, help="default 10 for pets, 3 for shapes")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
+    p.add_argument("--base-channels", type=int, default=d.base_channels)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N trainval images")
+    p.add_argument("--num-shapes", type=int, default=d.num_shapes, help="synthetic training images (shapes)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="delete an existing run folder and start again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_backend(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--split", choices=["test", "trainval"], default="test")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_backend(p)
+
+    p = sub.add_parser("predict", help="write mask and overlay PNGs for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True)
+    _add_backend(p)
+
+    p = sub.add_parser("download", help="download and verify Oxford-IIIT Pet (official archives, md5-checked)")
+    p.add_argument("--root", default=None, help="target folder (default: $TINYUNET_DATA or ~/.cache/tinyunet/oxford-iiit-pet)")
+    p.add_argument("--mirror", default=None, help="base URL to fetch images.tar.gz and annotations.tar.gz from")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from tinyunet.train import TrainConfig, Trainer
+
+    shapes = args.dataset == "shapes"
+    config = TrainConfig(
+        dataset=args.dataset, data=args.data, arch=args.arch,
+        size=args.size or (64 if shapes else 128), epochs=args.epochs or (3 if shapes else 10),
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+        base_channels=args.base_channels, depth=args.depth, batchnorm=args.batchnorm, seed=args.seed,
+        val_fraction=args.val_fraction, augment=args.augment, limit=args.limit, num_shapes=args.num_shapes,
+        strict=args.strict)
+    summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet).fit()
+    print(f"done: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from tinyunet.evaluate import evaluate_checkpoint, format_report
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size,
+                                 progress=not args.json, limit=args.limit)
+    if args.json:
+        keys = ("pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss", "num_images")
+        print(json.dumps({k: result[k] for k in keys}))
+    else:
+        print(format_report(result))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from tinyunet.predict import predict_files
+
+    written = predict_files(args.checkpoint, args.inputs, args.out)
+    print(f"wrote {len(written)} files to {args.out}")
+
+
+def _download(args: argparse.Namespace) -> None:
+    from tinyunet.data import default_data_dir, download_pets
+
+    root = download_pets(args.root or default_data_dir(), mirror=args.mirror)
+    print(f"Oxford-IIIT Pet is ready in {root}")
+
+
+def _gradcheck(args: argparse.Namespace) -> int:
+    from tinyunet.gradcheck import run_all
+
+    rows = run_all(seed=args.seed)
+    width = max(len(r[0]) for r in rows) + 2
+    twidth = max(len(r[1]) for r in rows) + 2
+    print(f"{'module':<{width}}{'tensor':<{twidth}}{'max rel. error':>15}  result")
+    for module, tensor, err, ok in rows:
+        print(f"{module:<{width}}{tensor:<{twidth}}{err:>15.2e}  {'pass' if ok else 'FAIL'}")
+    failed = sum(not r[3] for r in rows)
+    print(f"{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "download": _download,
+            "gradcheck": _gradcheck}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if getattr(args, "backend", None):
+            backend.use(args.backend)
+        with warnings.catch_warnings():
+            # a data warning (skipped images) is one line for a user, not a source location
+            warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+            return COMMANDS[args.command](args) or 0
+    except (TinyUNetError, backend.BackendError) as exc:
+        print(f"tinyunet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Evaluate a checkpoint on a split: pixel accuracy, per-class IoU and Dice, confusion matrix."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+from tinyunet.classes import CLASS_NAMES
+from tinyunet.data import default_data_dir, load_pets, make_shapes
+from tinyunet.train import TrainConfig, evaluate_model, load_model
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: str = "test",
+                        batch_size: int = 16, progress: bool = True, limit: Optional[int] = None) -> Dict[str, Any]:
+    """Metrics of the checkpoint's model on ``split`` of its dataset, at the size it was trained at.
+
+    The dataset (pets or shapes) and the image size come from the checkpoint; ``data`` overrides the
+    pets folder. Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images.
+    """
+    model, meta = load_model(checkpoint)
+    config = TrainConfig.from_dict(meta.get("config", {}))
+    if config.dataset == "shapes":
+        dataset = make_shapes(max(config.num_shapes // 8, 8), config.size, seed=config.seed + 20_000)
+    else:
+        root = data or config.data or str(default_data_dir())
+        dataset = load_pets(root, split, config.size, progress=progress, limit=limit)
+    return evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=f"evaluate {split}")
+
+
+def format_report(result: Dict[str, Any]) -> str:
+    """A human-readable table of the metrics and the confusion matrix."""
+    width = max(len(n) for n in CLASS_NAMES) + 2
+    lines = [f"images: {result['num_images']}",
+             f"pixel accuracy: {result['pixel_accuracy']:.4f}",
+             f"mean IoU:       {result['miou']:.4f}",
+             f"mean Dice:      {result['mdice']:.4f}",
+             "",
+             f"{'class':<{width}}{'IoU':>8}{'Dice':>8}"]
+    lines += [f"{n:<{width}}{result['iou'][n]:>8.4f}{result['dice'][n]:>8.4f}" for n in CLASS_NAMES]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+              " " * width + "".join(f"{n:>{width + 2}}" for n in CLASS_NAMES)]
+    lines += [f"{n:<{width}}" + "".join(f"{v:>{width + 2}}" for v in row)
+              for n, row in zip(CLASS_NAMES, result["confusion"])]
+    return "\n".join(lines)

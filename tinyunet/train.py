@@ -1,0 +1,273 @@
+"""The training loop: data -> model -> loss -> backward -> optimizer, epoch after epoch.
+
+One step (see DESIGN.md): a host batch is copied to the device once; forward, loss, backward and the
+optimizer step stay on the device; a single scalar (the loss) comes back for the progress bar and the
+NaN check.
+
+Everything a run produces goes into its run folder::
+
+    RUNDIR/config.json    the configuration (resume reads it back)
+    RUNDIR/metrics.csv    one row per epoch: losses, pixel accuracy, mIoU, per-class IoU, lr, time
+    RUNDIR/last.npz       weights + optimizer + epoch: enough to resume
+    RUNDIR/best.npz       the same, for the epoch with the best validation mIoU
+    RUNDIR/curves.png     loss and mIoU per epoch
+    RUNDIR/predictions.png  image | true mask | predicted mask for fixed validation images
+
+Determinism: every random choice of epoch ``e`` (shuffling, flips) comes from a generator seeded with
+``(seed, e)``, and checkpoints are written only at epoch ends. So a run killed at any moment and
+restarted with ``--resume`` replays the interrupted epoch exactly and ends with the same weights as a
+run that was never interrupted.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from tinyunet import backend
+from tinyunet.backend import to_device, to_host
+from tinyunet.checkpoint import load_checkpoint, restore, save_checkpoint
+from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
+from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes,
+                           split_train_val)
+from tinyunet.errors import TinyUNetError, TrainingError
+from tinyunet.losses import CrossEntropyLoss
+from tinyunet.metrics import ConfusionMeter
+from tinyunet.models import create_model
+from tinyunet.optim import Adam
+
+PREVIEW_IMAGES = 4  # validation images shown in predictions.png
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "pets"  # "pets" (Oxford-IIIT Pet trimaps) or "shapes" (synthetic, no files)
+    data: Optional[str] = None  # pets folder; None: $TINYUNET_DATA or the download folder
+    arch: str = "unet"
+    size: int = 128
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" (decays to 0 over the run, per step) or "constant"
+    base_channels: int = 16
+    depth: int = 4
+    batchnorm: bool = True
+    seed: int = 0
+    val_fraction: float = 0.1
+    augment: bool = True
+    limit: Optional[int] = None  # use only the first N trainval images (quick runs)
+    num_shapes: int = 800  # synthetic training images (dataset "shapes")
+    strict: bool = False
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        return dict(arch=self.arch, in_channels=3, num_classes=NUM_CLASSES, base_channels=self.base_channels,
+                    depth=self.depth, batchnorm=self.batchnorm)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Cosine decay from ``lr`` to 0 over the run (a function of the global step: resumable)."""
+    if config.schedule == "constant" or total_steps <= 1:
+        return config.lr
+    return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationData, SegmentationData]:
+    """(train, val) host datasets for the configuration."""
+    if config.dataset == "shapes":
+        train = make_shapes(config.num_shapes, config.size, seed=config.seed)
+        val = make_shapes(max(config.num_shapes // 8, 8), config.size, seed=config.seed + 10_000)
+        return train, val
+    if config.dataset != "pets":
+        raise TinyUNetError(f"unknown dataset {config.dataset!r}: choose 'pets' or 'shapes'")
+    root = config.data or str(default_data_dir())
+    data = load_pets(root, "trainval", config.size, strict=config.strict, progress=progress, limit=config.limit)
+    return split_train_val(data, config.val_fraction, seed=0)
+
+
+def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
+                   progress: bool = False, desc: str = "eval") -> Dict[str, Any]:
+    """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``."""
+    model.eval()
+    loss_fn = CrossEntropyLoss()
+    meter = ConfusionMeter(NUM_CLASSES)
+    total = backend.xp.zeros((), dtype=backend.xp.float64)
+    batches = iterate_batches(data, batch_size, shuffle=False, rng=None)
+    for x, y, _ in tqdm(batches, total=math.ceil(len(data) / batch_size), desc=desc, disable=not progress,
+                        leave=False):
+        x, y = to_device(x), to_device(y)
+        logits = model.forward(x)
+        total += loss_fn.forward(logits, y) * x.shape[0]  # summed on the device: no sync per batch
+        meter.update(logits, y)
+    model.train()
+    result = meter.compute()
+    result["loss"] = float(total) / max(len(data), 1)
+    result["num_images"] = len(data)
+    return result
+
+
+def predict_labels(model: Any, x: np.ndarray) -> np.ndarray:
+    """Host images batch (N, 3, S, S) float32 -> host class ids (N, S, S)."""
+    model.eval()
+    logits = model.forward(to_device(x))
+    model.train()
+    return to_host(logits.argmax(axis=1))
+
+
+class Trainer:
+    """Runs (or resumes) one training run in ``run_dir``."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False,
+                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.run_dir = Path(run_dir)
+        self.progress, self.log = progress, log
+        self.start_epoch = 0
+        self.best_miou = -1.0
+        last = self.run_dir / "last.npz"
+        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not (resume or force):
+            raise TinyUNetError(f"run folder {self.run_dir} already exists and is not empty: "
+                                f"pass --resume to continue it or --force to start it again")
+        if force and not resume and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        self.resuming = resume and last.is_file()
+        if self.resuming:
+            saved = json.loads((self.run_dir / "config.json").read_text())
+            # the run's own configuration wins; only the number of epochs may be extended
+            config = TrainConfig.from_dict({**saved, "epochs": max(config.epochs, saved["epochs"])})
+        self.config = config
+        backend.seed(config.seed)
+        self.model = create_model(**config.model_kwargs())
+        self.optimizer = Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.loss_fn = CrossEntropyLoss()
+        if self.resuming:
+            meta = restore(self.model, self.optimizer, last)
+            self.start_epoch = int(meta["epoch"])
+            self.best_miou = float(meta.get("best_miou", -1.0))
+            self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+    # --- files -----------------------------------------------------------------------------------
+    def _read_metrics(self) -> List[Dict[str, str]]:
+        path = self.run_dir / "metrics.csv"
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            # rows after the checkpoint's epoch belong to an interrupted attempt: drop them
+            return [row for row in csv.DictReader(f) if int(row["epoch"]) <= self.start_epoch]
+
+    def _write_metrics(self, rows: List[Dict[str, Any]]) -> None:
+        path = self.run_dir / "metrics.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+    def _meta(self, epoch: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        return {"epoch": epoch, "arch": self.config.arch, "config": asdict(self.config),
+                "best_miou": self.best_miou, "metrics": metrics, "backend": backend.name()}
+
+    # --- the loop --------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        config = self.config
+        train, val = load_data(config, progress=self.progress)
+        self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
+                 f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}")
+        steps_per_epoch = max(len(train) // config.batch_size, 1)
+        total_steps = steps_per_epoch * config.epochs
+        rows = self._read_metrics()
+        preview = val.subset(np.arange(min(PREVIEW_IMAGES, len(val))))
+        preview_x = next(iterate_batches(preview, len(preview), shuffle=False, rng=None))[0]
+        result: Dict[str, Any] = {}
+        for epoch in range(self.start_epoch + 1, config.epochs + 1):
+            started = time.time()
+            train_loss = self._train_epoch(train, epoch, steps_per_epoch, total_steps)
+            seconds = time.time() - started
+            result = evaluate_model(self.model, val, progress=self.progress, desc=f"validate {epoch}")
+            row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(result["loss"], 6),
+                   "val_pixel_accuracy": round(result["pixel_accuracy"], 6), "val_miou": round(result["miou"], 6),
+                   **{f"val_iou_{name}": round(result["iou"][name], 6) for name in CLASS_NAMES},
+                   "lr": learning_rate(config, epoch * steps_per_epoch, total_steps),
+                   "seconds": round(seconds, 1), "images_per_second": round(steps_per_epoch * config.batch_size / seconds, 2)}
+            rows.append(row)
+            improved = result["miou"] > self.best_miou
+            if improved:
+                self.best_miou = result["miou"]
+            meta = self._meta(epoch, row)
+            state, opt_state = self.model.state_dict(), self.optimizer.state_dict()
+            # best first: a crash between the two writes then leaves last.npz one epoch behind, which
+            # --resume simply recomputes (the reverse order could lose the best epoch)
+            if improved:
+                save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta)
+            save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta)
+            self._write_metrics(rows)
+            self._figures(rows, preview, preview_x)
+            self.log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, val loss {result['loss']:.4f}, "
+                     f"pixel acc {result['pixel_accuracy']:.4f}, mIoU {result['miou']:.4f} "
+                     + " ".join(f"{n} {result['iou'][n]:.3f}" for n in CLASS_NAMES)
+                     + f" ({seconds:.0f} s, {row['images_per_second']} img/s)" + (" *best*" if improved else ""))
+        return {"run_dir": str(self.run_dir), "epochs": config.epochs, "best_miou": self.best_miou, "last": result}
+
+    def _train_epoch(self, train: SegmentationData, epoch: int, steps: int, total_steps: int) -> float:
+        config = self.config
+        rng = np.random.default_rng([config.seed, epoch])
+        batches = iterate_batches(train, config.batch_size, shuffle=True, rng=rng, augment=config.augment,
+                                  drop_last=True)
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=not self.progress,
+                   dynamic_ncols=True)
+        self.model.train()
+        running, seen, started = 0.0, 0, time.time()
+        for i, (x, y, _) in enumerate(bar):
+            step = (epoch - 1) * steps + i
+            self.optimizer.lr = learning_rate(config, step, total_steps)
+            x, y = to_device(x), to_device(y)
+            self.optimizer.zero_grad()
+            loss = self.loss_fn.forward(self.model.forward(x), y)
+            self.model.backward(self.loss_fn.backward())
+            value = float(loss)  # the one host transfer of the step
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss became {value} at epoch {epoch}, step {i + 1}/{steps} (learning rate "
+                    f"{self.optimizer.lr:.3g}); the last good checkpoint {self.run_dir / 'last.npz'} is "
+                    f"untouched: lower --lr and run again with --resume")
+            self.optimizer.step()
+            running += value * x.shape[0]
+            seen += x.shape[0]
+            bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen / (time.time() - started):.1f}",
+                            refresh=False)
+        bar.close()
+        return running / max(seen, 1)
+
+    def _figures(self, rows: List[Dict[str, Any]], preview: SegmentationData, preview_x: np.ndarray) -> None:
+        from tinyunet.viz import plot_curves, plot_predictions  # matplotlib only when figures are drawn
+
+        plot_curves(rows, self.run_dir / "curves.png")
+        pred = predict_labels(self.model, preview_x)
+        plot_predictions(preview.images, preview.labels, pred, self.run_dir / "predictions.png",
+                         names=preview.names)
+
+
+def load_model(checkpoint: str | os.PathLike) -> Tuple[Any, Dict[str, Any]]:
+    """A model rebuilt from a checkpoint's configuration, with its weights, in eval mode."""
+    _, _, meta = load_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(meta.get("config", {}))
+    model = create_model(**config.model_kwargs())
+    restore(model, None, checkpoint)
+    model.eval()
+    return model, meta
