@@ -72,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_backend(p)
 
+    p = sub.add_parser("summary", help="per-layer table: output shape, parameters, memory kept for backward, FLOPs")
+    p.add_argument("--arch", default=d.arch)
+    p.add_argument("--size", type=int, default=d.size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--base-channels", type=int, default=d.base_channels)
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false")
+    _add_backend(p)
+
     p = sub.add_parser("download", help="download and verify Oxford-IIIT Pet (official archives, md5-checked)")
     p.add_argument("--root", default=None, help="target folder (default: $TINYUNET_DATA or ~/.cache/tinyunet/oxford-iiit-pet)")
     p.add_argument("--mirror", default=None, help="base URL to fetch images.tar.gz and annotations.tar.gz from")
@@ -119,6 +128,17 @@ def _download(args: argparse.Namespace) -> None:
     print(f"Oxford-IIIT Pet is ready in {root}")
 
 
+def _summary(args: argparse.Namespace) -> None:
+    from tinyunet.models import create_model
+    from tinyunet.summary import format_summary, summarize
+
+    model = create_model(args.arch, in_channels=3, num_classes=3, base_channels=args.base_channels,
+                         depth=args.depth, batchnorm=args.batchnorm)
+    shape = (args.batch_size, 3, args.size, args.size)
+    print(f"{args.arch}: input {shape}, float32")
+    print(format_summary(summarize(model, shape)))
+
+
 def _gradcheck(args: argparse.Namespace) -> int:
     from tinyunet.gradcheck import run_all
 
@@ -134,7 +154,7 @@ def _gradcheck(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "download": _download,
-            "gradcheck": _gradcheck}
+            "gradcheck": _gradcheck, "summary": _summary}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

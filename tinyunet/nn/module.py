@@ -60,6 +60,12 @@ class Module:
         for _, child in self.named_children():
             yield from child.modules()
 
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+        """(dotted name, module) for this module ("" for itself) and every descendant, depth first."""
+        yield prefix.rstrip("."), self
+        for name, child in self.named_children():
+            yield from child.named_modules(prefix + name + ".")
+
     def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
         for name, value in vars(self).items():
             if isinstance(value, Parameter):

@@ -1,0 +1,36 @@
+"""tinyunet summary: shapes, parameter counts and FLOPs against hand computations."""
+from tinyunet.cli import main
+from tinyunet.models import UNet
+from tinyunet.nn import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sequential
+from tinyunet.summary import format_summary, summarize
+
+
+def test_rows_match_hand_computation():
+    model = Sequential(Conv2d(3, 4, 3, padding=1), ReLU(), MaxPool2d(2), ConvTranspose2d(4, 2, 2, stride=2))
+    rows = summarize(model, (2, 3, 8, 8))
+    assert [r.kind for r in rows] == ["Conv2d", "ReLU", "MaxPool2d", "ConvTranspose2d"]
+    assert [r.output_shape for r in rows] == [(2, 4, 8, 8), (2, 4, 8, 8), (2, 4, 4, 4), (2, 2, 8, 8)]
+    assert [r.parameters for r in rows] == [4 * 3 * 9 + 4, 0, 0, 4 * 2 * 4 + 2]
+    # conv: every output value is a 3*3*3 dot product; transposed conv: every input value paints 2*2*2
+    assert rows[0].flops == 2 * (2 * 4 * 8 * 8) * (3 * 9)
+    assert rows[3].flops == 2 * (2 * 4 * 4 * 4) * (2 * 4)
+    assert rows[1].flops == rows[2].flops == 0
+    # every layer here keeps something for its backward pass
+    assert all(r.saved_bytes > 0 for r in rows)
+
+
+def test_unet_totals_and_cleanup():
+    model = UNet(base_channels=4, depth=2)
+    rows = summarize(model, (1, 3, 16, 16))
+    assert sum(r.parameters for r in rows) == model.num_parameters()
+    assert rows[-1].output_shape == (1, 3, 16, 16)
+    text = format_summary(rows)
+    assert "total" in text and "GFLOP" in text
+    # the forward run by the summary must not leave per-layer forward overrides behind
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_cli_summary(capsys):
+    assert main(["summary", "--size", "32", "--batch-size", "2", "--base-channels", "4", "--depth", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "head" in out and "(2, 3, 32, 32)" in out
