@@ -91,3 +91,51 @@ def fake_cupy():
         yield fake
     finally:
         backend.use("numpy")
+
+
+# --- CLI and workflow tests (test_cli.py, test_train.py, test_evaluate_predict.py) -----------------
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch):
+    """Isolate a CLI test: NumPy backend; cache and default data folder under tmp_path, never ~/.cache.
+
+    Yields the environment (a dict) to pass to subprocesses.
+    """
+    import os
+
+    from tinyunet import backend
+
+    monkeypatch.setenv("TINYUNET_BACKEND", "numpy")
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TINYUNET_DATA", str(tmp_path / "no-data-here"))
+    backend.use("numpy")
+    yield dict(os.environ)
+    backend.use("numpy")
+
+
+@pytest.fixture
+def run_cli(capsys, cli_env):
+    """``run_cli(*args) -> (exit status, stdout, stderr)`` of ``tinyunet.cli.main`` run in-process."""
+    from tinyunet.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        status = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+@pytest.fixture
+def run_cli_subprocess(cli_env):
+    """``run_cli_subprocess(*args) -> CompletedProcess``: ``python -m tinyunet.cli`` in a child process."""
+    import subprocess
+    import sys
+
+    def run(*args, timeout=120):
+        return subprocess.run([sys.executable, "-m", "tinyunet.cli", *map(str, args)], env=cli_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -104,6 +104,7 @@ def save_checkpoint(
             np.savez(tmp, **arrays)  # a file object, so np.savez does not append ".npz" to the name
             tmp.flush()
             os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o644)  # temp files are created 0600; a checkpoint is an ordinary output file
         os.replace(tmp.name, path)
     except BaseException:  # including KeyboardInterrupt: never leave a stray temp file behind
         with contextlib.suppress(FileNotFoundError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from typing import List, Optional
@@ -20,6 +21,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tinyunet.models import ARCHITECTURES
     from tinyunet.train import TrainConfig
 
     d = TrainConfig()
@@ -36,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="Oxford-IIIT Pet folder (default: $TINYUNET_DATA, else the "
                                                 "folder `tinyunet download` fills)")
     p.add_argument("--out", required=True, help="run folder for config, metrics, checkpoints and figures")
-    p.add_argument("--arch", default=d.arch, help="model architecture (default: %(default)s)")
+    p.add_argument("--arch", default=d.arch, choices=list(ARCHITECTURES),
+                   help="model architecture: unet, resunet (residual blocks) or attunet (attention gates on the "
+                        "skip connections) (default: %(default)s)")
     p.add_argument("--size", type=int, default=None, help="square training size (default 128 for pets, 64 for shapes)")
     p.add_argument("--epochs", type=int, default=None, help="default 10 for pets, 3 for shapes")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -70,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True)
+    p.add_argument("--attention", action="store_true",
+                   help="also write <name>_attention.png, the attention gates' coefficients over the photo "
+                        "(attunet checkpoints)")
     _add_backend(p)
 
     p = sub.add_parser("summary", help="per-layer table: output shape, parameters, memory kept for backward, FLOPs")
@@ -93,13 +100,26 @@ def _train(args: argparse.Namespace) -> None:
     shapes = args.dataset == "shapes"
     config = TrainConfig(
         dataset=args.dataset, data=args.data, arch=args.arch,
-        size=args.size or (64 if shapes else 128), epochs=args.epochs or (3 if shapes else 10),
+        size=args.size if args.size is not None else (64 if shapes else 128),  # not `or`: 0 is an error,
+        epochs=args.epochs if args.epochs is not None else (3 if shapes else 10),  # not a default
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
         base_channels=args.base_channels, depth=args.depth, batchnorm=args.batchnorm, seed=args.seed,
         val_fraction=args.val_fraction, augment=args.augment, limit=args.limit, num_shapes=args.num_shapes,
         strict=args.strict)
-    summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet).fit()
+    summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet,
+                      extend_epochs=args.epochs is not None).fit()
     print(f"done: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
+
+
+def _json_safe(value):
+    """NaN/inf floats -> None (JSON has no NaN), recursively through dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -109,7 +129,8 @@ def _evaluate(args: argparse.Namespace) -> None:
                                  progress=not args.json, limit=args.limit)
     if args.json:
         keys = ("pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss", "num_images")
-        print(json.dumps({k: result[k] for k in keys}))
+        # a class absent from truth and prediction has NaN IoU/Dice: null keeps the output valid JSON
+        print(json.dumps(_json_safe({k: result[k] for k in keys}), allow_nan=False))
     else:
         print(format_report(result))
 
@@ -117,14 +138,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from tinyunet.predict import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out)
+    written = predict_files(args.checkpoint, args.inputs, args.out, attention=args.attention)
     print(f"wrote {len(written)} files to {args.out}")
 
 
 def _download(args: argparse.Namespace) -> None:
-    from tinyunet.data import default_data_dir, download_pets
+    from tinyunet.data import default_data_dir, download, download_pets
 
-    root = download_pets(args.root or default_data_dir(), mirror=args.mirror)
+    # the archive table is read when the command runs (not bound as a default argument), so tests can
+    # serve their own tiny archives by replacing download.OFFICIAL_FILES
+    root = download_pets(args.root or default_data_dir(), mirror=args.mirror, files=download.OFFICIAL_FILES)
     print(f"Oxford-IIIT Pet is ready in {root}")
 
 
@@ -159,6 +182,7 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "downlo
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    formatwarning = warnings.formatwarning  # catch_warnings() does not restore it: we do
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
@@ -169,9 +193,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (TinyUNetError, backend.BackendError) as exc:
         print(f"tinyunet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave is unwritable, full, ...: one line, not a traceback
+        print(f"tinyunet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

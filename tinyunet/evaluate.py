@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 from tinyunet.classes import CLASS_NAMES
 from tinyunet.data import default_data_dir, load_pets, make_shapes
+from tinyunet.errors import TinyUNetError
 from tinyunet.train import TrainConfig, evaluate_model, load_model
 
 
@@ -16,6 +17,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     The dataset (pets or shapes) and the image size come from the checkpoint; ``data`` overrides the
     pets folder. Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images.
     """
+    if batch_size < 1:
+        raise TinyUNetError(f"--batch-size must be at least 1, got {batch_size}")
     model, meta = load_model(checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
     if config.dataset == "shapes":

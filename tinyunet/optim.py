@@ -39,6 +39,11 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; a state of another optimizer or model is a ``ValueError``."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"optimizer state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.t = int(state["step"])
         self.lr = float(state["lr"])
         for slot, arrays in self.state.items():

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, List
+from typing import Any, Iterable, List, Tuple
 
 import numpy as np
 from PIL import Image
 
 from tinyunet.backend import to_device, to_host, xp
 from tinyunet.data.transforms import resize_image, to_input
-from tinyunet.errors import DataError
+from tinyunet.errors import DataError, TinyUNetError
 from tinyunet.train import TrainConfig, load_model
-from tinyunet.viz import save_mask_png, save_overlay_png
+from tinyunet.viz import plot_attention, save_mask_png, save_overlay_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -61,13 +61,26 @@ def predict_image(model: Any, image: np.ndarray, size: int) -> np.ndarray:
     return resize_probabilities(probs, image.shape[0], image.shape[1]).argmax(axis=0).astype(np.uint8)
 
 
+def attention_images(model: Any, height: int, width: int) -> Tuple[List[np.ndarray], List[str]]:
+    """The attention coefficients of the model's last forward (of one image), each resized to
+    (height, width) float32, and a title per map naming the skip resolution it gated."""
+    maps = [to_host(m[0]) for m in model.attention_maps()]  # (1, h, w) each, deepest level first
+    return ([resize_probabilities(m, height, width)[0] for m in maps],
+            [f"skip {m.shape[1]}x{m.shape[2]}" for m in maps])
+
+
 def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                  progress: bool = True) -> List[Path]:
-    """Write ``<name>_mask.png`` (palette PNG of class ids) and ``<name>_overlay.png`` per image."""
+                  progress: bool = True, attention: bool = False) -> List[Path]:
+    """Write ``<name>_mask.png`` (palette PNG of class ids) and ``<name>_overlay.png`` per image, and with
+    ``attention`` also ``<name>_attention.png`` (needs a model with attention gates: arch ``attunet``)."""
     from tqdm import tqdm
 
     model, meta = load_model(checkpoint)
-    size = TrainConfig.from_dict(meta.get("config", {})).size
+    config = TrainConfig.from_dict(meta.get("config", {}))
+    if attention and not hasattr(model, "attention_maps"):
+        raise TinyUNetError(f"--attention needs a model with attention gates, but {checkpoint} holds a "
+                            f"{config.arch!r} model: use an 'attunet' checkpoint (tinyunet train --arch attunet)")
+    size = config.size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
@@ -77,4 +90,8 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
         save_mask_png(labels, out / f"{path.stem}_mask.png")
         save_overlay_png(image, labels, out / f"{path.stem}_overlay.png")
         written += [out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"]
+        if attention:
+            maps, titles = attention_images(model, image.shape[0], image.shape[1])
+            plot_attention(image, maps, out / f"{path.stem}_attention.png", titles=titles)
+            written.append(out / f"{path.stem}_attention.png")
     return written

@@ -73,6 +73,28 @@ class TrainConfig:
         return dict(arch=self.arch, in_channels=3, num_classes=NUM_CLASSES, base_channels=self.base_channels,
                     depth=self.depth, batchnorm=self.batchnorm)
 
+    def validate(self) -> None:
+        """Raise TinyUNetError for settings that would otherwise fail mid-run with a traceback."""
+        problems = []
+        for name in ("size", "epochs", "batch_size", "base_channels", "depth", "num_shapes"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit must be at least 1, got {self.limit}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be positive, got {self.lr}")
+        if self.dataset == "shapes" and self.size < 16:
+            problems.append(f"--size must be at least 16 for the shapes dataset, got {self.size}")
+        factor = 2 ** max(self.depth, 0)
+        if self.size >= 1 and self.size % factor:
+            lo = max(factor, self.size // factor * factor)
+            problems.append(f"--size {self.size} is not divisible by 2**depth = {factor} (each of the {self.depth} "
+                            f"levels halves it): use e.g. {lo} or {lo + factor}")
+        if problems:
+            raise TinyUNetError("; ".join(problems))
+
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
@@ -132,22 +154,29 @@ class Trainer:
     """Runs (or resumes) one training run in ``run_dir``."""
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = print) -> None:
+                 progress: bool = True, log: Callable[[str], None] = print, extend_epochs: bool = True) -> None:
+        """``extend_epochs``: on resume, ``config.epochs`` may lengthen the run (the CLI passes False when
+        --epochs was not given, so a default never silently extends a finished run)."""
         self.run_dir = Path(run_dir)
         self.progress, self.log = progress, log
         self.start_epoch = 0
         self.best_miou = -1.0
         last = self.run_dir / "last.npz"
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise TinyUNetError(f"run folder {self.run_dir} is a file, not a folder: choose another --out")
         if self.run_dir.exists() and any(self.run_dir.iterdir()) and not (resume or force):
             raise TinyUNetError(f"run folder {self.run_dir} already exists and is not empty: "
                                 f"pass --resume to continue it or --force to start it again")
-        if force and not resume and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+        # --force deletes the old run only in fit(), once the data has loaded: a typo in --data must
+        # not cost the user their previous run (nor leave a half-made folder that then needs --force)
+        self.force = force and not resume
         self.resuming = resume and last.is_file()
         if self.resuming:
             saved = json.loads((self.run_dir / "config.json").read_text())
             # the run's own configuration wins; only the number of epochs may be extended
-            config = TrainConfig.from_dict({**saved, "epochs": max(config.epochs, saved["epochs"])})
+            epochs = max(config.epochs, saved["epochs"]) if extend_epochs else saved["epochs"]
+            config = TrainConfig.from_dict({**saved, "epochs": epochs})
+        config.validate()
         self.config = config
         backend.seed(config.seed)
         self.model = create_model(**config.model_kwargs())
@@ -158,8 +187,15 @@ class Trainer:
             self.start_epoch = int(meta["epoch"])
             self.best_miou = float(meta.get("best_miou", -1.0))
             self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
+
+    def _prepare_run_dir(self) -> None:
+        """Create (or, with --force, recreate) the run folder and write config.json."""
+        if self.force and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        for stale in self.run_dir.glob("*.tmp"):  # temp files of a save interrupted by kill -9
+            stale.unlink(missing_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     # --- files -----------------------------------------------------------------------------------
     def _read_metrics(self) -> List[Dict[str, str]]:
@@ -187,6 +223,13 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         config = self.config
         train, val = load_data(config, progress=self.progress)
+        if len(train) < config.batch_size:
+            raise TinyUNetError(f"only {len(train)} training images, fewer than --batch-size {config.batch_size}: "
+                                f"lower --batch-size or use more data (--limit, --num-shapes)")
+        if len(val) == 0:
+            raise TinyUNetError(f"no validation images (--val-fraction {config.val_fraction} of {len(train)} "
+                                f"images): raise --val-fraction or use more data")
+        self._prepare_run_dir()
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}")
         steps_per_epoch = max(len(train) // config.batch_size, 1)
@@ -211,12 +254,13 @@ class Trainer:
                 self.best_miou = result["miou"]
             meta = self._meta(epoch, row)
             state, opt_state = self.model.state_dict(), self.optimizer.state_dict()
-            # best first: a crash between the two writes then leaves last.npz one epoch behind, which
-            # --resume simply recomputes (the reverse order could lose the best epoch)
+            # last.npz last: a crash before it leaves last.npz one epoch behind, and --resume recomputes
+            # that epoch, dropping its metrics row and rewriting best.npz identically. Writing last.npz
+            # before metrics.csv would lose the epoch's row for good if killed in between.
+            self._write_metrics(rows)
             if improved:
                 save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta)
             save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta)
-            self._write_metrics(rows)
             self._figures(rows, preview, preview_x)
             self.log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, val loss {result['loss']:.4f}, "
                      f"pixel acc {result['pixel_accuracy']:.4f}, mIoU {result['miou']:.4f} "
@@ -242,10 +286,12 @@ class Trainer:
             self.model.backward(self.loss_fn.backward())
             value = float(loss)  # the one host transfer of the step
             if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss became {value} at epoch {epoch}, step {i + 1}/{steps} (learning rate "
-                    f"{self.optimizer.lr:.3g}); the last good checkpoint {self.run_dir / 'last.npz'} is "
-                    f"untouched: lower --lr and run again with --resume")
+                last = self.run_dir / "last.npz"
+                advice = (f"the last good checkpoint {last} (epoch {epoch - 1}) is untouched: lower --lr "
+                          f"and run again with --resume" if last.is_file() else
+                          "no checkpoint was written yet: lower --lr and run again with --force")
+                raise TrainingError(f"loss became {value} at epoch {epoch}, step {i + 1}/{steps} (learning rate "
+                                    f"{self.optimizer.lr:.3g}); {advice}")
             self.optimizer.step()
             running += value * x.shape[0]
             seen += x.shape[0]

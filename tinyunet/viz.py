@@ -17,7 +17,8 @@ from PIL import Image
 from tinyunet.backend import to_host
 from tinyunet.classes import CLASS_NAMES, PALETTE, labels_to_rgb
 
-__all__ = ["colorize", "save_mask_png", "overlay", "save_overlay_png", "plot_curves", "plot_predictions"]
+__all__ = ["colorize", "save_mask_png", "overlay", "save_overlay_png", "plot_curves", "plot_predictions",
+           "plot_attention"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -171,4 +172,49 @@ def plot_predictions(
         if names is not None:
             axes[i][0].set_ylabel(str(names[i]))
     fig.legend(handles=_legend_handles(), loc="outside lower center", ncol=len(CLASS_NAMES))
+    fig.savefig(os.fspath(path), dpi=100)
+
+
+def plot_attention(image: Any, maps: Sequence[Any], path: PathLike, titles: Optional[Sequence[str]] = None,
+                   alpha: float = 0.55) -> None:
+    """The photo, then one panel per attention map drawn as a heat map over it, with a shared color bar.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        maps: attention coefficients in [0, 1], each ``(H, W)`` (resized to the photo beforehand),
+            e.g. one per attention gate of an Attention U-Net.
+        path: output PNG.
+        titles: optional one panel title per map.
+        alpha: opacity of the heat map over the photo.
+    """
+    from matplotlib.figure import Figure
+
+    image = _image(image)
+    maps = [np.asarray(to_host(m), dtype=np.float32) for m in maps]
+    if not maps:
+        raise ValueError("no attention maps to plot")
+    if any(m.shape != image.shape[:2] for m in maps):
+        raise ValueError(f"every map must have the image's size {image.shape[:2]}, got {[m.shape for m in maps]}")
+    if titles is not None and len(titles) != len(maps):
+        raise ValueError(f"{len(titles)} titles given for {len(maps)} maps")
+    titles = titles if titles is not None else [f"attention {i + 1}" for i in range(len(maps))]
+
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    gray = image.mean(axis=2)  # the photo in gray under the heat map, so its own colors do not mix in
+    # a fixed 0..1 color range: panels (and photos) can be compared by color
+    heat = ScalarMappable(Normalize(0.0, 1.0), "jet")
+    fig = Figure(figsize=(3 * (len(maps) + 1) + 0.8, 3.4), layout="constrained")
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for ax, m, title in zip(axes[1:], maps, titles):
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(m, cmap=heat.cmap, norm=heat.norm, alpha=alpha)
+        ax.set_title(title)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(heat, ax=list(axes), shrink=0.85, label="attention coefficient")
     fig.savefig(os.fspath(path), dpi=100)

@@ -2,10 +2,12 @@
 from typing import Any
 
 from tinyunet.errors import TinyUNetError
+from tinyunet.models.attention_unet import AttentionUNet
+from tinyunet.models.resunet import ResUNet
 from tinyunet.models.unet import UNet
 from tinyunet.nn import Module
 
-ARCHITECTURES = {"unet": UNet}
+ARCHITECTURES = {"unet": UNet, "resunet": ResUNet, "attunet": AttentionUNet}
 
 
 def create_model(arch: str = "unet", **kwargs: Any) -> Module:
@@ -15,4 +17,4 @@ def create_model(arch: str = "unet", **kwargs: Any) -> Module:
     return ARCHITECTURES[arch](**kwargs)
 
 
-__all__ = ["UNet", "create_model", "ARCHITECTURES"]
+__all__ = ["UNet", "ResUNet", "AttentionUNet", "create_model", "ARCHITECTURES"]

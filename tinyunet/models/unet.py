@@ -9,10 +9,14 @@
 
 Backward walks the same graph in reverse. The only new thing compared to a plain chain is the skip:
 the gradient of skip_l arrives from two places (its pooled path and the concat) and the two add up.
+
+The variants reuse this skeleton by overriding one piece each: :meth:`UNet.make_block` (ResUNet puts
+a residual block where the double conv is) and :meth:`UNet.decode` / :meth:`UNet.decode_backward`,
+one decoder level (Attention U-Net gates the skip before the concat).
 """
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Tuple
 
 from tinyunet.nn import BatchNorm2d, Concat, Conv2d, ConvTranspose2d, MaxPool2d, Module, ReLU, Sequential
 
@@ -46,16 +50,21 @@ class UNet(Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 3, base_channels: int = 16, depth: int = 4,
                  batchnorm: bool = True) -> None:
         self.depth = depth
-        widths = [base_channels * 2 ** level for level in range(depth + 1)]  # e.g. 16, 32, 64, 128, 256
-        self.down = [double_conv(cin, cout, batchnorm)
+        self.widths = widths = [base_channels * 2 ** level for level in range(depth + 1)]  # e.g. 16, ..., 256
+        self.down = [self.make_block(cin, cout, batchnorm)
                      for cin, cout in zip([in_channels] + widths[:depth - 1], widths[:depth])]
         self.pool = [MaxPool2d(2) for _ in range(depth)]
-        self.bottleneck = double_conv(widths[depth - 1], widths[depth], batchnorm)
+        self.bottleneck = self.make_block(widths[depth - 1], widths[depth], batchnorm)
         # decoder lists are in the order they run: deepest level first
         self.up = [ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))]
         self.concat = [Concat(axis=1) for _ in range(depth)]
-        self.up_conv = [double_conv(2 * widths[level], widths[level], batchnorm) for level in reversed(range(depth))]
+        self.up_conv = [self.make_block(2 * widths[level], widths[level], batchnorm)
+                        for level in reversed(range(depth))]
         self.head = Conv2d(widths[0], num_classes, 1)
+
+    def make_block(self, in_channels: int, out_channels: int, batchnorm: bool) -> Module:
+        """The block of every level, (N, in_channels, H, W) -> (N, out_channels, H, W): a double conv."""
+        return double_conv(in_channels, out_channels, batchnorm)
 
     def forward(self, x: Any) -> Any:
         """x: (N, in_channels, H, W), H and W divisible by 2**depth -> logits (N, num_classes, H, W)."""
@@ -66,20 +75,29 @@ class UNet(Module):
             skips.append(x)
             x = pool(x)
         x = self.bottleneck(x)
-        for up, concat, block, skip in zip(self.up, self.concat, self.up_conv, reversed(skips)):
-            x = block(concat(up(x), skip))
+        for i, skip in enumerate(reversed(skips)):
+            x = self.decode(i, x, skip)
         return self.head(x)
 
     def backward(self, dout: Any) -> Any:
         """dout: dlogits (N, num_classes, H, W) -> dx (N, in_channels, H, W)."""
         d = self.head.backward(dout)
         dskips = []
-        for up, concat, block in zip(reversed(self.up), reversed(self.concat), reversed(self.up_conv)):
-            d_up, d_skip = concat.backward(block.backward(d))
+        for i in reversed(range(self.depth)):
+            d, d_skip = self.decode_backward(i, d)
             dskips.append(d_skip)  # shallowest level first
-            d = up.backward(d_up)
         d = self.bottleneck.backward(d)
         for block, pool, d_skip in zip(reversed(self.down), reversed(self.pool), reversed(dskips)):
             # skip_l fed both the pool and the concat: its gradient is the sum of both paths
             d = block.backward(pool.backward(d) + d_skip)
         return d
+
+    def decode(self, i: int, x: Any, skip: Any) -> Any:
+        """Decoder step i (0 = deepest): x (N, 2C, h, w) from the level below, skip (N, C, 2h, 2w)
+        -> up-convolve x, concat with the skip, block -> (N, C, 2h, 2w)."""
+        return self.up_conv[i](self.concat[i](self.up[i](x), skip))
+
+    def decode_backward(self, i: int, dout: Any) -> Tuple[Any, Any]:
+        """dout: (N, C, 2h, 2w) -> (dx (N, 2C, h, w), dskip (N, C, 2h, 2w)) of :meth:`decode`."""
+        d_up, d_skip = self.concat[i].backward(self.up_conv[i].backward(dout))
+        return self.up[i].backward(d_up), d_skip

@@ -7,6 +7,12 @@ from tinyunet.nn.concat import Concat
 from tinyunet.nn.activation import ReLU
 from tinyunet.nn.norm import BatchNorm2d
 from tinyunet.nn.container import Sequential
+# the layers of the U-Net variants (ResUNet, Attention U-Net)
+from tinyunet.nn.add import Add
+from tinyunet.nn.multiply import Multiply
+from tinyunet.nn.sigmoid import Sigmoid
+from tinyunet.nn.upsample import Upsample
 
 __all__ = ["Module", "Parameter", "Conv2d", "MaxPool2d", "ConvTranspose2d", "Concat", "ReLU",
-           "BatchNorm2d", "Sequential"]
+           "BatchNorm2d", "Sequential",
+           "Add", "Multiply", "Sigmoid", "Upsample"]

@@ -27,9 +27,17 @@ def maxpool2d_naive(x: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
 class MaxPool2d(Module):
     """Max over kernel_size×kernel_size windows (stride defaults to kernel_size, floor mode).
 
-    Forward stacks the k*k shifted views of the input, (k*k, N, C, Hout, Wout), and takes the argmax
-    over the first axis. Backward sends each output gradient to the input position of its argmax
-    (the first one on ties, as PyTorch does); overlapping windows (stride < k) add up.
+    The k*k window positions are k*k strided *views* of the input (offset (i, j), step ``stride``),
+    each shaped like the output, so everything is a handful of whole-array operations:
+
+    - forward: out = elementwise maximum of the k*k views; ``argmax`` = the first offset whose view
+      equals out (first on ties, as PyTorch: after a ReLU whole windows are 0, and the gradient must
+      go to one input, not to all four). Kept as uint8, 1/16 of the input's float32 memory.
+    - backward: dx starts at 0 and each view of dx receives dout where argmax picked that offset;
+      overlapping windows (stride < k) add up.
+
+    Works on channels-last memory (x.transpose(0, 2, 3, 1) is free after a conv) and returns the
+    output in the same layout.
     """
 
     def __init__(self, kernel_size: int = 2, stride: Optional[int] = None) -> None:
@@ -38,28 +46,35 @@ class MaxPool2d(Module):
         self.cache: Any = None
 
     def _views(self, x: Any):
+        """x: (N, H, W, C) -> the k*k strided views (N, Hout, Wout, C), offset (i, j) in order i*k + j."""
         k, s = self.kernel_size, self.stride
-        ho, wo = conv_output_size(x.shape[2], k, s, 0), conv_output_size(x.shape[3], k, s, 0)
-        for i in range(k):
-            for j in range(k):
-                yield (i, j), (slice(None), slice(None), slice(i, i + s * ho, s), slice(j, j + s * wo, s))
+        ho, wo = conv_output_size(x.shape[1], k, s, 0), conv_output_size(x.shape[2], k, s, 0)
+        return [x[:, i:i + s * ho:s, j:j + s * wo:s] for i in range(k) for j in range(k)]
 
     def forward(self, x: Any) -> Any:
         """x: (N, C, H, W) -> (N, C, Hout, Wout)."""
-        windows = xp.stack([x[idx] for _, idx in self._views(x)])
-        argmax = windows.argmax(axis=0)
-        out = xp.take_along_axis(windows, argmax[None], axis=0)[0]
+        views = self._views(x.transpose(0, 2, 3, 1))            # NHWC views
+        out = views[0]
+        for v in views[1:]:
+            out = xp.maximum(out, v)
+        # first offset reaching the maximum: walk backwards so earlier offsets overwrite later ones
+        argmax = xp.zeros(out.shape, dtype=xp.uint8)
+        for offset in range(len(views) - 1, 0, -1):
+            argmax = xp.where(views[offset] == out, xp.uint8(offset), argmax)
+        argmax = xp.where(views[0] == out, xp.uint8(0), argmax)
         self.cache = (argmax, x.shape, x.dtype)
-        return out
+        return out.transpose(0, 3, 1, 2)
 
     def backward(self, dout: Any) -> Any:
         """dout: (N, C, Hout, Wout) -> dx: (N, C, H, W)."""
-        argmax, shape, dtype = self.cache
-        dx = xp.zeros(shape, dtype=dtype)
-        for offset, ((i, j), idx) in enumerate(self._views(dx)):
-            dx[idx] += xp.where(argmax == offset, dout, 0)
+        argmax, (n, c, h, w), dtype = self.cache
         self.cache = None
-        return dx
+        dout = dout.transpose(0, 2, 3, 1)
+        dx = xp.zeros((n, h, w, c), dtype=dtype)
+        zero = xp.zeros((), dtype=dtype)
+        for offset, view in enumerate(self._views(dx)):
+            view += xp.where(argmax == offset, dout, zero)      # writes through the view into dx
+        return dx.transpose(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

@@ -1,0 +1,482 @@
+"""How fast is one U-Net training step, where does the time go, and how much memory does it take?
+
+    python benchmarks/train_step.py                       # the standard configuration
+    python benchmarks/train_step.py --compare-torch       # + the same network in PyTorch, same run
+    python benchmarks/train_step.py --report              # standard, batch 1 and base 32 in a row
+    python benchmarks/train_step.py --batch-size 1 --threads 1
+
+Standard configuration: UNet(base_channels=16, depth=4, batchnorm=True), 3 -> 3 classes, 128x128,
+batch 8, Adam(lr=1e-3), CrossEntropyLoss, float32, NumPy backend.
+
+What is printed, and the conventions behind each number:
+
+- ms/step: median (and min) over ``--steps`` steps after ``--warmup`` steps. One step is
+  zero_grad + forward + loss + backward + optimizer step, exactly what ``tinyunet train`` runs.
+- effective GFLOP/s: FLOPs are counted analytically from the shapes the layers saw: 2 * MACs of every
+  Conv2d (N*Cout*Hout*Wout*Cin*kh*kw MACs) and ConvTranspose2d (N*Cin*H*W*Cout*kh*kw MACs); batch
+  norm, ReLU, pooling, loss and optimizer are not counted (they are < 1% of the FLOPs). A training
+  step counts as 3x the forward FLOPs (backward = one product for d(input) + one for d(weight)).
+  Divided by the median step time. The same count is used for PyTorch.
+- machine GFLOP/s: float32 2048x2048 matrix product (NumPy's BLAS), best of 5, measured in this run
+  with the same thread setting; "ratio" is effective / machine.
+- breakdown: forward and backward time of each layer type, summed over its instances, measured by
+  wrapping each layer's forward/backward in this script (the package has no timing code), over
+  separate steps after the clean timing; "other" is the rest of the step (the U-Net's skip-gradient
+  additions and Python glue).
+- peak memory: (a) tracemalloc: the peak of traced allocations during one step above the level just
+  before it (NumPy reports its array buffers to tracemalloc), NumPy only; (b) peak RSS: the process's
+  resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs where the kernel allows) during
+  2 steps minus the RSS just before them (after one warm-up step, so optimizer state and caches are
+  already there), each framework in its own fresh process with glibc's mmap threshold fixed at
+  128 KiB so freed arrays leave the RSS - the only measure that sees PyTorch's allocations too.
+
+``--compare-torch`` builds the same architecture in PyTorch (Conv2d bias=False before BatchNorm,
+ConvTranspose2d 2x2 stride 2 with bias, cat([up, skip]), 1x1 head), float32, Adam, torch.set_num_threads
+(--threads, default 2), and runs it in a separate process: this interpreter if it can import torch,
+else ``--torch-python`` (default /work/torchenv/bin/python if it exists). torch is never a dependency
+of tinyunet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+DEFAULT_TORCH_PYTHON = "/work/torchenv/bin/python"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--size", type=int, default=128, help="image height and width")
+    p.add_argument("--base-channels", type=int, default=16)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--breakdown-steps", type=int, default=3, help="steps timed with per-layer wrappers (0: skip)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads (sets OPENBLAS_NUM_THREADS etc. before NumPy loads; "
+                        "torch.set_num_threads); default: the environment's setting, torch 2")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--compare-torch", action="store_true")
+    p.add_argument("--torch-python", default=None, help="interpreter with torch for --compare-torch")
+    p.add_argument("--report", action="store_true", help="run standard, batch 1 and base 32 in a row")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.add_argument("--worker", choices=["numpy-memory", "torch"], default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Must run before NumPy is imported: BLAS reads these once, when it loads."""
+    if threads is not None:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+
+
+# --- memory helpers (Linux /proc; None elsewhere) ------------------------------------------------
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_rss(step, steps: int = 2) -> Dict[str, Any]:
+    """Peak RSS during ``steps`` calls of step() minus the RSS just before them, in MB."""
+    import gc
+    gc.collect()
+    reset_ok = reset_peak_rss()
+    before = _status_kb("VmRSS")
+    for _ in range(steps):
+        step()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return {"rss_peak_delta_mb": None, "rss_hwm_reset": reset_ok}
+    return {"rss_peak_delta_mb": (peak - before) / 1024, "rss_before_mb": before / 1024,
+            "rss_hwm_reset": reset_ok}
+
+
+def gemm_gflops(np_module: Any, n: int = 2048, repeats: int = 5) -> float:
+    a = np_module.ones((n, n), dtype=np_module.float32)
+    b = np_module.ones((n, n), dtype=np_module.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+# --- tinyunet ------------------------------------------------------------------------------------
+class Harness:
+    """A model, data, loss and optimizer for one configuration, and a ``step()`` closure."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import numpy as np
+        from tinyunet import backend
+        from tinyunet.losses import CrossEntropyLoss
+        from tinyunet.models import UNet
+        from tinyunet.optim import Adam
+
+        backend.use(args.backend)
+        backend.seed(0)
+        self.xp = backend.xp
+        self.model = UNet(in_channels=3, num_classes=args.classes, base_channels=args.base_channels,
+                          depth=args.depth, batchnorm=True)
+        self.loss = CrossEntropyLoss()
+        self.opt = Adam(self.model.parameters(), lr=1e-3)
+        rng = np.random.default_rng(0)
+        n, s = args.batch_size, args.size
+        self.x = backend.to_device(rng.standard_normal((n, 3, s, s)).astype(np.float32))
+        self.y = backend.to_device(rng.integers(0, args.classes, (n, s, s)))
+        self.backend = args.backend
+
+    def sync(self) -> None:
+        if self.backend == "cupy":
+            self.xp.cuda.Device().synchronize()
+
+    def step(self) -> Any:
+        self.opt.zero_grad()
+        logits = self.model(self.x)
+        value = self.loss.forward(logits, self.y)
+        self.model.backward(self.loss.backward())
+        self.opt.step()
+        return value
+
+    def leaves(self) -> List[Any]:
+        return [m for m in self.model.modules() if not list(m.named_children())]
+
+
+def conv_flops(kind: str, module: Any, in_shape, out_shape) -> int:
+    """Forward FLOPs (2 * MACs) of one call of a Conv2d / ConvTranspose2d."""
+    kh, kw = module.kernel_size
+    if kind == "Conv2d":
+        n, _, ho, wo = out_shape
+        return 2 * n * module.out_channels * ho * wo * module.in_channels * kh * kw
+    n, _, h, w = in_shape
+    return 2 * n * module.in_channels * h * w * module.out_channels * kh * kw
+
+
+TYPES = ["Conv2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Concat"]
+
+
+def forward_flops(h: Harness) -> int:
+    """Run one forward with shape-recording wrappers and add up the conv FLOPs."""
+    total = 0
+    originals = []
+    for m in h.leaves():
+        kind = type(m).__name__
+        if kind not in ("Conv2d", "ConvTranspose2d"):
+            continue
+        f = m.forward
+
+        def rec(*a, _f=f, _m=m, _k=kind):
+            nonlocal total
+            out = _f(*a)
+            total += conv_flops(_k, _m, a[0].shape, out.shape)
+            return out
+        m.forward = rec
+        originals.append(m)
+    h.model(h.x)
+    for m in originals:
+        del m.forward  # back to the class method
+    return total
+
+
+def breakdown(h: Harness, steps: int) -> Dict[str, float]:
+    """Seconds per step spent in each layer type's forward and backward, loss and optimizer."""
+    from collections import defaultdict
+    times: Dict[str, float] = defaultdict(float)
+
+    def timed(fn, key):
+        def wrapper(*a):
+            h.sync()
+            t = time.perf_counter()
+            out = fn(*a)
+            h.sync()
+            times[key] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    wrapped = []
+    for m in h.leaves():
+        kind = type(m).__name__
+        m.forward, m.backward = timed(m.forward, (kind, "fwd")), timed(m.backward, (kind, "bwd"))
+        wrapped.append(m)
+    loss, opt = h.loss, h.opt
+    loss.forward, loss.backward = timed(loss.forward, ("loss", "fwd")), timed(loss.backward, ("loss", "bwd"))
+    opt.step, opt.zero_grad = timed(opt.step, ("optimizer", "step")), timed(opt.zero_grad, ("optimizer", "zero_grad"))
+    h.step()  # warm the wrappers
+    times.clear()
+    t = time.perf_counter()
+    for _ in range(steps):
+        h.step()
+    h.sync()
+    total = time.perf_counter() - t
+    for m in wrapped:
+        del m.forward, m.backward
+    del loss.forward, loss.backward, opt.step, opt.zero_grad
+    out = {f"{k[0]}.{k[1]}": v / steps for k, v in times.items()}
+    out["total"] = total / steps
+    return out
+
+
+def time_steps(step, sync, warmup: int, steps: int) -> List[float]:
+    for _ in range(warmup):
+        step()
+    sync()
+    ts = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def run_worker(args: argparse.Namespace) -> Dict[str, Any]:
+    """Fresh-process measurements (printed as JSON for the parent)."""
+    if args.worker == "numpy-memory":
+        h = Harness(args)
+        h.step()  # allocate optimizer state, first-call caches
+        return measure_rss(h.step)
+    return torch_worker(args)
+
+
+def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
+    import statistics
+    import numpy as np
+    h = Harness(args)
+    res: Dict[str, Any] = {"framework": "tinyunet/" + args.backend, "numpy": np.__version__}
+    fwd = forward_flops(h)
+    res["forward_gflop"] = fwd / 1e9
+    res["train_gflop"] = 3 * fwd / 1e9
+    ts = time_steps(h.step, h.sync, args.warmup, args.steps)
+    res["ms_median"] = statistics.median(ts) * 1e3
+    res["ms_min"] = min(ts) * 1e3
+    res["steps"] = len(ts)
+    if args.breakdown_steps:
+        res["breakdown_ms"] = {k: v * 1e3 for k, v in breakdown(h, args.breakdown_steps).items()}
+    if not args.no_memory:
+        import tracemalloc
+        import gc
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        h.step()
+        res["tracemalloc_peak_mb"] = (tracemalloc.get_traced_memory()[1] - base) / 2 ** 20
+        tracemalloc.stop()
+        del h
+        res.update(spawn(args, "numpy-memory", sys.executable) or {})
+    return res
+
+
+# --- PyTorch ---------------------------------------------------------------------------------------
+def torch_worker(args: argparse.Namespace) -> Dict[str, Any]:
+    import statistics
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(args.threads or 2)
+    torch.manual_seed(0)
+
+    def double_conv(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class TorchUNet(nn.Module):
+        """Layer for layer the tinyunet UNet (padded 3x3 convs, BN, 2x2 up-conv, cat(up, skip))."""
+
+        def __init__(self, base: int, depth: int, classes: int) -> None:
+            super().__init__()
+            widths = [base * 2 ** level for level in range(depth + 1)]
+            self.down = nn.ModuleList(double_conv(ci, co) for ci, co in zip([3] + widths[:depth - 1], widths[:depth]))
+            self.pool = nn.MaxPool2d(2)
+            self.bottleneck = double_conv(widths[depth - 1], widths[depth])
+            self.up = nn.ModuleList(nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(depth)))
+            self.up_conv = nn.ModuleList(double_conv(2 * widths[l], widths[l]) for l in reversed(range(depth)))
+            self.head = nn.Conv2d(widths[0], classes, 1)
+
+        def forward(self, x):
+            skips = []
+            for block in self.down:
+                x = block(x)
+                skips.append(x)
+                x = self.pool(x)
+            x = self.bottleneck(x)
+            for up, block, skip in zip(self.up, self.up_conv, reversed(skips)):
+                x = block(torch.cat([up(x), skip], dim=1))
+            return self.head(x)
+
+    model = TorchUNet(args.base_channels, args.depth, args.classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, args.classes, (args.batch_size, args.size, args.size), generator=g)
+
+    def step():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    ts = time_steps(step, lambda: None, args.warmup, args.steps)
+    res: Dict[str, Any] = {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
+                           "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
+                           "params": sum(p.numel() for p in model.parameters())}
+    if not args.no_memory:
+        res.update(measure_rss(step))
+    return res
+
+
+def torch_importable() -> bool:
+    try:
+        import importlib.util
+        return importlib.util.find_spec("torch") is not None
+    except Exception:
+        return False
+
+
+def spawn(args: argparse.Namespace, worker: str, python: str) -> Optional[Dict[str, Any]]:
+    """Run this script as a worker in a fresh process; return its JSON result (None on failure)."""
+    cmd = [python, os.path.abspath(__file__), "--worker", worker,
+           "--batch-size", str(args.batch_size), "--size", str(args.size),
+           "--base-channels", str(args.base_channels), "--depth", str(args.depth),
+           "--classes", str(args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--backend", args.backend]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    if args.no_memory:
+        cmd += ["--no-memory"]
+    # glibc would otherwise keep freed big blocks in its heap (its mmap threshold grows up to 32 MB
+    # after frees), so RSS would lag behind what is really live; a fixed threshold maps and unmaps
+    # every block >= 128 KiB, the same for both frameworks.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"  ({worker} worker failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode})")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_torch(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    python = args.torch_python
+    if python is None:
+        python = sys.executable if torch_importable() else (
+            DEFAULT_TORCH_PYTHON if os.path.exists(DEFAULT_TORCH_PYTHON) else None)
+    if python is None:
+        print("  --compare-torch: torch is not importable here and no --torch-python was given; skipped")
+        return None
+    return spawn(args, "torch", python)
+
+
+# --- report ---------------------------------------------------------------------------------------
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def describe(args: argparse.Namespace) -> str:
+    return (f"UNet(base_channels={args.base_channels}, depth={args.depth}, batchnorm=True), "
+            f"{args.size}x{args.size}, batch {args.batch_size}, Adam, CrossEntropyLoss, float32")
+
+
+def print_result(args: argparse.Namespace, res: Dict[str, Any], machine: float,
+                 torch_res: Optional[Dict[str, Any]]) -> None:
+    ms = res["ms_median"]
+    eff = res["train_gflop"] / (ms / 1e3)
+    print(f"\n== {describe(args)}")
+    print(f"tinyunet ({res['framework']}, numpy {res['numpy']}, BLAS threads "
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')}), {res['steps']} steps after {args.warmup} warm-up:")
+    print(f"  step time         {ms:8.1f} ms median   ({res['ms_min']:.1f} min)")
+    print(f"  throughput        {args.batch_size / (ms / 1e3):8.2f} images/s")
+    print(f"  conv FLOPs        {res['forward_gflop']:8.2f} GFLOP forward, x3 = {res['train_gflop']:.2f} GFLOP per training step")
+    print(f"  effective         {eff:8.1f} GFLOP/s   = {100 * eff / machine:.0f}% of this machine's "
+          f"{machine:.1f} GFLOP/s (float32 2048^3 matmul)")
+    if "breakdown_ms" in res:
+        b = res["breakdown_ms"]
+        total = b.pop("total")
+        print(f"  breakdown over {args.breakdown_steps} wrapped steps ({total:.1f} ms/step with wrappers):")
+        print(f"    {'':16s} {'forward':>9s} {'backward':>9s} {'total':>9s} {'share':>6s}")
+        rows = [(t, b.get(f"{t}.fwd", 0.0), b.get(f"{t}.bwd", 0.0)) for t in TYPES]
+        rows += [("loss", b.get("loss.fwd", 0.0), b.get("loss.bwd", 0.0)),
+                 ("optimizer", b.get("optimizer.zero_grad", 0.0), b.get("optimizer.step", 0.0))]
+        accounted = sum(f + bw for _, f, bw in rows)
+        for name, f, bw in rows:
+            print(f"    {name:16s} {f:8.1f}  {bw:8.1f}  {f + bw:8.1f}  {100 * (f + bw) / total:5.1f}%")
+        other = total - accounted
+        print(f"    {'other':16s} {'':9s} {'':9s} {other:8.1f}  {100 * other / total:5.1f}%   "
+              "(skip-gradient adds, Python glue)")
+        print("    (optimizer: 'forward' column = zero_grad, 'backward' column = step)")
+    if "tracemalloc_peak_mb" in res:
+        print(f"  peak memory       {res['tracemalloc_peak_mb']:8.1f} MB tracemalloc peak during one step (NumPy buffers)")
+    if res.get("rss_peak_delta_mb") is not None:
+        print(f"                    {res['rss_peak_delta_mb']:8.1f} MB peak RSS over 2 steps minus RSS before "
+              f"(fresh process{'' if res.get('rss_hwm_reset') else ', VmHWM not resettable'})")
+    if torch_res:
+        t_ms = torch_res["ms_median"]
+        print(f"{torch_res['framework']} ({torch_res['threads']} threads), same architecture, same run:")
+        print(f"  step time         {t_ms:8.1f} ms median   ({torch_res['ms_min']:.1f} min), "
+              f"{res['train_gflop'] / (t_ms / 1e3):.1f} GFLOP/s")
+        print(f"  tinyunet / torch  {ms / t_ms:8.2f}x time")
+        if torch_res.get("rss_peak_delta_mb") is not None and res.get("rss_peak_delta_mb") is not None:
+            print(f"  peak RSS delta    {torch_res['rss_peak_delta_mb']:8.1f} MB torch vs "
+                  f"{res['rss_peak_delta_mb']:.1f} MB tinyunet ({res['rss_peak_delta_mb'] / max(torch_res['rss_peak_delta_mb'], 1e-9):.2f}x)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+    import numpy as np
+    configs = [args]
+    if args.report:
+        configs = []
+        for bs, base in [(args.batch_size, args.base_channels), (1, args.base_channels), (args.batch_size, 32)]:
+            c = argparse.Namespace(**vars(args))
+            c.batch_size, c.base_channels = bs, base
+            configs.append(c)
+    print(f"load average {load_average()} (other processes on this machine skew the timings); "
+          f"{os.cpu_count()} CPUs")
+    machine = gemm_gflops(np)
+    for c in configs:
+        res = run_numpy(c)
+        torch_res = run_torch(c) if c.compare_torch else None
+        print_result(c, res, machine, torch_res)
+        if args.json:
+            print(json.dumps({"config": {k: getattr(c, k) for k in ("batch_size", "size", "base_channels", "depth")},
+                              "machine_gflops": machine, "tinyunet": res, "torch": torch_res}))
+    print(f"\nload average {load_average()} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""`tinyunet evaluate` and `tinyunet predict` with a checkpoint trained on a tiny pets folder.
+
+The metrics are checked against an independent computation: the model is rebuilt from the raw
+``.npz`` here, the test photos are read and resized with Pillow directly, and accuracy / IoU / Dice
+come from plain NumPy set arithmetic, without tinyunet's loader, metrics or load_model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_pet_example, write_split
+from tinyunet.cli import main
+
+SIZE = 32
+NAMES = ("pet", "background", "outline")
+TEST_NAMES = [f"dog_{i}" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(pets root, checkpoint) of a 6-epoch run on 12 trainval photos; 4 test photos of mixed sizes.
+
+    Long enough that the model predicts all three classes, so the metric check below means something.
+    """
+    from tinyunet.train import Trainer
+
+    base = tmp_path_factory.mktemp("pets_run")
+    root = base / "pets"
+    trainval = [f"Cat_{i}" for i in range(12)]
+    for i, name in enumerate(trainval + TEST_NAMES):
+        write_pet_example(root, name, width=40 + 6 * (i % 4), height=30 + 5 * (i % 3), seed=i)
+    write_split(root, "trainval", trainval)
+    write_split(root, "test", TEST_NAMES)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYUNET_CACHE", str(base / "cache"))
+        mp.setenv("TINYUNET_BACKEND", "numpy")
+        mp.setattr(Trainer, "_figures", lambda self, *args: None)  # matplotlib would be most of the time
+        status = main(["train", "--dataset", "pets", "--data", str(root), "--size", str(SIZE), "--base-channels",
+                       "4", "--depth", "2", "--batch-size", "4", "--epochs", "6", "--lr", "0.03", "--quiet",
+                       "--out", str(base / "run")])
+    assert status == 0
+    return root, base / "run" / "last.npz"
+
+
+def independent_model(checkpoint: Path):
+    """The model rebuilt from the raw npz: its config in meta, its arrays under model/."""
+    from tinyunet.models import UNet
+
+    with np.load(checkpoint, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"][()]))
+        state = {k[len("model/"):]: z[k] for k in z.files if k.startswith("model/")}
+    c = meta["config"]
+    model = UNet(in_channels=3, num_classes=3, base_channels=c["base_channels"], depth=c["depth"],
+                 batchnorm=c["batchnorm"])
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    return ((rgb / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)
+
+
+def independent_predictions(root: Path, checkpoint: Path):
+    """(true class ids, predicted class ids), each (N, S, S), for the test split."""
+    model = independent_model(checkpoint)
+    images, truth = [], []
+    for name in TEST_NAMES:
+        with Image.open(root / "images" / f"{name}.jpg") as im:
+            images.append(normalize(np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float64)))
+        with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
+            truth.append(np.asarray(tm.resize((SIZE, SIZE), Image.NEAREST)).astype(np.int64) - 1)
+    logits = np.asarray(model.forward(np.stack(images)))
+    return np.stack(truth), logits.argmax(axis=1)
+
+
+def test_evaluate_json_matches_independent_computation(trained, capsys, monkeypatch, tmp_path):
+    root, checkpoint = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    result = json.loads(out)
+    assert isinstance(result, dict)
+    for key in ("pixel_accuracy", "miou", "iou", "dice", "num_images"):
+        assert key in result
+    assert set(result["iou"]) == set(result["dice"]) == set(NAMES)
+    assert result["num_images"] == len(TEST_NAMES)
+
+    truth, pred = independent_predictions(root, checkpoint)
+    assert len(np.unique(pred)) == 3, "the tiny model predicts one class only: the check would be weak"
+    assert result["pixel_accuracy"] == pytest.approx(np.mean(pred == truth), abs=1e-12)
+    ious = {}
+    for c, name in enumerate(NAMES):
+        p = set(zip(*np.nonzero(pred == c)))  # the pixels (n, y, x) predicted as c
+        t = set(zip(*np.nonzero(truth == c)))
+        ious[name] = len(p & t) / len(p | t)
+        assert result["iou"][name] == pytest.approx(ious[name], abs=1e-12), name
+        assert result["dice"][name] == pytest.approx(2 * len(p & t) / (len(p) + len(t)), abs=1e-12), name
+    assert result["miou"] == pytest.approx(np.mean(list(ious.values())), abs=1e-12)
+    if "confusion" in result:
+        expected = [[int(np.sum((truth == t) & (pred == p))) for p in range(3)] for t in range(3)]
+        assert result["confusion"] == expected
+
+
+def test_evaluate_table(trained, capsys, monkeypatch, tmp_path):
+    root, checkpoint = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root)]) == 0
+    out = capsys.readouterr().out
+    truth, pred = independent_predictions(root, checkpoint)
+    assert f"pixel accuracy: {np.mean(pred == truth):.4f}" in out
+    assert "confusion matrix" in out.lower()
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if "confusion matrix" in line.lower())
+    matrix = {}
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if parts and parts[0] in NAMES and len(parts) == 4:
+            matrix[parts[0]] = [int(v) for v in parts[1:]]
+    assert list(matrix) == list(NAMES)
+    for t, name in enumerate(NAMES):
+        assert matrix[name] == [int(np.sum((truth == t) & (pred == p))) for p in range(3)]
+        assert any(line.startswith(name) and "IoU" not in line for line in lines[:start])
+
+
+def write_inputs(folder: Path) -> dict:
+    """Photos of several sizes and modes; returns {stem: (width, height)}."""
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True)
+    sizes = {}
+    Image.fromarray(rng.integers(0, 256, (53, 37, 3), np.uint8)).save(folder / "a37x53.jpg")
+    sizes["a37x53"] = (37, 53)
+    Image.fromarray(rng.integers(0, 256, (64, 100, 3), np.uint8)).save(folder / "b100x64.png")
+    sizes["b100x64"] = (100, 64)
+    Image.fromarray(rng.integers(0, 256, (45, 45), np.uint8), mode="L").save(folder / "gray45.png")
+    sizes["gray45"] = (45, 45)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 4), np.uint8), mode="RGBA").save(folder / "rgba30x20.png")
+    sizes["rgba30x20"] = (30, 20)
+    (folder / "notes.txt").write_text("not an image: ignored when a folder is given")
+    return sizes
+
+
+def test_predict_any_size_and_mode(trained, capsys, tmp_path):
+    root, checkpoint = trained
+    sizes = write_inputs(tmp_path / "in")
+    # one photo at exactly the training size, given as a file next to the folder
+    exact = root / "images" / f"{TEST_NAMES[0]}.jpg"
+    square = tmp_path / "square.png"
+    with Image.open(exact) as im:
+        im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR).save(square)
+    sizes["square"] = (SIZE, SIZE)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), str(square), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}_{k}.png" for s in sizes for k in ("mask", "overlay"))
+    for stem, size in sizes.items():
+        with Image.open(out / f"{stem}_mask.png") as mask:
+            assert mask.mode == "P" and mask.size == size
+            ids = np.asarray(mask)
+        assert set(np.unique(ids)) <= {0, 1, 2}
+        with Image.open(out / f"{stem}_overlay.png") as overlay:
+            assert overlay.mode == "RGB" and overlay.size == size
+    # at the training size nothing is resized: the mask is exactly the model's argmax
+    with Image.open(square) as im:
+        x = normalize(np.asarray(im.convert("RGB"), np.float64))[None]
+    expected = np.asarray(independent_model(checkpoint).forward(x)).argmax(axis=1)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "square_mask.png")), expected)
+
+
+def damaged_checkpoints(checkpoint: Path, folder: Path) -> dict:
+    folder.mkdir()
+    with np.load(checkpoint, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    paths = {}
+    paths["random bytes"] = folder / "random.npz"
+    paths["random bytes"].write_bytes(os.urandom(4096))
+    paths["no meta"] = folder / "nometa.npz"
+    np.savez(paths["no meta"], **{k: v for k, v in arrays.items() if k != "meta"})
+    paths["shape changed"] = folder / "shape.npz"
+    changed = dict(arrays)
+    changed["model/head.weight"] = np.zeros((3, 5, 1, 1), np.float32)
+    np.savez(paths["shape changed"], **changed)
+    paths["truncated"] = folder / "truncated.npz"
+    paths["truncated"].write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    paths["missing"] = folder / "missing.npz"
+    return paths
+
+
+EXPECTED_MESSAGE = {"random bytes": "not a tinyunet checkpoint", "no meta": "no 'meta' entry",
+                    "shape changed": "head.weight", "truncated": "checkpoint", "missing": "not found"}
+
+
+@pytest.mark.parametrize("damage", list(EXPECTED_MESSAGE))
+def test_bad_checkpoint_is_a_one_line_error(trained, capsys, tmp_path, damage):
+    root, checkpoint = trained
+    bad = damaged_checkpoints(checkpoint, tmp_path / "bad")[damage]
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+    for argv in (["predict", "--checkpoint", str(bad), str(photo), "--out", str(tmp_path / "out")],
+                 ["evaluate", "--checkpoint", str(bad), "--data", str(root), "--json"]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = [line for line in captured.err.strip().splitlines() if "%|" not in line]
+        assert len(lines) == 1 and "Traceback" not in captured.err
+        assert str(bad) in lines[0] and EXPECTED_MESSAGE[damage] in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_predict_missing_input(trained, capsys, tmp_path):
+    _, checkpoint = trained
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no such image" in err and str(tmp_path / "nope.jpg") in err and "Traceback" not in err

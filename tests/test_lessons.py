@@ -1,0 +1,103 @@
+"""The lessons are executable: every ```python block of lessons/NN-*.md runs, in order, in one namespace
+per lesson, with the repository root as the working directory. A lesson that stops working fails here.
+
+Long lessons read ``TINYUNET_LESSON_FAST=1`` (set below) and use fewer images and steps; the text shows
+the real settings. Lesson 09 needs the real Oxford-IIIT Pet folder and is skipped only when it is
+truly absent. Also checked: each lesson's first line after the title ("You will be able to: ..."),
+its link to the next lesson, every relative link and image, the figures' size budget, and that
+lessons/README.md lists every lesson.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LESSONS_DIR = REPO / "lessons"
+LESSONS = sorted(LESSONS_DIR.glob("[0-9][0-9]-*.md"))
+FIGURES_DIR = LESSONS_DIR / "figures"
+
+# a fenced block that starts with ```python on its own line; other languages (bash, text) are not run
+_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+_LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+    """(first line number, code) of every ```python block, in order."""
+    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in _BLOCK.finditer(text)]
+
+
+def pets_root() -> Path:
+    env = os.environ.get("TINYUNET_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "oxford-iiit-pet"
+
+
+def test_lessons_exist():
+    numbers = [int(p.name[:2]) for p in LESSONS]
+    assert numbers == list(range(1, len(LESSONS) + 1)), f"lessons must be numbered 01, 02, ... without gaps: {numbers}"
+    assert len(LESSONS) >= 11
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_runs(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    if path.name.startswith("09-") and not pets_root().is_dir():
+        pytest.skip(f"lesson 09 needs the Oxford-IIIT Pet folder, not found at {pets_root()}")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("TINYUNET_LESSON_FAST", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))  # no decoded-pets cache left in $HOME
+    from tinyunet import backend
+
+    namespace: dict = {"__name__": "__lesson__"}
+    started = time.perf_counter()
+    try:
+        for line, code in python_blocks(text):
+            # pad with newlines so a traceback points at the line of the .md file
+            exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+    finally:
+        backend.use("numpy")
+    print(f"{path.name}: {time.perf_counter() - started:.1f} s")
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_lesson_shape(path: Path) -> None:
+    """Title, "You will be able to:" line, at least one code block, a link to the next lesson."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert lines[0].startswith("# "), f"{path.name} must start with a '# ' title"
+    assert lines[1].startswith("You will be able to:"), f"{path.name}: the line after the title must be 'You will be able to: ...'"
+    assert python_blocks(path.read_text(encoding="utf-8")), f"{path.name} has no ```python block"
+    following = [p for p in LESSONS if p.name > path.name]
+    if following:
+        assert f"({following[0].name})" in lines[-1], f"{path.name} must end with a link to {following[0].name}"
+
+
+@pytest.mark.parametrize("path", LESSONS + [LESSONS_DIR / "README.md"], ids=lambda p: p.stem)
+def test_relative_links_resolve(path: Path) -> None:
+    for target in _LINK.findall(path.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # web links and in-page anchors
+        file = (path.parent / target.split("#")[0]).resolve()
+        assert file.exists(), f"{path.name} links to {target}, which does not exist"
+
+
+def test_readme_lists_every_lesson() -> None:
+    readme = (LESSONS_DIR / "README.md").read_text(encoding="utf-8")
+    for path in LESSONS:
+        assert f"({path.name})" in readme, f"lessons/README.md does not link {path.name}"
+
+
+def test_figures_are_small_and_used() -> None:
+    figures = sorted(FIGURES_DIR.glob("*.png"))
+    assert figures, "no figures: run `python lessons/make_figures.py`"
+    sizes = {f.name: f.stat().st_size for f in figures}
+    assert all(s < 150_000 for s in sizes.values()), f"figures over 150 KB: {[n for n, s in sizes.items() if s >= 150_000]}"
+    assert sum(sizes.values()) < 2_000_000, f"figures total {sum(sizes.values())} bytes, over 2 MB"
+    text = "".join(p.read_text(encoding="utf-8") for p in LESSONS)
+    unused = [n for n in sizes if f"figures/{n}" not in text]
+    assert not unused, f"figures no lesson shows: {unused}"

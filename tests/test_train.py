@@ -1,0 +1,287 @@
+"""`tinyunet train`: run folder contents, determinism, resume after kill -9, NaN handling.
+
+Every run is tiny (synthetic shapes at 32 px, a 4-channel depth-2 U-Net) so a run takes well under a
+second in-process; only the kill -9 test starts a child process.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinyunet import train as train_module
+
+TINY = ["--dataset", "shapes", "--size", "32", "--num-shapes", "48", "--base-channels", "4", "--depth", "2",
+        "--batch-size", "8", "--quiet"]
+STEPS_PER_EPOCH = 48 // 8
+METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_iou_pet",
+                   "val_iou_background", "val_iou_outline", "lr", "seconds", "images_per_second"]
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """Skip curves.png / predictions.png (matplotlib dominates the time of these tiny runs)."""
+    monkeypatch.setattr(train_module.Trainer, "_figures", lambda self, *args: None)
+
+
+def train_args(out: Path, epochs: int = 2, *extra: str) -> list:
+    return ["train", *TINY, "--epochs", str(epochs), "--out", str(out), *extra]
+
+
+def read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def meta_of(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["meta"][()]))
+
+
+def metrics_rows(run: Path) -> list:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = read_npz(a), read_npz(b)
+    keys = sorted(k for k in wa if k != "meta")
+    assert keys == sorted(k for k in wb if k != "meta")
+    assert any(k.startswith("model/") for k in keys) and any(k.startswith("optim/") for k in keys)
+    different = [k for k in keys if not np.array_equal(wa[k], wb[k])]
+    assert different == [], f"arrays differ: {different[:5]}"
+
+
+def test_run_folder_contents(run_cli, tmp_path):
+    run = tmp_path / "run"
+    status, out, err = run_cli(*train_args(run, 2))
+    assert status == 0, err
+    assert "done: best validation mIoU" in out
+    for name in ["config.json", "metrics.csv", "last.npz", "best.npz", "curves.png", "predictions.png"]:
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.tmp"))
+
+    config = json.loads((run / "config.json").read_text())
+    assert (config["dataset"], config["size"], config["epochs"], config["base_channels"], config["depth"]) == \
+        ("shapes", 32, 2, 4, 2)
+
+    with open(run / "metrics.csv", newline="") as f:
+        assert next(csv.reader(f)) == METRICS_COLUMNS
+    rows = metrics_rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:
+        values = {k: float(v) for k, v in r.items()}
+        assert all(math.isfinite(v) for v in values.values())
+        assert values["train_loss"] > 0 and values["val_loss"] > 0
+        for k in ["val_pixel_accuracy", "val_miou", "val_iou_pet", "val_iou_background", "val_iou_outline"]:
+            assert 0.0 <= values[k] <= 1.0
+        ious = [values[f"val_iou_{c}"] for c in ("pet", "background", "outline")]
+        assert values["val_miou"] == pytest.approx(np.mean(ious), abs=1e-5)
+
+    # checkpoints are plain npz: no pickle, meta is a JSON string with epoch, config and arch
+    last, best = read_npz(run / "last.npz"), read_npz(run / "best.npz")
+    assert last["meta"].dtype.kind == "U" and last["meta"].ndim == 0
+    meta = meta_of(run / "last.npz")
+    assert meta["epoch"] == 2 and meta["arch"] == "unet"
+    assert meta["config"] == config
+    assert all(last[k].dtype.kind in "fiu" for k in last if k != "meta")
+    assert "model/head.weight" in last and last["model/head.weight"].shape[:2] == (3, 4)
+    best_meta = meta_of(run / "best.npz")
+    mious = [float(r["val_miou"]) for r in rows]
+    assert best_meta["epoch"] == 1 + int(np.argmax(mious))  # first epoch reaching the best mIoU
+    assert best_meta["best_miou"] == pytest.approx(max(mious), abs=1e-6)
+    assert set(best) == set(last)
+
+    for name in ["curves.png", "predictions.png"]:
+        with Image.open(run / name) as im:
+            im.load()
+            assert im.width > 100 and im.height > 100
+
+
+def test_same_seed_same_weights_other_seed_different(run_cli, tmp_path, no_figures):
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        status, _, err = run_cli(*train_args(tmp_path / name, 2, "--seed", str(seed)))
+        assert status == 0, err
+    assert_same_weights(tmp_path / "a" / "last.npz", tmp_path / "b" / "last.npz")
+    a, c = read_npz(tmp_path / "a" / "last.npz"), read_npz(tmp_path / "c" / "last.npz")
+    assert not any(np.array_equal(a[k], c[k]) for k in a if k.startswith("model/") and k.endswith("weight"))
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(run_cli, cli_env, tmp_path, no_figures):
+    # big enough that an epoch takes a noticeable time, so the kill lands while the child still trains
+    args = ["train", *TINY, "--num-shapes", "160", "--epochs", "4", "--seed", "3"]
+    run = tmp_path / "killed"
+    last = run / "last.npz"
+    child = subprocess.Popen([sys.executable, "-m", "tinyunet.cli", *args, "--out", str(run)], env=cli_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed_after = None
+    seen = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            if last.exists():
+                epoch = meta_of(last)["epoch"]  # every version of last.npz we see must load
+                seen.add(epoch)
+                if epoch >= 1:
+                    time.sleep(0.15)  # into the next epoch's steps, not just its first instant
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed_after = epoch
+                    break
+            time.sleep(0.005)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    stderr = child.stderr.read()
+    child.stderr.close()
+    assert killed_after is not None, f"the run ended (status {child.returncode}) before it could be killed: {stderr}"
+    assert child.returncode == -signal.SIGKILL
+    epoch_at_kill = meta_of(last)["epoch"]
+    assert 1 <= epoch_at_kill < 4, "killed too late to test anything"
+
+    status, out, err = run_cli(*args, "--out", run, "--resume")
+    assert status == 0, err
+    assert f"resuming {run} after epoch {epoch_at_kill}" in out
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2, 3, 4]
+    assert meta_of(last)["epoch"] == 4
+    assert not list(run.glob("*.tmp"))  # a temp file left by the kill is cleaned up on resume
+
+    status, _, err = run_cli(*args, "--out", tmp_path / "straight")
+    assert status == 0, err
+    assert_same_weights(last, tmp_path / "straight" / "last.npz")
+    # metrics are replayed exactly too (apart from timings)
+    replayed, straight = metrics_rows(run), metrics_rows(tmp_path / "straight")
+    for r1, r2 in zip(replayed, straight):
+        for k in ["train_loss", "val_loss", "val_miou", "lr"]:
+            assert r1[k] == r2[k]
+
+
+@pytest.mark.parametrize("window", ["after last.npz of epoch 1", "before last.npz of epoch 2"])
+def test_crash_between_checkpoint_and_metrics_keeps_one_row_per_epoch(run_cli, tmp_path, monkeypatch, window,
+                                                                      no_figures):
+    """A death at the worst moments of an epoch end: metrics.csv and last.npz must stay consistent."""
+    real_save = train_module.save_checkpoint
+
+    def dying_save(path, model_state, optim_state, meta):
+        if Path(path).name == "last.npz":
+            if window.startswith("before") and meta["epoch"] == 2:
+                raise KeyboardInterrupt  # as if killed just before writing last.npz
+            real_save(path, model_state, optim_state, meta)
+            if window.startswith("after") and meta["epoch"] == 1:
+                raise KeyboardInterrupt  # as if killed right after writing last.npz
+        else:
+            real_save(path, model_state, optim_state, meta)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module, "save_checkpoint", dying_save)
+    status, _, err = run_cli(*train_args(run, 3))
+    assert status == 130 and "interrupted" in err
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert meta_of(run / "last.npz")["epoch"] == 1
+    (run / "last.npz.k9x2q.npz.tmp").write_bytes(b"half a checkpoint")  # what a kill -9 mid-save leaves
+
+    status, _, err = run_cli(*train_args(run, 3, "--resume"))
+    assert status == 0, err
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2, 3]
+    assert not list(run.glob("*.tmp"))
+    status, _, err = run_cli(*train_args(tmp_path / "straight", 3))
+    assert status == 0, err
+    assert_same_weights(run / "last.npz", tmp_path / "straight" / "last.npz")
+    assert metrics_rows(run)[0]["val_miou"] == metrics_rows(tmp_path / "straight")[0]["val_miou"]
+
+
+def test_nan_loss_stops_with_epoch_step_and_lr_and_keeps_last_checkpoint(run_cli, tmp_path, monkeypatch,
+                                                                          no_figures):
+    bad_epoch, bad_step, epochs = 2, 3, 2
+    run = tmp_path / "run"
+    real_batches = train_module.iterate_batches
+    epochs_started = []
+    snapshot = {}
+
+    def poisoned_batches(data, batch_size, shuffle, rng, augment=False, drop_last=False):
+        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+        if not shuffle:  # validation / previews
+            return batches
+        epochs_started.append(len(epochs_started) + 1)
+        epoch = epochs_started[-1]
+        if epoch == bad_epoch:  # epoch 1 has ended: remember its checkpoint exactly
+            snapshot["bytes"] = (run / "last.npz").read_bytes()
+            snapshot["metrics"] = (run / "metrics.csv").read_bytes()
+
+        def gen():
+            for step, (x, y, names) in enumerate(batches, 1):
+                if epoch == bad_epoch and step == bad_step:
+                    x = np.full_like(x, np.nan)  # NaN input -> NaN loss, like a diverging run
+                yield x, y, names
+        return gen()
+
+    monkeypatch.setattr(train_module, "iterate_batches", poisoned_batches)
+    status, _, err = run_cli(*train_args(run, epochs))
+    assert status != 0
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    step = (bad_epoch - 1) * STEPS_PER_EPOCH + bad_step - 1
+    lr = 0.5 * 1e-3 * (1 + math.cos(math.pi * step / (STEPS_PER_EPOCH * epochs)))  # cosine, default --lr
+    assert f"epoch {bad_epoch}," in err and f"step {bad_step}/{STEPS_PER_EPOCH}" in err
+    assert f"learning rate {lr:.3g}" in err
+    assert "nan" in err.lower() and "--resume" in err
+    # epoch 1's checkpoint and metrics are untouched and still load
+    assert (run / "last.npz").read_bytes() == snapshot["bytes"]
+    assert (run / "metrics.csv").read_bytes() == snapshot["metrics"]
+    assert meta_of(run / "last.npz")["epoch"] == 1
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1]
+
+
+def test_too_few_images_for_a_batch_is_an_error(run_cli, tmp_path):
+    run = tmp_path / "run"
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "4", "--epochs", "1", "--out", run)
+    assert status == 2 and "--batch-size" in err and "Traceback" not in err
+    assert not run.exists()  # nothing half-made to --force away afterwards
+
+
+def test_out_is_a_file(run_cli, tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    status, _, err = run_cli(*train_args(target, 1))
+    assert status == 2 and "not a folder" in err
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--size", "34"], "--size 34 is not divisible by 2**depth = 4"),
+    (["--size", "8"], "at least 16"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+])
+def test_invalid_settings_are_one_line_errors(run_cli, tmp_path, extra, message):
+    run = tmp_path / "run"
+    status, _, err = run_cli(*train_args(run, 1), *extra)
+    assert status == 2 and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_resume_of_a_finished_run_changes_nothing_unless_epochs_grow(run_cli, tmp_path, no_figures):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(run, 2))[0] == 0
+    before = (run / "last.npz").read_bytes()
+    args = ["train", *TINY, "--out", run, "--resume"]  # no --epochs: the run's own 2, not the default 3
+    status, _, err = run_cli(*args)
+    assert status == 0, err
+    assert (run / "last.npz").read_bytes() == before
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2]
+    status, _, err = run_cli(*args, "--epochs", "3")  # an explicit, larger --epochs extends it
+    assert status == 0, err
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2, 3]
+    assert meta_of(run / "last.npz")["config"]["epochs"] == 3
