@@ -30,8 +30,9 @@ from tinyunet.train import TrainConfig, Trainer
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="Oxford-IIIT Pet folder (default: $TINYUNET_DATA, else the download folder)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=None,
+                   help="Oxford-IIIT Pet folder (default: $TINYUNET_DATA, else the download folder)")
     p.add_argument("--out", required=True, help="folder for one run folder per architecture and results.md")
     p.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     p.add_argument("--size", type=int, default=d.size)

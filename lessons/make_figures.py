@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -491,7 +490,7 @@ def skip_features() -> None:
     from tinyunet.viz import colorize
 
     run = trained_shapes_model()
-    val = run["val"].subset([2])
+    val = run["val"].subset([0])
     x = next(iterate_batches(val, 1, shuffle=False, rng=None))[0]
     acts = _activations(run["model"], x)
     fig = Figure(figsize=(10, 2.5), layout="constrained")
@@ -510,6 +509,68 @@ def skip_features() -> None:
     save(fig, "06-skip-features", dpi=80)
 
 
+# --- lesson 12 ---------------------------------------------------------------------------------------
+
+def attention_maps() -> None:
+    """Lesson 12's run: an Attention U-Net trained like lesson 10's U-Net (64x64 shapes, 800 images,
+    3 epochs, base 16); the coefficients of its four gates over three validation images."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+    from tinyunet.backend import to_device
+    from tinyunet.data import iterate_batches, make_shapes
+    from tinyunet.losses import CrossEntropyLoss
+    from tinyunet.models import create_model
+    from tinyunet.optim import Adam
+    from tinyunet.predict import attention_images
+    from tinyunet.train import evaluate_model
+    from tinyunet.viz import colorize
+
+    size, num_train, epochs, base = 64, 800, 3, 16
+    train = make_shapes(num_train, size, seed=0)
+    val = make_shapes(num_train // 8, size, seed=10_000)
+    backend.seed(0)
+    model = create_model("attunet", in_channels=3, num_classes=3, base_channels=base, depth=4)
+    optimizer, loss_fn = Adam(model.parameters(), lr=1e-3), CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    print("training the Attention U-Net of lesson 12 (a minute or two)...")
+    for epoch in range(epochs):
+        model.train()
+        for x, y, _ in iterate_batches(train, batch_size=8, shuffle=True, rng=rng, augment=True, drop_last=True):
+            optimizer.zero_grad()
+            loss_fn.forward(model.forward(to_device(x)), to_device(y))
+            model.backward(loss_fn.backward())
+            optimizer.step()
+    print(f"  validation mIoU {evaluate_model(model, val)['miou']:.3f}")
+    picks = [0, 1, 2]
+    # ten colour steps of 0.1: a smooth scale would be banded anyway by the PNG's 256-colour palette
+    heat = ScalarMappable(BoundaryNorm(np.linspace(0, 1, 11), 10), colormaps["jet"].resampled(10))
+    fig = Figure(figsize=(10.5, 5.6), layout="constrained")
+    axes = fig.subplots(len(picks), 6)
+    model.eval()
+    for row, i in enumerate(picks):
+        one = val.subset([i])
+        model.forward(to_device(next(iterate_batches(one, 1, shuffle=False, rng=None))[0]))
+        maps, titles = attention_images(model, size, size)
+        gray = one.images[0].mean(axis=2)
+        axes[row][0].imshow(one.images[0])
+        axes[row][1].imshow(colorize(one.labels[0]), interpolation="nearest")
+        for ax, m in zip(axes[row][2:], maps):
+            ax.imshow(gray, cmap="gray", vmin=0, vmax=255)
+            ax.imshow(m, cmap=heat.cmap, norm=heat.norm, alpha=0.6)
+        if row == 0:
+            for ax, title in zip(axes[row], ["image", "true mask"] + [f"gate on {t}" for t in titles]):
+                ax.set_title(title.replace("skip 8x8", "skip 8x8\n(deepest)").replace("skip 64x64", "skip 64x64\n(top level)"),
+                             fontsize=9)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(heat, ax=list(axes.ravel()), shrink=0.6, label="attention coefficient")
+    fig.suptitle("Attention U-Net after 3 epochs on 64x64 shapes: each gate's coefficients over validation images",
+                 fontsize=10)
+    save(fig, "12-attention-maps", dpi=80)
+
+
 FIGURES = {
     "conv_sliding": conv_sliding,
     "im2col": im2col_picture,
@@ -522,6 +583,7 @@ FIGURES = {
     "predictions": predictions,
     "feature_maps": feature_maps,
     "skip_features": skip_features,
+    "attention_maps": attention_maps,
 }
 
 

@@ -37,12 +37,12 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def add_backward(a_shape, b_shape, dout: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def add_backward(a: np.ndarray, b: np.ndarray, dout: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Every output entry passes its gradient (times 1) to the two entries it was made of."""
-    da, db = np.zeros(a_shape), np.zeros(b_shape)
+    da, db = np.zeros(a.shape), np.zeros(b.shape)
     for idx in np.ndindex(*dout.shape):
-        da[source_index(idx, a_shape)] += dout[idx]
-        db[source_index(idx, b_shape)] += dout[idx]
+        da[source_index(idx, a.shape)] += dout[idx]
+        db[source_index(idx, b.shape)] += dout[idx]
     return da, db
 
 

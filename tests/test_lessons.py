@@ -1,5 +1,6 @@
 """The lessons are executable: every ```python block of lessons/NN-*.md runs, in order, in one namespace
-per lesson, with the repository root as the working directory. A lesson that stops working fails here.
+per lesson (a fresh Python process each), with the repository root as the working directory. A lesson
+that stops working fails here, with the traceback pointing at the line of the .md file.
 
 Long lessons read ``TINYUNET_LESSON_FAST=1`` (set below) and use fewer images and steps; the text shows
 the real settings. Lesson 09 needs the real Oxford-IIIT Pet folder and is skipped only when it is
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,27 +45,46 @@ def test_lessons_exist():
     assert len(LESSONS) >= 11
 
 
+# Runs in a fresh interpreter, exactly like a learner typing the blocks into an empty session.
+_RUNNER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_lessons import python_blocks
+path = {path!r}
+namespace = {{"__name__": "__lesson__"}}
+for line, code in python_blocks(open(path, encoding="utf-8").read()):
+    # pad with newlines so that a traceback points at the line of the .md file
+    exec(compile("\\n" * (line - 1) + code, path, "exec"), namespace)
+"""
+
+
+def run_lesson(path: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    code = _RUNNER.format(tests=str(REPO / "tests"), path=str(path))
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
-def test_lesson_runs(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
+def test_lesson_runs(path: Path, tmp_path: Path) -> None:
     if path.name.startswith("09-") and not pets_root().is_dir():
         pytest.skip(f"lesson 09 needs the Oxford-IIIT Pet folder, not found at {pets_root()}")
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("TINYUNET_LESSON_FAST", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))  # no decoded-pets cache left in $HOME
-    from tinyunet import backend
-
-    namespace: dict = {"__name__": "__lesson__"}
+    env = dict(os.environ)
+    env.update(
+        TINYUNET_LESSON_FAST="1",
+        MPLBACKEND="Agg",
+        TINYUNET_CACHE=str(tmp_path / "cache"),  # no decoded-pets cache left in $HOME
+        # One BLAS thread: a multi-threaded BLAS on a busy 2-core machine can run 10-100x slower
+        # (its threads wait for each other); these are correctness runs, not benchmarks.
+        OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+    )
+    env.pop("TINYUNET_BACKEND", None)  # each lesson chooses its backend itself
     started = time.perf_counter()
-    try:
-        for line, code in python_blocks(text):
-            # pad with newlines so a traceback points at the line of the .md file
-            exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
-    finally:
-        backend.use("numpy")
-    print(f"{path.name}: {time.perf_counter() - started:.1f} s")
+    result = run_lesson(path, env)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        pytest.fail(f"{path.name} failed after {seconds:.1f} s:\n{result.stderr[-4000:]}", pytrace=False)
+    print(f"{path.name}: {seconds:.1f} s")
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)

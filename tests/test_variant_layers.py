@@ -81,23 +81,29 @@ PAIRS = [
 PAIR_IDS = [f"{a}x{b}" for a, b in PAIRS]
 
 
+ELEMENTWISE = pytest.mark.parametrize("layer,forward_ref,backward_ref", [
+    (Add, ref.add, ref.add_backward), (Multiply, ref.multiply, ref.multiply_backward)], ids=["Add", "Multiply"])
+
+
+@ELEMENTWISE
 @pytest.mark.parametrize("a_shape,b_shape", PAIRS, ids=PAIR_IDS)
-def test_add_matches_reference(a_shape, b_shape):
+def test_add_and_multiply_match_reference(layer, forward_ref, backward_ref, a_shape, b_shape):
     a, b = randn(*a_shape), randn(*b_shape, seed=1)
-    layer = Add()
-    out = layer.forward(a, b)
-    np.testing.assert_allclose(out, ref.add(a, b), rtol=1e-14, atol=1e-15)
+    m = layer()
+    out = m.forward(a, b)
+    np.testing.assert_allclose(out, forward_ref(a, b), rtol=1e-14, atol=1e-15)
     dout = randn(*out.shape, seed=2)
-    da, db = layer.backward(dout)
-    ref_da, ref_db = ref.add_backward(a_shape, b_shape, dout)
+    da, db = m.backward(dout)
+    ref_da, ref_db = backward_ref(a, b, dout)
     assert da.shape == a_shape and db.shape == b_shape
     np.testing.assert_allclose(da, ref_da, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(db, ref_db, rtol=1e-12, atol=1e-12)
 
 
+@ELEMENTWISE
 @pytest.mark.parametrize("a_shape,b_shape", PAIRS, ids=PAIR_IDS)
-def test_add_gradients_match_finite_differences(a_shape, b_shape):
-    errors = check_module(Add(), randn(*a_shape, seed=3), randn(*b_shape, seed=4))
+def test_add_and_multiply_gradients_match_finite_differences(layer, forward_ref, backward_ref, a_shape, b_shape):
+    errors = check_module(layer(), randn(*a_shape, seed=3), randn(*b_shape, seed=4))
     assert max(errors.values()) <= 1e-6, errors
 
 
@@ -117,26 +123,6 @@ def test_add_hands_the_same_gradient_to_equal_shaped_inputs():
     dout = randn(2, 3, seed=2)
     da, db = layer.backward(dout)
     assert da is dout and db is dout  # no copies: the derivative of a sum is 1 for each term
-
-
-@pytest.mark.parametrize("a_shape,b_shape", PAIRS, ids=PAIR_IDS)
-def test_multiply_matches_reference(a_shape, b_shape):
-    a, b = randn(*a_shape), randn(*b_shape, seed=1)
-    layer = Multiply()
-    out = layer.forward(a, b)
-    np.testing.assert_allclose(out, ref.multiply(a, b), rtol=1e-14, atol=1e-15)
-    dout = randn(*out.shape, seed=2)
-    da, db = layer.backward(dout)
-    ref_da, ref_db = ref.multiply_backward(a, b, dout)
-    assert da.shape == a_shape and db.shape == b_shape
-    np.testing.assert_allclose(da, ref_da, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(db, ref_db, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("a_shape,b_shape", PAIRS, ids=PAIR_IDS)
-def test_multiply_gradients_match_finite_differences(a_shape, b_shape):
-    errors = check_module(Multiply(), randn(*a_shape, seed=3), randn(*b_shape, seed=4))
-    assert max(errors.values()) <= 1e-6, errors
 
 
 @pytest.mark.parametrize("layer", [Add, Multiply])

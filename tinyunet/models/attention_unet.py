@@ -81,6 +81,7 @@ class AttentionUNet(UNet):
         return super().decode(i, x, self.gates[i](skip, x))
 
     def decode_backward(self, i: int, dout: Any) -> Tuple[Any, Any]:
+        """dout -> (dx, dskip) of :meth:`decode`, through the concat, then the gate."""
         d_x, d_gated = super().decode_backward(i, dout)
         d_skip, d_g = self.gates[i].backward(d_gated)
         # x fed both the up-convolution and the gate: its gradient is the sum of both paths

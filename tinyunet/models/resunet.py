@@ -3,12 +3,12 @@
 Every level's block becomes
 
     x ──> conv3x3 -> BN -> ReLU -> conv3x3 -> BN ──> (+) -> ReLU -> out
-    └───────────── shortcut ─────────────────────────┘
+    └───────────── shortcut ──────────────────────────┘
 
 where the shortcut is x itself when the channel count stays the same, and a 1x1 conv (+ BN) that
 projects x to the new channel count where it changes (in this skeleton: every block). The block
 then only has to learn a *correction* to its input, and in backward the addition hands the full
-gradient to the shortcut: it reaches the block's input without passing through the two convs.
+gradient to the shortcut: it reaches the block's input through at most one 1x1 conv, not two 3x3s.
 
 Everything else (pooling, up-convolutions, skips, head) is :class:`~tinyunet.models.unet.UNet`'s:
 ResUNet only overrides :meth:`~tinyunet.models.unet.UNet.make_block`.

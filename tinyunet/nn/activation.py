@@ -9,14 +9,20 @@ from tinyunet.nn.module import Module
 
 class ReLU(Module):
     def __init__(self) -> None:
-        self.mask: Any = None
+        self.out: Any = None
 
     def forward(self, x: Any) -> Any:
-        """x: any shape -> same shape."""
-        self.mask = x > 0  # a boolean mask is 4x smaller than keeping x itself
-        return xp.maximum(x, 0)
+        """x: any shape -> same shape (and same memory layout)."""
+        out = xp.maximum(x, 0)
+        # Keep the *output*, not a mask of x > 0: out > 0 is the same mask, and the next layer (a
+        # conv or a pool) keeps this very array for its own backward anyway, so storing it here costs
+        # no memory at all - where a separate boolean mask would add 1/4 of the input (PyTorch's trick).
+        self.out = out
+        return out
 
     def backward(self, dout: Any) -> Any:
-        dx = dout * self.mask
-        self.mask = None
+        """dout: same shape as the output -> dx (0 where the output was 0)."""
+        # multiplying by the boolean mask is ~5x faster in NumPy than xp.where(mask, dout, 0)
+        dx = dout * (self.out > 0)
+        self.out = None
         return dx

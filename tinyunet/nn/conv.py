@@ -173,7 +173,7 @@ class Conv2d(Module):
     """2-D convolution over NCHW input; weight (out_channels, in_channels, kh, kw) as in PyTorch.
 
     stride 1: nine (kh*kw) shifted 1x1 products on the padded, flattened input (module docstring);
-    forward keeps only that padded input for backward. Other strides: ``im2row(x) @ weight_t``.
+    forward keeps only the input x for backward. Other strides: ``im2row(x) @ weight_t``.
     The output is NCHW-shaped with channels-last memory.
 
     ``keep_cols`` (strided convolutions only) keeps the im2row matrix from forward for backward
@@ -193,6 +193,10 @@ class Conv2d(Module):
 
     def forward(self, x: Any) -> Any:
         """x: (N, Cin, H, W) -> (N, Cout, Hout, Wout) (channels-last memory)."""
+        kh, kw = self.kernel_size
+        if x.shape[2] + 2 * self.padding < kh or x.shape[3] + 2 * self.padding < kw:
+            raise ValueError(f"Conv2d input {x.shape[2]}x{x.shape[3]} (padding {self.padding}) is smaller "
+                             f"than the kernel {self.kernel_size}")
         if self.stride == 1:
             out = self._forward_shifted(nhwc(x))
         else:
@@ -216,6 +220,14 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         return [(i, j, i * wp + j) for i in range(kh) for j in range(kw)]
 
+    def _padded_rows(self, x: Any) -> Any:
+        """x: (N, H, W, C) -> the zero-padded image as rows (N*Hp*Wp, C), contiguous channels-last."""
+        n, h, w, c = x.shape
+        p = self.padding
+        xpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype)  # also makes NCHW memory channels-last
+        xpad[:, p:p + h, p:p + w] = x
+        return xpad.reshape(-1, c)
+
     def _forward_shifted(self, x: Any) -> Any:
         """x: (N, H, W, Cin) -> (N, Hout, Wout, Cout), a view into an (N, Hp, Wp, Cout) buffer."""
         kh, kw = self.kernel_size
@@ -223,23 +235,25 @@ class Conv2d(Module):
         p = self.padding
         hp, wp = h + 2 * p, w + 2 * p
         ho, wo = hp - kh + 1, wp - kw + 1
-        xpad = xp.zeros((n, hp, wp, c), dtype=x.dtype)   # also makes an NCHW-memory x channels-last
-        xpad[:, p:p + h, p:p + w] = x
-        flat = xpad.reshape(n * hp * wp, c)
+        flat = self._padded_rows(x)                              # (N*Hp*Wp, Cin)
         length = flat.shape[0] - (kh - 1) * wp - (kw - 1)      # rows whose whole window is in flat
         w_ij = self.weight.data.transpose(2, 3, 1, 0)           # (kh, kw, Cin, Cout)
         out = xp.zeros((n * hp * wp, self.out_channels), dtype=x.dtype)
         acc = out[:length]
         for i, j, off in self._offsets(wp):
             acc += xp.matmul(flat[off:off + length], w_ij[i, j])   # (L, Cin) @ (Cin, Cout)
-        self.cache = (flat, x.shape, length)
+        # keep x itself, not the padded copy: in the U-Net x is a ReLU's output, which the ReLU keeps
+        # for its own backward anyway, so this costs no memory; backward pads it again (one copy)
+        self.cache = (x, length)
         # rows with y >= Hout or x >= Wout were windows off the edge: drop them (a view, no copy)
         return out.reshape(n, hp, wp, self.out_channels)[:, :ho, :wo]
 
     def _backward_shifted(self, dout: Any) -> Any:
         """dout: (N, Hout, Wout, Cout) -> dx: (N, H, W, Cin)."""
         kh, kw = self.kernel_size
-        flat, (n, h, w, c), length = self.cache
+        x, length = self.cache
+        n, h, w, c = x.shape
+        flat = self._padded_rows(x)
         p = self.padding
         hp, wp = h + 2 * p, w + 2 * p
         ho, wo = dout.shape[1], dout.shape[2]
@@ -249,11 +263,14 @@ class Conv2d(Module):
         dflat = dpad.reshape(n * hp * wp, self.out_channels)[:length]
         w_ij = self.weight.data.transpose(2, 3, 1, 0)           # (kh, kw, Cin, Cout)
         dw = xp.empty((kh, kw, c, self.out_channels), dtype=flat.dtype)
-        dxflat = xp.zeros_like(flat)                             # gradient of the padded input
         for i, j, off in self._offsets(wp):
             dw[i, j] = xp.matmul(flat[off:off + length].T, dflat)    # (Cin, L) @ (L, Cout)
-            dxflat[off:off + length] += xp.matmul(dflat, w_ij[i, j].T)  # (L, Cout) @ (Cout, Cin)
         self.weight.grad += dw.transpose(3, 2, 0, 1)
+        # two loops rather than one: the padded input is freed before dx is built (lower peak memory)
+        del flat
+        dxflat = xp.zeros((n * hp * wp, c), dtype=dout.dtype)   # gradient of the padded input
+        for i, j, off in self._offsets(wp):
+            dxflat[off:off + length] += xp.matmul(dflat, w_ij[i, j].T)  # (L, Cout) @ (Cout, Cin)
         return dxflat.reshape(n, hp, wp, c)[:, p:p + h, p:p + w]   # drop the padding (a view)
 
     # --- other strides: im2row and one product -----------------------------------------------

@@ -71,9 +71,8 @@ class MaxPool2d(Module):
         self.cache = None
         dout = dout.transpose(0, 2, 3, 1)
         dx = xp.zeros((n, h, w, c), dtype=dtype)
-        zero = xp.zeros((), dtype=dtype)
         for offset, view in enumerate(self._views(dx)):
-            view += xp.where(argmax == offset, dout, zero)      # writes through the view into dx
+            view += dout * (argmax == offset)                   # writes through the view into dx
         return dx.transpose(0, 3, 1, 2)
 
     def extra_repr(self) -> str:

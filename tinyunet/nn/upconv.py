@@ -6,8 +6,9 @@ So it reuses the convolution's two channels-last helpers (see conv.py) the other
 x as rows (N*H*W, Cin) and the weight as w2 (Cin, kh*kw*Cout):
 
     forward:  stamps = x @ w2               (N*H*W, kh*kw*Cout): every pixel's stamp, one product
-              then row2im adds the stamps onto the output (for the U-Net's kernel 2, stride 2 they
-              do not overlap, so that is four strided copies)
+              then row2im adds the stamps onto the output: one strided add per kernel offset
+              (for the U-Net's kernel 2, stride 2 the stamps do not overlap: each output pixel
+              gets exactly one)
     backward: drows = im2row(dout)          (N*H*W, kh*kw*Cout): what each stamp touched
               dx = drows @ w2^T,  dweight = x^T @ drows  (sum over the batch inside the product)
 
@@ -23,26 +24,6 @@ import numpy as np
 from tinyunet.backend import xp
 from tinyunet.nn.conv import im2row, kaiming_uniform, nchw, nhwc, pair, row2im
 from tinyunet.nn.module import Module, Parameter
-
-
-def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
-                           padding: int = 0) -> np.ndarray:
-    """Reference with explicit loops: every input pixel adds weight[c] * x[n, c, y, x] onto the output.
-
-    x: (N, Cin, H, W), weight: (Cin, Cout, kh, kw) -> (N, Cout, Hout, Wout)
-    """
-    n, cin, h, w = x.shape
-    _, cout, kh, kw = weight.shape
-    full = np.zeros((n, cout, (h - 1) * stride + kh, (w - 1) * stride + kw), dtype=x.dtype)
-    for b in range(n):
-        for c in range(cin):
-            for y in range(h):
-                for xx in range(w):
-                    full[b, :, y * stride:y * stride + kh, xx * stride:xx * stride + kw] += x[b, c, y, xx] * weight[c]
-    out = full[:, :, padding:full.shape[2] - padding, padding:full.shape[3] - padding]
-    if bias is not None:
-        out = out + bias[None, :, None, None]
-    return out
 
 
 def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
@@ -91,6 +72,9 @@ class ConvTranspose2d(Module):
         x_rows = nhwc(x).reshape(n * h * w, self.in_channels)   # a copy only if x is NCHW in memory
         stamps = xp.matmul(x_rows, self._w2())                   # (N*H*W, kh*kw*Cout)
         out_shape = (n, self.output_size(h, 0), self.output_size(w, 1), self.out_channels)
+        if min(out_shape[1:3]) < 1:  # PyTorch refuses this too: padding larger than the stamps
+            raise ValueError(f"ConvTranspose2d output would be {out_shape[1]}x{out_shape[2]} for a {h}x{w} input "
+                             f"(kernel {self.kernel_size}, stride {self.stride}, padding {self.padding})")
         out = row2im(stamps, out_shape, kh, kw, self.stride, self.padding)   # (N, Hout, Wout, Cout)
         if self.bias is not None:
             out += self.bias.data
