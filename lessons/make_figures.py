@@ -514,9 +514,8 @@ def skip_features() -> None:
 def attention_maps() -> None:
     """Lesson 12's run: an Attention U-Net trained like lesson 10's U-Net (64x64 shapes, 800 images,
     3 epochs, base 16); the coefficients of its four gates over three validation images."""
-    from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import BoundaryNorm
+    from matplotlib.colors import Normalize
     from tinyunet.backend import to_device
     from tinyunet.data import iterate_batches, make_shapes
     from tinyunet.losses import CrossEntropyLoss
@@ -543,8 +542,7 @@ def attention_maps() -> None:
             optimizer.step()
     print(f"  validation mIoU {evaluate_model(model, val)['miou']:.3f}")
     picks = [0, 1, 2]
-    # ten colour steps of 0.1: a smooth scale would be banded anyway by the PNG's 256-colour palette
-    heat = ScalarMappable(BoundaryNorm(np.linspace(0, 1, 11), 10), colormaps["jet"].resampled(10))
+    heat = ScalarMappable(Normalize(0.0, 1.0), "jet")  # as tinyunet.viz.plot_attention (predict --attention)
     fig = Figure(figsize=(10.5, 5.6), layout="constrained")
     axes = fig.subplots(len(picks), 6)
     model.eval()
