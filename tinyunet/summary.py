@@ -9,7 +9,7 @@ pooling step divides the next level's share by four while the channels only doub
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -36,16 +36,26 @@ def _arrays(value: Any) -> Iterator[Any]:
             yield from _arrays(v)
 
 
-def saved_bytes(module: Module) -> int:
-    """Bytes of the arrays a leaf module holds between forward and backward (buffers excluded)."""
-    seen: Dict[int, Any] = {}
+def saved_bytes(module: Module, counted: Optional[Set[int]] = None) -> int:
+    """Bytes of the arrays a leaf module holds between forward and backward (buffers excluded).
+
+    ``counted``: ids of array buffers already charged to earlier layers. Layers share what they keep
+    (a ReLU keeps its output, and the next convolution keeps that same array as its input), so each
+    buffer is charged once, to the first layer that holds it, and the column adds up to the total.
+    """
+    counted = set() if counted is None else counted
+    total = 0
     for name, value in vars(module).items():
         if isinstance(value, (Module, Parameter)) or name in module.buffer_names:
             continue
         for a in _arrays(value):
-            base = a.base if getattr(a, "base", None) is not None else a
-            seen[id(base)] = base  # a view and its base share memory: count it once
-    return int(sum(a.nbytes for a in seen.values()))
+            base = a
+            while getattr(base, "base", None) is not None:  # a view shares its base's memory
+                base = base.base
+            if id(base) not in counted:
+                counted.add(id(base))
+                total += int(base.nbytes)
+    return total
 
 
 def layer_flops(module: Module, out_shape: Tuple[int, ...], in_shape: Tuple[int, ...]) -> int:
@@ -82,12 +92,13 @@ def summarize(model: Module, input_shape: Tuple[int, ...]) -> List[LayerRow]:
         for _, m in leaves:
             del m.forward
     rows = []
+    counted: Set[int] = set()
     for name, m in leaves:
         if id(m) not in shapes:
             continue
         in_shape, out_shape = shapes[id(m)]
         params = sum(int(np.prod(p.shape)) for _, p in m.named_parameters())
-        rows.append(LayerRow(name, type(m).__name__, out_shape, params, saved_bytes(m),
+        rows.append(LayerRow(name, type(m).__name__, out_shape, params, saved_bytes(m, counted),
                              layer_flops(m, out_shape, in_shape)))
     for _, m in leaves:  # drop what the forward kept: this model is not going to run backward
         for attr, value in list(vars(m).items()):
