@@ -58,6 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--classes", type=int, default=3)
+    p.add_argument("--arch", default="unet", choices=["unet", "resunet", "attunet"],
+                   help="architecture (--compare-torch builds the plain U-Net only)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--breakdown-steps", type=int, default=3, help="steps timed with per-layer wrappers (0: skip)")
@@ -137,14 +139,14 @@ class Harness:
         import numpy as np
         from tinyunet import backend
         from tinyunet.losses import CrossEntropyLoss
-        from tinyunet.models import UNet
+        from tinyunet.models import create_model
         from tinyunet.optim import Adam
 
         backend.use(args.backend)
         backend.seed(0)
         self.xp = backend.xp
-        self.model = UNet(in_channels=3, num_classes=args.classes, base_channels=args.base_channels,
-                          depth=args.depth, batchnorm=True)
+        self.model = create_model(args.arch, in_channels=3, num_classes=args.classes,
+                                  base_channels=args.base_channels, depth=args.depth, batchnorm=True)
         self.loss = CrossEntropyLoss()
         self.opt = Adam(self.model.parameters(), lr=1e-3)
         rng = np.random.default_rng(0)
@@ -404,7 +406,8 @@ def load_average() -> str:
 
 
 def describe(args: argparse.Namespace) -> str:
-    return (f"UNet(base_channels={args.base_channels}, depth={args.depth}, batchnorm=True), "
+    name = {"unet": "UNet", "resunet": "ResUNet", "attunet": "AttentionUNet"}[args.arch]
+    return (f"{name}(base_channels={args.base_channels}, depth={args.depth}, batchnorm=True), "
             f"{args.size}x{args.size}, batch {args.batch_size}, Adam, CrossEntropyLoss, float32")
 
 
@@ -471,7 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     machine = gemm_gflops(np)
     for c in configs:
         res = run_numpy(c)
-        torch_res = run_torch(c) if c.compare_torch else None
+        torch_res = run_torch(c) if c.compare_torch and c.arch == "unet" else None
         # other processes make any single GEMM measurement low: keep the best one seen in this run
         machine = max(machine, gemm_gflops(np))
         print_result(c, res, machine, torch_res)

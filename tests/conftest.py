@@ -1,6 +1,13 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
+
+# The tests multiply small matrices and start subprocesses (CLI runs) next to each other: one BLAS
+# thread per process is faster there, and OpenBLAS threads spinning on a shared 2-core machine can
+# slow a step down tenfold. Set before NumPy is first imported, so NumPy's OpenBLAS reads it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
