@@ -78,7 +78,7 @@ def test_version_console_script(cli_env):
 def test_gradcheck_failure_exits_non_zero(run_cli, monkeypatch):
     import tinyunet.gradcheck
 
-    monkeypatch.setattr(tinyunet.gradcheck, "run_all", lambda seed=0: [
+    monkeypatch.setattr(tinyunet.gradcheck, "run_all", lambda seed=0, full=False: [
         ("Conv2d(3,4)", "weight", 3.2e-1, False), ("ReLU", "input0", 1e-11, True)])
     status, out, _ = run_cli("gradcheck")
     assert status != 0
@@ -134,7 +134,7 @@ def test_warning_format_is_restored_after_main(run_cli, monkeypatch):
 
     import tinyunet.gradcheck
 
-    monkeypatch.setattr(tinyunet.gradcheck, "run_all", lambda seed=0: [("ReLU", "input0", 0.0, True)])
+    monkeypatch.setattr(tinyunet.gradcheck, "run_all", lambda seed=0, full=False: [("ReLU", "input0", 0.0, True)])
     before = warnings.formatwarning
     assert run_cli("gradcheck")[0] == 0
     assert warnings.formatwarning is before
