@@ -223,3 +223,16 @@ def test_predict_missing_input(trained, capsys, tmp_path):
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "no such image" in err and str(tmp_path / "nope.jpg") in err and "Traceback" not in err
+
+
+def test_predict_refuses_inputs_that_would_overwrite_each_other(trained, capsys, tmp_path):
+    _, checkpoint = trained
+    a, b = tmp_path / "one" / "cat.png", tmp_path / "two" / "cat.jpg"
+    for path in (a, b):
+        path.parent.mkdir()
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(a), str(b), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(a) in err and str(b) in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -81,10 +81,17 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
         raise TinyUNetError(f"--attention needs a model with attention gates, but {checkpoint} holds a "
                             f"{config.arch!r} model: use an 'attunet' checkpoint (tinyunet train --arch attunet)")
     size = config.size
+    images = find_images(inputs)
+    # outputs are named after the file stem: cat.jpg and cat.png would overwrite each other's masks
+    seen: dict[str, Path] = {}
+    clashes = [f"{seen[p.stem]} and {p}" for p in images if seen.setdefault(p.stem, p) != p]
+    if clashes:
+        raise DataError(f"images with the same name would write the same output files: {'; '.join(clashes[:3])}; "
+                        "rename one or predict them into separate --out folders")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
-    for path in tqdm(find_images(inputs), desc="predict", disable=not progress):
+    for path in tqdm(images, desc="predict", disable=not progress):
         image = read_rgb(path)
         labels = predict_image(model, image, size)
         save_mask_png(labels, out / f"{path.stem}_mask.png")
