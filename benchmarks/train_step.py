@@ -30,6 +30,11 @@ What is printed, and the conventions behind each number:
   2 steps minus the RSS just before them (after one warm-up step, so optimizer state and caches are
   already there), each framework in its own fresh process with glibc's mmap threshold fixed at
   128 KiB so freed arrays leave the RSS - the only measure that sees PyTorch's allocations too.
+- allocator: step times are measured the way ``tinyunet train`` runs, with glibc told to keep freed
+  memory for reuse (``backend.keep_freed_host_memory``, see its docstring: it saves the page faults
+  of re-mapping ~100 MB per step); the PyTorch timing process gets the same setting through
+  ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``. ``--default-malloc`` times both with
+  glibc's defaults instead.
 
 ``--compare-torch`` builds the same architecture in PyTorch (Conv2d bias=False before BatchNorm,
 ConvTranspose2d 2x2 stride 2 with bias, cat([up, skip]), 1x1 head), float32, Adam, torch.set_num_threads
@@ -69,10 +74,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--compare-torch", action="store_true")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="time with glibc's default allocator settings (freed memory returned to the OS)")
     p.add_argument("--torch-python", default=None, help="interpreter with torch for --compare-torch")
     p.add_argument("--report", action="store_true", help="run standard, batch 1 and base 32 in a row")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    p.add_argument("--worker", choices=["numpy-memory", "torch"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["numpy-memory", "torch", "torch-memory"], default=None,
+                   help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -135,9 +143,11 @@ def gemm_gflops(np_module: Any, n: int = 2048, repeats: int = 5) -> float:
 class Harness:
     """A model, data, loss and optimizer for one configuration, and a ``step()`` closure."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, keep_freed_memory: bool = False) -> None:
         import numpy as np
         from tinyunet import backend
+        if keep_freed_memory:
+            backend.keep_freed_host_memory()
         from tinyunet.losses import CrossEntropyLoss
         from tinyunet.models import create_model
         from tinyunet.optim import Adam
@@ -264,13 +274,13 @@ def run_worker(args: argparse.Namespace) -> Dict[str, Any]:
         h = Harness(args)
         h.step()  # allocate optimizer state, first-call caches
         return measure_rss(h.step)
-    return torch_worker(args)
+    return torch_worker(args, memory=args.worker == "torch-memory")
 
 
 def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
     import statistics
     import numpy as np
-    h = Harness(args)
+    h = Harness(args, keep_freed_memory=not args.default_malloc)
     res: Dict[str, Any] = {"framework": "tinyunet/" + args.backend, "numpy": np.__version__}
     fwd = forward_flops(h)
     res["forward_gflop"] = fwd / 1e9
@@ -297,7 +307,8 @@ def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 # --- PyTorch ---------------------------------------------------------------------------------------
-def torch_worker(args: argparse.Namespace) -> Dict[str, Any]:
+def torch_worker(args: argparse.Namespace, memory: bool) -> Dict[str, Any]:
+    """Step times (memory=False) or the peak-RSS measurement (memory=True) of the PyTorch U-Net."""
     import statistics
     import torch
     from torch import nn
@@ -347,13 +358,13 @@ def torch_worker(args: argparse.Namespace) -> Dict[str, Any]:
         opt.step()
         return loss
 
+    if memory:
+        step()  # allocate optimizer state, first-call caches
+        return measure_rss(step)
     ts = time_steps(step, lambda: None, args.warmup, args.steps)
-    res: Dict[str, Any] = {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
-                           "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
-                           "params": sum(p.numel() for p in model.parameters())}
-    if not args.no_memory:
-        res.update(measure_rss(step))
-    return res
+    return {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
+            "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 def torch_importable() -> bool:
@@ -362,6 +373,14 @@ def torch_importable() -> bool:
         return importlib.util.find_spec("torch") is not None
     except Exception:
         return False
+
+
+# glibc's malloc settings for the worker processes (environment variables read at start-up)
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1)}
+# for RSS measurements: glibc would otherwise keep freed big blocks in its heap (its mmap threshold
+# grows up to 32 MB after frees), so RSS would lag behind what is really live; a fixed threshold maps
+# and unmaps every block >= 128 KiB, the same for both frameworks
+RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def spawn(args: argparse.Namespace, worker: str, python: str) -> Optional[Dict[str, Any]]:
@@ -375,10 +394,12 @@ def spawn(args: argparse.Namespace, worker: str, python: str) -> Optional[Dict[s
         cmd += ["--threads", str(args.threads)]
     if args.no_memory:
         cmd += ["--no-memory"]
-    # glibc would otherwise keep freed big blocks in its heap (its mmap threshold grows up to 32 MB
-    # after frees), so RSS would lag behind what is really live; a fixed threshold maps and unmaps
-    # every block >= 128 KiB, the same for both frameworks.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    if worker.endswith("memory"):
+        env = dict(os.environ, **RETURN_FREED_MEMORY)
+    elif args.default_malloc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    else:
+        env = dict(os.environ, **KEEP_FREED_MEMORY)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"  ({worker} worker failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode})")
@@ -394,7 +415,10 @@ def run_torch(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if python is None:
         print("  --compare-torch: torch is not importable here and no --torch-python was given; skipped")
         return None
-    return spawn(args, "torch", python)
+    res = spawn(args, "torch", python)
+    if res is not None and not args.no_memory:
+        res.update(spawn(args, "torch-memory", python) or {})
+    return res
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -418,7 +442,8 @@ def print_result(args: argparse.Namespace, res: Dict[str, Any], machine: float,
     print(f"\n== {describe(args)}")
     print(f"tinyunet ({res['framework']}, numpy {res['numpy']}, BLAS threads "
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'not set: OpenBLAS uses every core')}), "
-          f"{res['steps']} steps after {args.warmup} warm-up:")
+          f"{res['steps']} steps after {args.warmup} warm-up, "
+          f"{'glibc malloc defaults' if args.default_malloc else 'freed memory kept for reuse'}:")
     print(f"  step time         {ms:8.1f} ms median   ({res['ms_min']:.1f} min)")
     print(f"  throughput        {args.batch_size / (ms / 1e3):8.2f} images/s")
     print(f"  conv FLOPs        {res['forward_gflop']:8.2f} GFLOP forward, x3 = {res['train_gflop']:.2f} GFLOP per training step")

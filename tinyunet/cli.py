@@ -188,6 +188,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
+        if args.command in ("train", "evaluate", "predict"):
+            backend.keep_freed_host_memory()  # reuse freed arrays between steps (see there)
         with warnings.catch_warnings():
             # a data warning (skipped images) is one line for a user, not a source location
             warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"

@@ -1,0 +1,46 @@
+"""benchmarks/train_step.py runs, and counts the FLOPs it divides by correctly."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+def unet_forward_flops(n: int, size: int, base: int, depth: int, in_ch: int = 3, classes: int = 3) -> int:
+    """Forward FLOPs (2 per multiply-add) of the U-Net's convolutions, from its architecture."""
+    conv3 = lambda cin, cout, s: 2 * n * s * s * cin * cout * 9
+    total, cin, s = 0, in_ch, size
+    for level in range(depth + 1):                 # encoder levels, then the bottleneck
+        cout = base * 2 ** level
+        total += conv3(cin, cout, s) + conv3(cout, cout, s)
+        cin, s = cout, s // 2
+    s *= 2                                         # the bottleneck's size
+    for level in reversed(range(depth)):
+        cout = base * 2 ** level
+        total += 2 * n * s * s * cin * cout * 4    # 2x2 up-convolution, stride 2, from the s x s input
+        s *= 2
+        total += conv3(2 * cout, cout, s) + conv3(cout, cout, s)
+        cin = cout
+    return total + 2 * n * s * s * cin * classes   # 1x1 head
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_reports_consistent_figures():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--size", "32", "--base-channels", "4", "--depth", "2",
+                           "--batch-size", "2", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    ours = result["tinyunet"]
+    assert ours["forward_gflop"] * 1e9 == pytest.approx(unet_forward_flops(2, 32, 4, 2), rel=1e-9)
+    assert ours["train_gflop"] == pytest.approx(3 * ours["forward_gflop"])
+    assert 0 < ours["ms_min"] <= ours["ms_median"]
+    for layer in ("Conv2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "MaxPool2d"):
+        assert ours["breakdown_ms"][f"{layer}.fwd"] > 0 and ours["breakdown_ms"][f"{layer}.bwd"] > 0
+    assert ours["tracemalloc_peak_mb"] > 0
+    assert ours["rss_peak_delta_mb"] >= 0  # tiny arrays come from the heap: RSS may not grow at all
+    assert result["machine_gflops"] > 0
+    assert "freed memory kept for reuse" in proc.stdout
