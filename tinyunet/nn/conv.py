@@ -26,8 +26,12 @@ to the machine's peak. There are two classic ways to get there; both live here.
 Backward of the shifted form, with dflat = dout placed at the same rows q (zeros elsewhere):
 
     dweight[:, :, i, j] = (flat[off : off + L]^T @ dflat)^T        sum over the batch inside the product
-    dflat_x[off : off + L] += dflat @ w[i, j]^T                    each term goes back where it came from
+    dflat_x[r] = sum_{i,j} dflat[r - off] @ w[i, j]^T              each term goes back where it came from
     dbias = dout summed over N, H, W
+
+The input gradient is again a sum of nine shifted products (the kernel flipped: shifts go the other
+way), so forward and backward share :func:`sum_of_products`. All three run on blocks of rows in
+parallel on the CPU (tinyunet/parallel.py).
 
 Arrays stay NCHW in *shape* everywhere (the public convention), but the layers hand back NCHW-shaped
 *views* of channels-last memory (``out.transpose(0, 3, 1, 2)``, no copy); the next conv's
@@ -40,17 +44,31 @@ only the order of the numbers in memory differs, so results never depend on it.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
 from tinyunet.backend import host_rng, to_device, xp
 from tinyunet.nn.module import Module, Parameter
+from tinyunet.parallel import map_row_blocks, matmul, transposed_matmul
 
 
-# rows per block in Conv2d's backward products (see _backward_shifted): 4 MB of float32 at 32 channels;
-# blocks this size are as fast as whole products (they stay in cache), much smaller ones are slower
-_BLOCK_ROWS = 32768
+def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
+    """out[...] = sum of a @ b over (a, b) in pairs, through one out-sized buffer (not one per term).
+
+    out: (M, N); each a: (M, K), b: (K, N). NumPy's matmul can only *write* its result (BLAS's
+    C = A @ B + beta * C with beta = 0), so every term after the first goes through ``buf`` and is added.
+    """
+    buf = None
+    for k, (a, b) in enumerate(pairs):
+        if k == 0:
+            xp.matmul(a, b, out=out)
+        else:
+            if buf is None:
+                buf = xp.empty_like(out)
+            xp.matmul(a, b, out=buf)
+            out += buf
+    return out
 
 
 def pair(value: Any) -> Tuple[int, int]:
@@ -242,16 +260,33 @@ class Conv2d(Module):
         ho, wo = hp - kh + 1, wp - kw + 1
         flat = self._padded_rows(x)                              # (N*Hp*Wp, Cin)
         length = flat.shape[0] - (kh - 1) * wp - (kw - 1)      # rows whose whole window is in flat
-        w_ij = self.weight.data.transpose(2, 3, 1, 0)           # (kh, kw, Cin, Cout)
-        out = xp.zeros((n * hp * wp, self.out_channels), dtype=x.dtype)
-        acc = out[:length]
-        for i, j, off in self._offsets(wp):
-            acc += xp.matmul(flat[off:off + length], w_ij[i, j])   # (L, Cin) @ (Cin, Cout)
+        w_ij = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0))  # (kh, kw, Cin, Cout)
+        offsets = self._offsets(wp)
+        out = xp.empty((n * hp * wp, self.out_channels), dtype=x.dtype)
+        out[length:] = 0  # the last rows' windows would run off the end: not computed, and dropped below
+
+        def rows(start: int, stop: int) -> None:  # output rows [start, stop); every term is a slice
+            sum_of_products(out[start:stop], [(flat[off + start:off + stop], w_ij[i, j]) for i, j, off in offsets])
+        row_work = kh * kw * c * self.out_channels  # multiply-adds per output row
+        map_row_blocks(rows, length, row_work)  # blocks of rows in parallel (tinyunet/parallel.py)
         # keep x itself, not the padded copy: in the U-Net x is a ReLU's output, which the ReLU keeps
         # for its own backward anyway, so this costs no memory; backward pads it again (one copy)
         self.cache = (x, length)
         # rows with y >= Hout or x >= Wout were windows off the edge: drop them (a view, no copy)
         return out.reshape(n, hp, wp, self.out_channels)[:, :ho, :wo]
+
+    def _weight_grad_shifted(self, flat: Any, dflat: Any, offsets) -> Any:
+        """dweight[i, j] = flat[off : off + L]^T @ dflat, each block of rows adding its share of the
+        sum over pixels. flat: (N*Hp*Wp, Cin), dflat: (L, Cout) -> (kh, kw, Cin, Cout)."""
+        kh, kw = self.kernel_size
+        c = flat.shape[1]
+
+        def rows(start: int, stop: int) -> Any:
+            part = xp.empty((kh, kw, c, self.out_channels), dtype=flat.dtype)
+            for i, j, off in offsets:  # (Cin, rows) @ (rows, Cout)
+                xp.matmul(flat[off + start:off + stop].T, dflat[start:stop], out=part[i, j])
+            return part
+        return sum(map_row_blocks(rows, dflat.shape[0], kh * kw * c * self.out_channels))
 
     def _backward_shifted(self, dout: Any) -> Any:
         """dout: (N, Hout, Wout, Cout) -> dx: (N, H, W, Cin)."""
@@ -262,29 +297,28 @@ class Conv2d(Module):
         p = self.padding
         hp, wp = h + 2 * p, w + 2 * p
         ho, wo = dout.shape[1], dout.shape[2]
-        # dout on the same (N*Hp*Wp) row grid as forward's output; the thrown-away rows get 0
-        dpad = xp.zeros((n, hp, wp, self.out_channels), dtype=dout.dtype)
-        dpad[:, :ho, :wo] = dout
-        dflat = dpad.reshape(n * hp * wp, self.out_channels)[:length]
-        w_ij = self.weight.data.transpose(2, 3, 1, 0)           # (kh, kw, Cin, Cout)
-        dw = xp.empty((kh, kw, c, self.out_channels), dtype=flat.dtype)
-        for i, j, off in self._offsets(wp):
-            dw[i, j] = xp.matmul(flat[off:off + length].T, dflat)    # (Cin, L) @ (L, Cout)
+        offsets = self._offsets(wp)
+        # dout on forward's (N*Hp*Wp) row grid, 0 on the thrown-away rows, after `front` rows of zeros
+        # (the dx gather below reads up to `front` rows before row 0)
+        front = offsets[-1][2]
+        dbig = xp.zeros((front + n * hp * wp, self.out_channels), dtype=dout.dtype)
+        dbig[front:].reshape(n, hp, wp, self.out_channels)[:, :ho, :wo] = dout
+        dflat = dbig[front:front + length]                       # (L, Cout)
+        dw = self._weight_grad_shifted(flat, dflat, offsets)     # (kh, kw, Cin, Cout)
         self.weight.grad += dw.transpose(3, 2, 0, 1)
-        # two loops rather than one: the padded input is freed before dx is built (lower peak memory)
-        del flat
-        dxflat = xp.zeros((n * hp * wp, c), dtype=dout.dtype)   # gradient of the padded input
-        # dxflat[off + r] += dflat[r] @ w[i, j]^T, in blocks of rows through one small buffer: a whole
-        # (L, Cin) product per offset would be a temporary as big as dx itself, at the moment memory
-        # peaks (early backward, every forward activation still alive)
-        block = min(length, _BLOCK_ROWS)
-        buf = xp.empty((block, c), dtype=dout.dtype)
-        for start in range(0, length, block):
-            stop = min(start + block, length)
-            part = buf[:stop - start]
-            for i, j, off in self._offsets(wp):
-                xp.matmul(dflat[start:stop], w_ij[i, j].T, out=part)  # (rows, Cout) @ (Cout, Cin)
-                dxflat[off + start:off + stop] += part
+        del flat  # freed before dx is built: lower peak memory
+        # Forward sent flat[q + off] @ w[i, j] to output row q. Gathered per input row r = q + off:
+        #     dxflat[r] = sum_{i,j} dflat[r - off] @ w[i, j]^T        (dflat = 0 outside [0, L))
+        # the same sum of shifted products as forward, shifted the other way (a convolution with the
+        # flipped kernel). Each block owns its rows of dx: blocks never write the same memory.
+        w_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, Cout, Cin)
+        total = n * hp * wp
+        dxflat = xp.empty((total, c), dtype=dout.dtype)          # gradient of the padded input
+
+        def dx_rows(start: int, stop: int) -> None:
+            sum_of_products(dxflat[start:stop], [(dbig[front - off + start:front - off + stop], w_t[i, j])
+                                                 for i, j, off in offsets])
+        map_row_blocks(dx_rows, total, kh * kw * c * self.out_channels)
         return dxflat.reshape(n, hp, wp, c)[:, p:p + h, p:p + w]   # drop the padding (a view)
 
     # --- other strides: im2row and one product -----------------------------------------------
@@ -299,7 +333,7 @@ class Conv2d(Module):
         ho = conv_output_size(h, kh, self.stride, self.padding)
         wo = conv_output_size(w, kw, self.stride, self.padding)
         rows = im2row(x, kh, kw, self.stride, self.padding)        # (N*Ho*Wo, kh*kw*Cin)
-        out = xp.matmul(rows, self._weight_t())                    # (N*Ho*Wo, Cout)
+        out = matmul(rows, self._weight_t())                       # (N*Ho*Wo, Cout)
         self.cache = (rows if self.keep_cols else x, x.shape)
         return out.reshape(n, ho, wo, self.out_channels)
 
@@ -309,9 +343,9 @@ class Conv2d(Module):
         saved, x_shape = self.cache
         rows = saved if self.keep_cols else im2row(saved, kh, kw, self.stride, self.padding)
         d2 = dout.reshape(-1, self.out_channels)                   # (N*Ho*Wo, Cout)
-        dw_t = xp.matmul(rows.T, d2)                               # (kh*kw*Cin, Cout), batch summed
+        dw_t = transposed_matmul(rows, d2)                         # (kh*kw*Cin, Cout), batch summed
         self.weight.grad += dw_t.reshape(kh, kw, x_shape[3], self.out_channels).transpose(3, 2, 0, 1)
-        drows = xp.matmul(d2, self._weight_t().T)                  # (N*Ho*Wo, kh*kw*Cin)
+        drows = matmul(d2, self._weight_t().T)                     # (N*Ho*Wo, kh*kw*Cin)
         return row2im(drows, x_shape, kh, kw, self.stride, self.padding)
 
     def extra_repr(self) -> str:

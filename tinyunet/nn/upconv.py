@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from tinyunet.backend import xp
 from tinyunet.nn.conv import im2row, kaiming_uniform, nchw, nhwc, pair, row2im
 from tinyunet.nn.module import Module, Parameter
+from tinyunet.parallel import matmul, transposed_matmul
 
 
 def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
@@ -70,7 +70,7 @@ class ConvTranspose2d(Module):
         kh, kw = self.kernel_size
         n, _, h, w = x.shape
         x_rows = nhwc(x).reshape(n * h * w, self.in_channels)   # a copy only if x is NCHW in memory
-        stamps = xp.matmul(x_rows, self._w2())                   # (N*H*W, kh*kw*Cout)
+        stamps = matmul(x_rows, self._w2())                      # (N*H*W, kh*kw*Cout)
         out_shape = (n, self.output_size(h, 0), self.output_size(w, 1), self.out_channels)
         if min(out_shape[1:3]) < 1:  # PyTorch refuses this too: padding larger than the stamps
             raise ValueError(f"ConvTranspose2d output would be {out_shape[1]}x{out_shape[2]} for a {h}x{w} input "
@@ -88,11 +88,11 @@ class ConvTranspose2d(Module):
         n, _, hout, wout = dout.shape
         dout_nhwc = nhwc(dout)
         drows = im2row(dout_nhwc, kh, kw, self.stride, self.padding)    # (N*H*W, kh*kw*Cout)
-        dw2 = xp.matmul(x_rows.T, drows)                                 # (Cin, kh*kw*Cout)
+        dw2 = transposed_matmul(x_rows, drows)                             # (Cin, kh*kw*Cout)
         self.weight.grad += dw2.reshape(self.in_channels, kh, kw, self.out_channels).transpose(0, 3, 1, 2)
         if self.bias is not None:
             self.bias.grad += dout_nhwc.sum(axis=(0, 1, 2))
-        dx = xp.matmul(drows, self._w2().T)                              # (N*H*W, Cin)
+        dx = matmul(drows, self._w2().T)                                 # (N*H*W, Cin)
         h, w = (hout + 2 * self.padding - kh) // self.stride + 1, (wout + 2 * self.padding - kw) // self.stride + 1
         return nchw(dx.reshape(n, h, w, self.in_channels))
 
