@@ -29,7 +29,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from tinyunet import backend
 
-__all__ = ["set_num_threads", "get_num_threads", "row_blocks", "map_row_blocks", "matmul", "transposed_matmul"]
+__all__ = ["set_num_threads", "get_num_threads", "row_blocks", "map_row_blocks", "map_batch_blocks", "matmul",
+           "transposed_matmul"]
 
 # a block's products should be big enough to run near BLAS speed, and there should be several blocks
 # per thread so that no thread waits long for the last one
@@ -37,6 +38,9 @@ _BLOCK_ROWS = 16384
 _MIN_BLOCKS = 4  # split work into a multiple of 4 blocks: keeps 1, 2 and 4 threads all busy
 # below this many multiply-adds a call is not split: handing a block to a thread costs ~10-50 us
 _MIN_SPLIT_WORK = 2 ** 24
+# for elementwise work: one pass over a float costs roughly as much time as this many multiply-adds
+# inside a matrix product (it moves memory instead of reusing it from cache)
+ELEMENTWISE_WORK = 4
 
 _threads: Optional[int] = None
 _pool: Optional[ThreadPoolExecutor] = None
@@ -109,6 +113,12 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
         _limit_blas_threads()
         _pool = ThreadPoolExecutor(get_num_threads(), thread_name_prefix="tinyunet")
     return list(_pool.map(lambda block: fn(*block), blocks))
+
+
+def map_batch_blocks(fn: Callable[[int, int], Any], x: Any, passes: int = 1) -> List[Any]:
+    """map_row_blocks over the images of a batch x (N, ...): fn(start, stop) handles x[start:stop].
+    ``passes``: about how many times fn reads or writes each number (to leave small calls whole)."""
+    return map_row_blocks(fn, x.shape[0], passes * ELEMENTWISE_WORK * (x.size // max(x.shape[0], 1)))
 
 
 def matmul(a: Any, b: Any) -> Any:

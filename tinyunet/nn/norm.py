@@ -24,6 +24,7 @@ from typing import Any
 
 from tinyunet.backend import xp
 from tinyunet.nn.module import Module, Parameter
+from tinyunet.parallel import map_batch_blocks
 
 
 class _Layout:
@@ -35,19 +36,25 @@ class _Layout:
         # channels-last memory: the channel axis is the fastest one (stride of one element)
         self.channels_last = x.strides[1] == x.itemsize and c > 1
 
+    @property
+    def view_shape(self) -> tuple:
+        """The shape :meth:`view` gives the whole batch."""
+        n, c, h, w = self.shape
+        return (n, h, w * c) if self.channels_last else self.shape
+
     def view(self, a: Any) -> Any:
         """(N, C, H, W) -> (N, H, W*C) for channels-last (a copy only if a's memory is NCHW), else a."""
         if not self.channels_last:
             return a
-        n, c, h, w = self.shape
-        return a.transpose(0, 2, 3, 1).reshape(n, h, w * c)
+        _, c, h, w = self.shape
+        return a.transpose(0, 2, 3, 1).reshape(a.shape[0], h, w * c)   # a may be a block of images
 
     def unview(self, a: Any) -> Any:
         """Inverse of :meth:`view`: back to an (N, C, H, W)-shaped array (a view)."""
         if not self.channels_last:
             return a
         n, c, h, w = self.shape
-        return a.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+        return a.reshape(-1, h, w, c).transpose(0, 3, 1, 2)
 
     def per_channel(self, v: Any) -> Any:
         """(C,) -> broadcastable against view(a): tiled to (W*C,), or (1, C, 1, 1)."""
@@ -57,7 +64,7 @@ class _Layout:
         """Per-channel sum of view(a) -> (C,)."""
         if not self.channels_last:
             return a.sum(axis=(0, 2, 3))
-        n, c, h, w = self.shape
+        _, c, h, w = self.shape
         return a.sum(axis=(0, 1)).reshape(w, c).sum(axis=0)
 
 
@@ -76,25 +83,44 @@ class BatchNorm2d(Module):
         """x: (N, C, H, W) -> (N, C, H, W) (same memory layout as x)."""
         layout = _Layout(x)
         pc = layout.per_channel
-        xv = layout.view(x)
+        # each pass below runs on blocks of images in parallel on the CPU (tinyunet/parallel.py); the
+        # per-channel sums come back one per block and are added up
+        blocks = lambda fn: map_batch_blocks(fn, x, passes=2)  # noqa: E731
+        xhat = xp.empty(layout.view_shape, dtype=x.dtype)     # our own (N, H, W*C) copy of x, then x-hat
         if self.training:
             m = x.size // x.shape[1]
-            mean = layout.sum(xv) / m
-            centered = xv - pc(mean)
-            var = layout.sum(centered * centered) / m  # biased: what normalises this batch
+
+            def copy_and_sum(start: int, stop: int) -> Any:
+                xhat[start:stop] = layout.view(x[start:stop])
+                return layout.sum(xhat[start:stop])
+            mean = sum(blocks(copy_and_sum)) / m
+
+            def center_and_sum_squares(start: int, stop: int) -> Any:
+                centered = xhat[start:stop]
+                centered -= pc(mean)
+                return layout.sum(centered * centered)
+            var = sum(blocks(center_and_sum_squares)) / m   # biased: what normalises this batch
             inv_std = 1.0 / xp.sqrt(var + self.eps)
-            xhat = centered
-            xhat *= pc(inv_std)  # in place: centered is not needed any more
             mom = self.momentum
             self.running_mean = (1 - mom) * self.running_mean + mom * mean
             # the running variance is the unbiased estimate, as in PyTorch
             self.running_var = (1 - mom) * self.running_var + mom * var * (m / max(m - 1, 1))
+            shift = None                                        # xhat holds x - mean already
         else:
             inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
-            xhat = (xv - pc(self.running_mean)) * pc(inv_std)
+            shift = pc(self.running_mean)
+        scale, gamma, beta = pc(inv_std), pc(self.weight.data), pc(self.bias.data)
+        out = xp.empty_like(xhat)
+
+        def normalise(start: int, stop: int) -> None:
+            xh = xhat[start:stop]
+            if shift is not None:  # eval: nothing copied x yet
+                xp.subtract(layout.view(x[start:stop]), shift, out=xh)
+            xh *= scale
+            xp.multiply(xh, gamma, out=out[start:stop])
+            out[start:stop] += beta
+        blocks(normalise)
         self.cache = (xhat, inv_std, self.training, layout)
-        out = xhat * pc(self.weight.data)
-        out += pc(self.bias.data)
         return layout.unview(out)
 
     def backward(self, dout: Any) -> Any:
@@ -102,20 +128,29 @@ class BatchNorm2d(Module):
         xhat, inv_std, training, layout = self.cache
         self.cache = None
         pc = layout.per_channel
-        dv = layout.view(dout)
-        dbeta = layout.sum(dv)
-        dgamma = layout.sum(dv * xhat)
+        blocks = lambda fn: map_batch_blocks(fn, dout, passes=3)  # noqa: E731
+
+        def sums(start: int, stop: int) -> Any:
+            dv = layout.view(dout[start:stop])
+            return xp.stack([layout.sum(dv), layout.sum(dv * xhat[start:stop])])
+        dbeta, dgamma = sum(blocks(sums))
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         scale = pc(self.weight.data * inv_std)
-        if not training:  # the statistics are constants: a per-channel affine map
-            return layout.unview(dv * scale)
         m = dout.size // dout.shape[1]
-        dx = xhat * pc(dgamma / m)
-        dx += pc(dbeta / m)
-        # dx = scale * (dout - dbeta/m - xhat*dgamma/m), built in place to spare two big temporaries
-        xp.subtract(dv, dx, out=dx)
-        dx *= scale
+        dx = xp.empty_like(xhat)
+
+        def input_grad(start: int, stop: int) -> None:
+            dv, d = layout.view(dout[start:stop]), dx[start:stop]
+            if not training:  # the statistics are constants: a per-channel affine map
+                xp.multiply(dv, scale, out=d)
+                return
+            # dx = scale * (dout - dbeta/m - xhat*dgamma/m), built in place to spare big temporaries
+            xp.multiply(xhat[start:stop], pc(dgamma / m), out=d)
+            d += pc(dbeta / m)
+            xp.subtract(dv, d, out=d)
+            d *= scale
+        blocks(input_grad)
         return layout.unview(dx)
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 from tinyunet.backend import xp
 from tinyunet.nn.conv import conv_output_size
 from tinyunet.nn.module import Module
+from tinyunet.parallel import map_batch_blocks
 
 
 def maxpool2d_naive(x: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
@@ -53,15 +54,24 @@ class MaxPool2d(Module):
 
     def forward(self, x: Any) -> Any:
         """x: (N, C, H, W) -> (N, C, Hout, Wout)."""
-        views = self._views(x.transpose(0, 2, 3, 1))            # NHWC views
-        out = views[0]
-        for v in views[1:]:
-            out = xp.maximum(out, v)
-        # first offset reaching the maximum: walk backwards so earlier offsets overwrite later ones
-        argmax = xp.zeros(out.shape, dtype=xp.uint8)
-        for offset in range(len(views) - 1, 0, -1):
-            argmax = xp.where(views[offset] == out, xp.uint8(offset), argmax)
-        argmax = xp.where(views[0] == out, xp.uint8(0), argmax)
+        x_nhwc = x.transpose(0, 2, 3, 1)
+        k, s = self.kernel_size, self.stride
+        n, h, w, c = x_nhwc.shape
+        out = xp.empty((n, conv_output_size(h, k, s, 0), conv_output_size(w, k, s, 0), c), dtype=x.dtype)
+        argmax = xp.empty(out.shape, dtype=xp.uint8)
+
+        def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
+            views = self._views(x_nhwc[start:stop])                # NHWC views
+            top = out[start:stop]
+            top[...] = views[0]
+            for v in views[1:]:
+                xp.maximum(top, v, out=top)
+            # first offset reaching the maximum: walk backwards so earlier offsets overwrite later ones
+            best = xp.zeros(top.shape, dtype=xp.uint8)
+            for offset in range(len(views) - 1, 0, -1):
+                best = xp.where(views[offset] == top, xp.uint8(offset), best)
+            argmax[start:stop] = xp.where(views[0] == top, xp.uint8(0), best)
+        map_batch_blocks(images, x, passes=3)
         self.cache = (argmax, x.shape, x.dtype)
         return out.transpose(0, 3, 1, 2)
 
@@ -71,8 +81,11 @@ class MaxPool2d(Module):
         self.cache = None
         dout = dout.transpose(0, 2, 3, 1)
         dx = xp.zeros((n, h, w, c), dtype=dtype)
-        for offset, view in enumerate(self._views(dx)):
-            view += dout * (argmax == offset)                   # writes through the view into dx
+
+        def images(start: int, stop: int) -> None:
+            for offset, view in enumerate(self._views(dx[start:stop])):
+                view += dout[start:stop] * (argmax[start:stop] == offset)  # writes through the view into dx
+        map_batch_blocks(images, dx, passes=3)
         return dx.transpose(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
