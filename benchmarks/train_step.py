@@ -18,8 +18,10 @@ What is printed, and the conventions behind each number:
   step counts as 3x the forward FLOPs (backward = one product for d(input) + one for d(weight)).
   Divided by the median step time. The same count is used for PyTorch.
 - machine GFLOP/s: float32 2048x2048 matrix product (NumPy's BLAS), best of 5, measured in this run
-  with the same thread setting (at the start and after each configuration; the best so far is
-  used, since other processes only ever make it lower); "ratio" is effective / machine.
+  on as many BLAS threads as tinyunet has threads (at the start and after each configuration; the
+  best so far is used, since other processes only ever make it lower); "ratio" is effective / machine.
+- threads: tinyunet splits big layers into row blocks on its own thread pool and runs BLAS with one
+  thread per call (tinyunet/parallel.py); PyTorch uses torch.set_num_threads(the same number).
 - breakdown: forward and backward time of each layer type, summed over its instances, measured by
   wrapping each layer's forward/backward in this script (the package has no timing code), over
   separate steps after the clean timing; "other" is the rest of the step (the U-Net's skip-gradient
@@ -38,7 +40,7 @@ What is printed, and the conventions behind each number:
 
 ``--compare-torch`` builds the same architecture in PyTorch (Conv2d bias=False before BatchNorm,
 ConvTranspose2d 2x2 stride 2 with bias, cat([up, skip]), 1x1 head), float32, Adam, torch.set_num_threads
-(--threads, default 2), and runs it in a separate process: this interpreter if it can import torch,
+(--threads, default: every usable core), and runs it in a separate process: this interpreter if it can import torch,
 else ``--torch-python`` (default /work/torchenv/bin/python if it exists). torch is never a dependency
 of tinyunet.
 """
@@ -69,8 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--breakdown-steps", type=int, default=3, help="steps timed with per-layer wrappers (0: skip)")
     p.add_argument("--threads", type=int, default=None,
-                   help="BLAS/OpenMP threads (sets OPENBLAS_NUM_THREADS etc. before NumPy loads; "
-                        "torch.set_num_threads); default: the environment's setting, torch 2")
+                   help="threads for tinyunet's row blocks (parallel.set_num_threads), for the reference "
+                        "matrix product's BLAS and for torch.set_num_threads; default: every usable core")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--compare-torch", action="store_true")
@@ -128,7 +130,22 @@ def measure_rss(step, steps: int = 2) -> Dict[str, Any]:
             "rss_hwm_reset": reset_ok}
 
 
-def gemm_gflops(np_module: Any, n: int = 2048, repeats: int = 5) -> float:
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def gemm_gflops(np_module: Any, threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matrix-product speed on ``threads`` BLAS threads (tinyunet limits BLAS
+    to one thread per call once its thread pool starts: lift that here)."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=threads, user_api="blas"):
+        return _gemm_gflops(np_module, n, repeats)
+
+
+def _gemm_gflops(np_module: Any, n: int, repeats: int) -> float:
     a = np_module.ones((n, n), dtype=np_module.float32)
     b = np_module.ones((n, n), dtype=np_module.float32)
     best = float("inf")
@@ -146,8 +163,11 @@ class Harness:
     def __init__(self, args: argparse.Namespace, keep_freed_memory: bool = False) -> None:
         import numpy as np
         from tinyunet import backend
+        from tinyunet import parallel
         if keep_freed_memory:
             backend.keep_freed_host_memory()
+        if args.threads:
+            parallel.set_num_threads(args.threads)
         from tinyunet.losses import CrossEntropyLoss
         from tinyunet.models import create_model
         from tinyunet.optim import Adam
@@ -288,6 +308,10 @@ def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
     ts = time_steps(h.step, h.sync, args.warmup, args.steps)
     res["ms_median"] = statistics.median(ts) * 1e3
     res["ms_min"] = min(ts) * 1e3
+    from threadpoolctl import threadpool_info
+    from tinyunet import parallel
+    res["threads"] = parallel.get_num_threads()
+    res["blas_threads"] = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None)
     res["steps"] = len(ts)
     if args.breakdown_steps:
         res["breakdown_ms"] = {k: v * 1e3 for k, v in breakdown(h, args.breakdown_steps).items()}
@@ -313,7 +337,7 @@ def torch_worker(args: argparse.Namespace, memory: bool) -> Dict[str, Any]:
     import torch
     from torch import nn
 
-    torch.set_num_threads(args.threads or 2)
+    torch.set_num_threads(args.threads or usable_cores())
     torch.manual_seed(0)
 
     def double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -440,8 +464,8 @@ def print_result(args: argparse.Namespace, res: Dict[str, Any], machine: float,
     ms = res["ms_median"]
     eff = res["train_gflop"] / (ms / 1e3)
     print(f"\n== {describe(args)}")
-    print(f"tinyunet ({res['framework']}, numpy {res['numpy']}, BLAS threads "
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'not set: OpenBLAS uses every core')}), "
+    print(f"tinyunet ({res['framework']}, numpy {res['numpy']}, {res['threads']} threads for row blocks, "
+          f"BLAS {res['blas_threads']} thread(s) per call), "
           f"{res['steps']} steps after {args.warmup} warm-up, "
           f"{'glibc malloc defaults' if args.default_malloc else 'freed memory kept for reuse'}:")
     print(f"  step time         {ms:8.1f} ms median   ({res['ms_min']:.1f} min)")
@@ -496,12 +520,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             configs.append(c)
     print(f"load average {load_average()} (other processes on this machine skew the timings); "
           f"{os.cpu_count()} CPUs")
-    machine = gemm_gflops(np)
+    threads = args.threads or usable_cores()
+    machine = gemm_gflops(np, threads)
     for c in configs:
         res = run_numpy(c)
         torch_res = run_torch(c) if c.compare_torch and c.arch == "unet" else None
         # other processes make any single GEMM measurement low: keep the best one seen in this run
-        machine = max(machine, gemm_gflops(np))
+        machine = max(machine, gemm_gflops(np, threads))
         print_result(c, res, machine, torch_res)
         if args.json:
             print(json.dumps({"config": {k: getattr(c, k) for k in ("batch_size", "size", "base_channels", "depth")},

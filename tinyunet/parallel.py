@@ -29,8 +29,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from tinyunet import backend
 
-__all__ = ["set_num_threads", "get_num_threads", "row_blocks", "map_row_blocks", "map_batch_blocks", "matmul",
-           "transposed_matmul"]
+__all__ = ["set_num_threads", "get_num_threads", "row_blocks", "map_row_blocks", "map_batch_blocks",
+           "copy_images", "matmul", "transposed_matmul"]
 
 # a block's products should be big enough to run near BLAS speed, and there should be several blocks
 # per thread so that no thread waits long for the last one
@@ -119,6 +119,13 @@ def map_batch_blocks(fn: Callable[[int, int], Any], x: Any, passes: int = 1) -> 
     """map_row_blocks over the images of a batch x (N, ...): fn(start, stop) handles x[start:stop].
     ``passes``: about how many times fn reads or writes each number (to leave small calls whole)."""
     return map_row_blocks(fn, x.shape[0], passes * ELEMENTWISE_WORK * (x.size // max(x.shape[0], 1)))
+
+
+def copy_images(dst: Any, src: Any) -> None:
+    """dst[...] = src for arrays of the same shape (N, ...), blocks of images in parallel."""
+    def images(start: int, stop: int) -> None:
+        dst[start:stop] = src[start:stop]
+    map_batch_blocks(images, dst, passes=2)
 
 
 def matmul(a: Any, b: Any) -> Any:

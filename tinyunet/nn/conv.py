@@ -50,7 +50,7 @@ import numpy as np
 
 from tinyunet.backend import host_rng, to_device, xp
 from tinyunet.nn.module import Module, Parameter
-from tinyunet.parallel import map_row_blocks, matmul, transposed_matmul
+from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, transposed_matmul
 
 
 def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
@@ -69,6 +69,15 @@ def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
             xp.matmul(a, b, out=buf)
             out += buf
     return out
+
+
+def zero_border(a: Any, top: int, bottom: int, left: int, right: int) -> None:
+    """Zero a (N, H, W, C) array outside rows [top, bottom) and columns [left, right) (the frame
+    around an image copied into it): cheaper than zeroing everything and then copying the image."""
+    a[:, :top] = 0
+    a[:, bottom:] = 0
+    a[:, top:bottom, :left] = 0
+    a[:, top:bottom, right:] = 0
 
 
 def pair(value: Any) -> Tuple[int, int]:
@@ -247,8 +256,13 @@ class Conv2d(Module):
         """x: (N, H, W, C) -> the zero-padded image as rows (N*Hp*Wp, C), contiguous channels-last."""
         n, h, w, c = x.shape
         p = self.padding
-        xpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype)  # also makes NCHW memory channels-last
-        xpad[:, p:p + h, p:p + w] = x
+        xpad = xp.empty((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype)  # also makes NCHW memory channels-last
+
+        def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
+            block = xpad[start:stop]
+            zero_border(block, p, p + h, p, p + w)
+            block[:, p:p + h, p:p + w] = x[start:stop]
+        map_batch_blocks(images, xpad, passes=2)
         return xpad.reshape(-1, c)
 
     def _forward_shifted(self, x: Any) -> Any:
@@ -301,8 +315,14 @@ class Conv2d(Module):
         # dout on forward's (N*Hp*Wp) row grid, 0 on the thrown-away rows, after `front` rows of zeros
         # (the dx gather below reads up to `front` rows before row 0)
         front = offsets[-1][2]
-        dbig = xp.zeros((front + n * hp * wp, self.out_channels), dtype=dout.dtype)
-        dbig[front:].reshape(n, hp, wp, self.out_channels)[:, :ho, :wo] = dout
+        dbig = xp.empty((front + n * hp * wp, self.out_channels), dtype=dout.dtype)
+        dbig[:front] = 0
+        dgrid = dbig[front:].reshape(n, hp, wp, self.out_channels)
+
+        def images(start: int, stop: int) -> None:
+            zero_border(dgrid[start:stop], 0, ho, 0, wo)
+            dgrid[start:stop, :ho, :wo] = dout[start:stop]
+        map_batch_blocks(images, dgrid, passes=2)
         dflat = dbig[front:front + length]                       # (L, Cout)
         dw = self._weight_grad_shifted(flat, dflat, offsets)     # (kh, kw, Cin, Cout)
         self.weight.grad += dw.transpose(3, 2, 0, 1)

@@ -91,7 +91,7 @@ class BatchNorm2d(Module):
             m = x.size // x.shape[1]
 
             def copy_and_sum(start: int, stop: int) -> Any:
-                xhat[start:stop] = layout.view(x[start:stop])
+                layout.unview(xhat)[start:stop] = x[start:stop]  # one strided copy, whatever x's layout
                 return layout.sum(xhat[start:stop])
             mean = sum(blocks(copy_and_sum)) / m
 

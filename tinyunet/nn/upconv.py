@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from tinyunet.backend import xp
 from tinyunet.nn.conv import im2row, kaiming_uniform, nchw, nhwc, pair, row2im
 from tinyunet.nn.module import Module, Parameter
-from tinyunet.parallel import matmul, transposed_matmul
+from tinyunet.parallel import copy_images, matmul, transposed_matmul
 
 
 def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
@@ -65,6 +66,11 @@ class ConvTranspose2d(Module):
         """weight (Cin, Cout, kh, kw) -> (Cin, kh*kw*Cout), the column order of :func:`im2row`."""
         return self.weight.data.transpose(0, 2, 3, 1).reshape(self.in_channels, -1)
 
+    def _tiles(self) -> bool:
+        """Kernel = stride and no padding (the U-Net's 2x2, stride 2): the stamps tile the output
+        without overlapping, so placing them is a rearrangement - one copy - rather than a sum."""
+        return self.kernel_size == (self.stride, self.stride) and self.padding == 0
+
     def forward(self, x: Any) -> Any:
         """x: (N, Cin, H, W) -> (N, Cout, (H-1)*stride - 2*padding + kh, ...)."""
         kh, kw = self.kernel_size
@@ -75,7 +81,13 @@ class ConvTranspose2d(Module):
         if min(out_shape[1:3]) < 1:  # PyTorch refuses this too: padding larger than the stamps
             raise ValueError(f"ConvTranspose2d output would be {out_shape[1]}x{out_shape[2]} for a {h}x{w} input "
                              f"(kernel {self.kernel_size}, stride {self.stride}, padding {self.padding})")
-        out = row2im(stamps, out_shape, kh, kw, self.stride, self.padding)   # (N, Hout, Wout, Cout)
+        if self._tiles():
+            out = xp.empty(out_shape, dtype=stamps.dtype)
+            tiles = out.reshape(n, h, kh, w, kw, self.out_channels)  # [n, y, i, x, j] = out[n, y*kh + i, x*kw + j]
+            placed = stamps.reshape(n, h, w, kh, kw, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+            copy_images(tiles, placed)
+        else:
+            out = row2im(stamps, out_shape, kh, kw, self.stride, self.padding)   # (N, Hout, Wout, Cout)
         if self.bias is not None:
             out += self.bias.data
         self.x = x_rows
@@ -87,13 +99,18 @@ class ConvTranspose2d(Module):
         x_rows, self.x = self.x, None
         n, _, hout, wout = dout.shape
         dout_nhwc = nhwc(dout)
-        drows = im2row(dout_nhwc, kh, kw, self.stride, self.padding)    # (N*H*W, kh*kw*Cout)
+        h, w = (hout + 2 * self.padding - kh) // self.stride + 1, (wout + 2 * self.padding - kw) // self.stride + 1
+        if self._tiles():  # the inverse rearrangement: each stamp's kh*kw pixels of dout, one row per input pixel
+            drows = xp.empty((n, h, w, kh, kw, self.out_channels), dtype=dout.dtype)
+            copy_images(drows, dout_nhwc.reshape(n, h, kh, w, kw, self.out_channels).transpose(0, 1, 3, 2, 4, 5))
+            drows = drows.reshape(n * h * w, -1)
+        else:
+            drows = im2row(dout_nhwc, kh, kw, self.stride, self.padding)    # (N*H*W, kh*kw*Cout)
         dw2 = transposed_matmul(x_rows, drows)                             # (Cin, kh*kw*Cout)
         self.weight.grad += dw2.reshape(self.in_channels, kh, kw, self.out_channels).transpose(0, 3, 1, 2)
         if self.bias is not None:
             self.bias.grad += dout_nhwc.sum(axis=(0, 1, 2))
         dx = matmul(drows, self._w2().T)                                 # (N*H*W, Cin)
-        h, w = (hout + 2 * self.padding - kh) // self.stride + 1, (wout + 2 * self.padding - kw) // self.stride + 1
         return nchw(dx.reshape(n, h, w, self.in_channels))
 
     def extra_repr(self) -> str:
