@@ -117,6 +117,22 @@ def test_same_seed_same_weights_other_seed_different(run_cli, tmp_path, no_figur
     assert not any(np.array_equal(a[k], c[k]) for k in a if k.startswith("model/") and k.endswith("weight"))
 
 
+def test_thread_count_does_not_change_the_weights(run_cli, tmp_path, no_figures):
+    """Big enough for the layers to split their rows into blocks (tinyunet/parallel.py)."""
+    from tinyunet import parallel
+    assert len(parallel.row_blocks(8 * 66 * 66, 9 * 16 * 16)) > 1
+    before = parallel.get_num_threads()
+    try:
+        for threads in (1, 2):
+            status, _, err = run_cli("train", "--dataset", "shapes", "--size", "64", "--num-shapes", "16",
+                                     "--base-channels", "16", "--depth", "2", "--batch-size", "8", "--quiet",
+                                     "--epochs", "1", "--threads", str(threads), "--out", str(tmp_path / str(threads)))
+            assert status == 0, err
+    finally:
+        parallel.set_num_threads(before)
+    assert_same_weights(tmp_path / "1" / "last.npz", tmp_path / "2" / "last.npz")
+
+
 def test_resume_after_kill_9_matches_uninterrupted_run(run_cli, cli_env, tmp_path, no_figures):
     # big enough that an epoch takes a noticeable time, so the kill lands while the child still trains
     args = ["train", *TINY, "--num-shapes", "160", "--epochs", "4", "--seed", "3"]
@@ -263,6 +279,7 @@ def test_out_is_a_file(run_cli, tmp_path):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["--lr", "-0.1"], "--lr must be positive"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_invalid_settings_are_one_line_errors(run_cli, tmp_path, extra, message):
     run = tmp_path / "run"

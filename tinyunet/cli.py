@@ -11,13 +11,16 @@ import sys
 import warnings
 from typing import List, Optional
 
-from tinyunet import __version__, backend
+from tinyunet import __version__, backend, parallel
 from tinyunet.errors import TinyUNetError
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                    help="array backend (default: $TINYUNET_BACKEND, else cupy if a GPU is usable, else numpy)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the layers' row blocks (default: $TINYUNET_NUM_THREADS, else every "
+                        "usable core); results do not depend on it")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,6 +191,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise TinyUNetError(f"--threads must be at least 1, got {args.threads}")
+            parallel.set_num_threads(args.threads)
         if args.command in ("train", "evaluate", "predict"):
             backend.keep_freed_host_memory()  # reuse freed arrays between steps (see there)
         with warnings.catch_warnings():

@@ -5,16 +5,18 @@ over the rows and columns of its *output*. That leaves cores idle exactly where 
 
 - a convolution's weight gradient is a product with a tiny output (Cin x Cout, 16 x 16 at the top
   level) summed over a huge shared dimension (every pixel of the batch): BLAS gives it one core;
-- the additions between a convolution's nine shifted products are plain NumPy: one core.
+- the additions between a convolution's nine shifted products, and BatchNorm, ReLU, pooling and
+  padding, are plain NumPy: one core.
 
-So on NumPy the convolutions cut their rows (pixels) into blocks and run the blocks on a thread pool,
-each block doing the same products on its own rows (PyTorch's "intra-op parallelism"). Threads help
-in Python here because NumPy and BLAS release the GIL while they compute. BLAS itself is then told
-to use one thread (via threadpoolctl): two layers of threads on the same cores only fight, and idle
-OpenBLAS threads spin on a core another process could use.
+So on NumPy the big layers cut their rows (pixels, or images) into blocks and run the blocks on a
+thread pool, each block doing the same work on its own rows (PyTorch's "intra-op parallelism").
+Threads help in Python here because NumPy and BLAS release the GIL while they compute. BLAS itself
+is told to use one thread per call (via threadpoolctl): two layers of threads on the same cores only
+fight, and idle OpenBLAS threads spin on a core another process could use.
 
-Measured on 2 cores, standard step (base 16, batch 8, 128x128): BLAS threads alone 466-482 ms,
-row blocks on 2 threads with single-threaded BLAS 430-452 ms (benchmarks/train_step.py).
+Measured on 2 cores, standard training step (base 16, batch 8, 128x128, benchmarks/train_step.py):
+OpenBLAS's own 2 threads 466-482 ms; row blocks of the convolutions on 2 threads with one-thread
+BLAS 430-452 ms; with BatchNorm, ReLU, pooling and padding in blocks too, 410-445 ms.
 
 The blocks depend only on the number of rows, never on the number of threads, so results are the
 same bit for bit on 1 or 64 cores. On CuPy all rows are one block: a GPU kernel is already parallel
@@ -25,7 +27,6 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Tuple
-
 
 from tinyunet import backend
 
@@ -87,7 +88,8 @@ def row_blocks(length: int, row_work: int = 1) -> List[Tuple[int, int]]:
 
 
 def _limit_blas_threads() -> None:
-    """Once: one BLAS thread per call, since our threads now do the splitting."""
+    """Once, at the first layer call on NumPy: one BLAS thread per call, since our threads do the
+    splitting (and OpenBLAS's idle threads would spin on cores other processes need)."""
     global _blas_limited
     if not _blas_limited:
         _blas_limited = True
@@ -105,12 +107,12 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
     """
     if backend.name() != "numpy":  # CuPy: one block, the GPU parallelises inside each kernel
         return [fn(0, length)]
+    _limit_blas_threads()  # also with 1 thread: then the user asked for one core
     blocks = row_blocks(length, row_work)
     if get_num_threads() == 1 or len(blocks) == 1:
         return [fn(start, stop) for start, stop in blocks]
     global _pool
     if _pool is None:
-        _limit_blas_threads()
         _pool = ThreadPoolExecutor(get_num_threads(), thread_name_prefix="tinyunet")
     return list(_pool.map(lambda block: fn(*block), blocks))
 

@@ -53,6 +53,11 @@ from tinyunet.nn.module import Module, Parameter
 from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, transposed_matmul
 
 
+# Conv2d's weight gradient: at least this many rows are summed as partial sums per block of rows,
+# fewer as whole products per kernel offset (see Conv2d._weight_grad_shifted)
+_ROWS_TO_SPLIT_SUMS = 16384
+
+
 def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
     """out[...] = sum of a @ b over (a, b) in pairs, through one out-sized buffer (not one per term).
 
@@ -256,6 +261,8 @@ class Conv2d(Module):
         """x: (N, H, W, C) -> the zero-padded image as rows (N*Hp*Wp, C), contiguous channels-last."""
         n, h, w, c = x.shape
         p = self.padding
+        if p == 0 and x.flags.c_contiguous:  # e.g. the 1x1 head after a ReLU: already rows, no copy
+            return x.reshape(-1, c)
         xpad = xp.empty((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype)  # also makes NCHW memory channels-last
 
         def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
@@ -290,17 +297,32 @@ class Conv2d(Module):
         return out.reshape(n, hp, wp, self.out_channels)[:, :ho, :wo]
 
     def _weight_grad_shifted(self, flat: Any, dflat: Any, offsets) -> Any:
-        """dweight[i, j] = flat[off : off + L]^T @ dflat, each block of rows adding its share of the
-        sum over pixels. flat: (N*Hp*Wp, Cin), dflat: (L, Cout) -> (kh, kw, Cin, Cout)."""
-        kh, kw = self.kernel_size
-        c = flat.shape[1]
+        """dweight[i, j] = flat[off : off + L]^T @ dflat. flat: (N*Hp*Wp, Cin), dflat: (L, Cout)
+        -> (kh, kw, Cin, Cout).
 
-        def rows(start: int, stop: int) -> Any:
-            part = xp.empty((kh, kw, c, self.out_channels), dtype=flat.dtype)
-            for i, j, off in offsets:  # (Cin, rows) @ (rows, Cout)
-                xp.matmul(flat[off + start:off + stop].T, dflat[start:stop], out=part[i, j])
-            return part
-        return sum(map_row_blocks(rows, dflat.shape[0], kh * kw * c * self.out_channels))
+        Two ways to share the work between threads. Many rows (the wide images of the top levels, few
+        channels): each block of rows computes its share of the sum over pixels for every offset, and
+        the shares are added - the only way to parallelise a 16x16 result. Fewer rows (the deep
+        levels: 256x256 weights): whole products, offsets shared out - partial sums there would be
+        one weight-sized array per block (at batch 1, 4 x 2.4 MB at the bottleneck: the step's peak).
+        """
+        kh, kw = self.kernel_size
+        c, length = flat.shape[1], dflat.shape[0]
+        work = length * c * self.out_channels  # multiply-adds of one offset's product
+        if length >= _ROWS_TO_SPLIT_SUMS:
+            def rows(start: int, stop: int) -> Any:
+                part = xp.empty((kh, kw, c, self.out_channels), dtype=flat.dtype)
+                for i, j, off in offsets:  # (Cin, rows) @ (rows, Cout)
+                    xp.matmul(flat[off + start:off + stop].T, dflat[start:stop], out=part[i, j])
+                return part
+            return sum(map_row_blocks(rows, length, kh * kw * c * self.out_channels))
+        dw = xp.empty((kh, kw, c, self.out_channels), dtype=flat.dtype)
+
+        def some_offsets(first: int, last: int) -> None:
+            for i, j, off in offsets[first:last]:  # (Cin, L) @ (L, Cout)
+                xp.matmul(flat[off:off + length].T, dflat, out=dw[i, j])
+        map_row_blocks(some_offsets, len(offsets), work)
+        return dw
 
     def _backward_shifted(self, dout: Any) -> Any:
         """dout: (N, Hout, Wout, Cout) -> dx: (N, H, W, Cin)."""
