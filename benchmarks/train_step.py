@@ -81,6 +81,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--torch-python", default=None, help="interpreter with torch for --compare-torch")
     p.add_argument("--report", action="store_true", help="run standard, batch 1 and base 32 in a row")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration this many times (tinyunet, then PyTorch, each round) "
+                        "and print each round's medians and the median ratio")
     p.add_argument("--worker", choices=["numpy-memory", "torch", "torch-memory"], default=None,
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -522,17 +525,48 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{os.cpu_count()} CPUs")
     threads = args.threads or usable_cores()
     machine = gemm_gflops(np, threads)
+    rounds: List[List[Any]] = []
     for c in configs:
         res = run_numpy(c)
         torch_res = run_torch(c) if c.compare_torch and c.arch == "unet" else None
         # other processes make any single GEMM measurement low: keep the best one seen in this run
         machine = max(machine, gemm_gflops(np, threads))
         print_result(c, res, machine, torch_res)
+        rounds.append([(res["ms_median"], torch_res["ms_median"] if torch_res else None)])
         if args.json:
             print(json.dumps({"config": {k: getattr(c, k) for k in ("batch_size", "size", "base_channels", "depth")},
                               "machine_gflops": machine, "tinyunet": res, "torch": torch_res}))
+    if args.rounds > 1:
+        repeat_rounds(args, configs, rounds, machine)
     print(f"\nload average {load_average()} at the end")
     return 0
+
+
+def repeat_rounds(args: argparse.Namespace, configs: List[argparse.Namespace], rounds: List[List[Any]],
+                  machine: float) -> None:
+    """Time each configuration again, tinyunet and PyTorch one after the other, and summarise.
+
+    This machine's speed drifts over minutes (other tenants): a single run can be 10-20% off for
+    both frameworks. Repeating the pair and reading the median of the per-round ratios is steadier
+    than one run's ratio."""
+    import statistics
+    for _ in range(args.rounds - 1):
+        for c, per_round in zip(configs, rounds):
+            quick = argparse.Namespace(**vars(c))
+            quick.breakdown_steps, quick.no_memory = 0, True
+            res = run_numpy(quick)
+            torch_res = run_torch(quick) if c.compare_torch and c.arch == "unet" else None
+            per_round.append((res["ms_median"], torch_res["ms_median"] if torch_res else None))
+    print(f"\n== {args.rounds} rounds (median step of each round; machine {machine:.1f} GFLOP/s, the best seen)")
+    for c, per_round in zip(configs, rounds):
+        ours = [ms for ms, _ in per_round]
+        line = (f"  batch {c.batch_size}, base {c.base_channels}: tinyunet "
+                + " ".join(f"{ms:.0f}" for ms in ours) + f" ms (median {statistics.median(ours):.0f})")
+        ratios = [ms / t for ms, t in per_round if t]
+        if ratios:
+            line += ("; PyTorch " + " ".join(f"{t:.0f}" for _, t in per_round) + " ms; ratio median "
+                     f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
+        print(line)
 
 
 if __name__ == "__main__":
