@@ -31,7 +31,7 @@ def unet_forward_flops(n: int, size: int, base: int, depth: int, in_ch: int = 3,
 def test_train_step_benchmark_reports_consistent_figures():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--size", "32", "--base-channels", "4", "--depth", "2",
                            "--batch-size", "2", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1",
-                           "--json"], capture_output=True, text=True, timeout=300)
+                           "--json", "--rounds", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     ours = result["tinyunet"]
@@ -44,3 +44,5 @@ def test_train_step_benchmark_reports_consistent_figures():
     assert ours["rss_peak_delta_mb"] >= 0  # tiny arrays come from the heap: RSS may not grow at all
     assert result["machine_gflops"] > 0
     assert "freed memory kept for reuse" in proc.stdout
+    summary = proc.stdout.split("== 2 rounds")[1].splitlines()[1]
+    assert summary.startswith("  batch 2, base 4: tinyunet ") and len(summary.split("ms")[0].split()) == 7
