@@ -110,3 +110,26 @@ def test_default_init_is_float32_pytorch_bound():
     assert conv.weight.data.dtype == np.float32 and conv.weight.shape == (8, 4, 3, 3)
     assert np.abs(conv.weight.data).max() <= bound and np.abs(conv.weight.data).max() > 0.8 * bound
     assert conv.weight.grad.shape == conv.weight.shape and not conv.weight.grad.any()
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (5, 2), ((3, 2), 1)])
+def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padding):
+    """Big enough (>= 16384 padded rows, 8 input channels) for the blocked, joined-rows weight
+    gradient of Conv2d._weight_grad_shifted; checked against the definition
+    dweight[o, c, i, j] = sum_{n, y, x} dout[n, o, y, x] * xpad[n, c, y + i, x + j]."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 8, 90, 90))
+    backend.seed(3)
+    conv = Conv2d(8, 4, kernel, padding=padding, bias=False).double()
+    out = conv.forward(x)
+    assert 2 * (90 + 2 * padding) ** 2 >= 16384
+    dout = rng.standard_normal(out.shape)
+    conv.backward(dout)
+    kh, kw = conv.kernel_size
+    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho, wo = out.shape[2:]
+    expected = np.empty_like(conv.weight.data)
+    for i in range(kh):
+        for j in range(kw):
+            expected[:, :, i, j] = np.einsum("noyx,ncyx->oc", dout, xpad[:, :, i:i + ho, j:j + wo])
+    np.testing.assert_allclose(conv.weight.grad, expected, rtol=1e-10, atol=1e-10)
