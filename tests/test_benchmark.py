@@ -46,3 +46,18 @@ def test_train_step_benchmark_reports_consistent_figures():
     assert "freed memory kept for reuse" in proc.stdout
     summary = proc.stdout.split("== 2 rounds")[1].splitlines()[1]
     assert summary.startswith("  batch 2, base 4: tinyunet ") and len(summary.split("ms")[0].split()) == 7
+
+
+@pytest.mark.slow
+def test_memory_trace_lists_layer_calls_by_peak():
+    script = SCRIPT.parent / "memory_trace.py"
+    proc = subprocess.run([sys.executable, str(script), "--size", "32", "--base-channels", "4", "--depth", "2",
+                           "--batch-size", "2", "--top", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    step_peak = float(lines[0].split()[2])
+    rows = [line.rsplit(None, 3) for line in lines[2:]]
+    assert len(rows) == 4 and all(r[0].endswith((".forward", ".backward")) for r in rows)
+    peaks = [float(r[2]) for r in rows]
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] == pytest.approx(step_peak, abs=0.05)
+    assert all(float(r[1]) <= float(r[2]) for r in rows)  # kept <= peak
