@@ -236,3 +236,23 @@ def test_predict_refuses_inputs_that_would_overwrite_each_other(trained, capsys,
     err = capsys.readouterr().err
     assert str(a) in err and str(b) in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_shapes_checkpoint_split_and_data(trained, tmp_path, monkeypatch, capsys):
+    """A shapes checkpoint: its own held-out shapes by default; --split alone is an error (shapes have
+    no splits) instead of being silently ignored; --data evaluates it on that pets folder."""
+    from tinyunet.train import Trainer
+    root, _ = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(Trainer, "_figures", lambda self, *args: None)
+    assert main(["train", "--dataset", "shapes", "--size", str(SIZE), "--num-shapes", "16", "--base-channels", "4",
+                 "--depth", "2", "--batch-size", "8", "--epochs", "1", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    checkpoint = str(tmp_path / "run" / "last.npz")
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", checkpoint, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 8      # max(16 // 8, 8) held-out shapes
+    assert main(["evaluate", "--checkpoint", checkpoint, "--split", "trainval"]) == 2
+    err = capsys.readouterr().err
+    assert "no --split trainval" in err and "--data" in err and len(err.strip().splitlines()) == 1
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(root), "--split", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == len(TEST_NAMES)

@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default=None)
-    p.add_argument("--split", choices=["test", "trainval"], default="test")
+    p.add_argument("--split", choices=["test", "trainval"], default=None,
+                   help="Oxford-IIIT Pet split (default test); shapes checkpoints use their own held-out images")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -10,23 +10,32 @@ from tinyunet.errors import TinyUNetError
 from tinyunet.train import TrainConfig, evaluate_model, load_model
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: str = "test",
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
                         batch_size: int = 16, progress: bool = True, limit: Optional[int] = None) -> Dict[str, Any]:
     """Metrics of the checkpoint's model on ``split`` of its dataset, at the size it was trained at.
 
-    The dataset (pets or shapes) and the image size come from the checkpoint; ``data`` overrides the
-    pets folder. Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images.
+    The dataset and the image size come from the checkpoint. Pets: ``split`` (default "test") of
+    ``data`` (default: the folder it was trained on). Shapes: its own held-out synthetic images,
+    which have no splits - or, when ``data`` is given, that Oxford-IIIT Pet folder.
+    Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images.
     """
     if batch_size < 1:
         raise TinyUNetError(f"--batch-size must be at least 1, got {batch_size}")
     model, meta = load_model(checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
-    if config.dataset == "shapes":
+    if config.dataset == "shapes" and data is None:
+        if split is not None:
+            raise TinyUNetError(f"this checkpoint was trained on synthetic shapes and is evaluated on its own "
+                                f"held-out shapes, which have no --split {split}; pass --data to evaluate it "
+                                "on an Oxford-IIIT Pet folder")
         dataset = make_shapes(max(config.num_shapes // 8, 8), config.size, seed=config.seed + 20_000)
+        desc = "evaluate held-out shapes"
     else:
+        split = split or "test"
         root = data or config.data or str(default_data_dir())
         dataset = load_pets(root, split, config.size, progress=progress, limit=limit)
-    return evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=f"evaluate {split}")
+        desc = f"evaluate {split}"
+    return evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc)
 
 
 def format_report(result: Dict[str, Any]) -> str:
