@@ -33,9 +33,27 @@ def test_map_row_blocks_runs_on_the_pool_and_keeps_order(threads):
     seen = parallel.map_row_blocks(lambda start, stop: (start, stop, threading.current_thread().name),
                                    200_000, 1000)
     assert [s[:2] for s in seen] == parallel.row_blocks(200_000, 1000)
-    assert all(name.startswith("tinyunet") for _, _, name in seen)
+    # the calling thread takes blocks 0, 2, 4, ...; the pool's one worker 1, 3, 5, ...
+    names = [name for _, _, name in seen]
+    assert set(names[0::2]) == {threading.current_thread().name}
+    assert all(name.startswith("tinyunet") for name in names[1::2])
     from threadpoolctl import threadpool_info
     assert all(info["num_threads"] == 1 for info in threadpool_info() if info["user_api"] == "blas")
+
+
+def test_an_error_in_a_block_is_raised_after_every_block_has_finished(threads):
+    import time
+    threads(2)
+    finished = []
+
+    def fn(start, stop):
+        if start == 0:
+            raise RuntimeError("block 0 failed")
+        time.sleep(0.01)
+        finished.append(start)
+    with pytest.raises(RuntimeError, match="block 0 failed"):
+        parallel.map_row_blocks(fn, 200_000, 1000)
+    assert len(finished) == len(parallel.row_blocks(200_000, 1000)) // 2  # the worker's blocks all ran
 
 
 def test_set_num_threads_rejects_zero():
