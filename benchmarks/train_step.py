@@ -196,7 +196,7 @@ class Harness:
         self.opt.zero_grad()
         logits = self.model(self.x)
         value = self.loss.forward(logits, self.y)
-        self.model.backward(self.loss.backward())
+        self.model.backward(self.loss.backward(), input_grad=False)  # as tinyunet train: no image gradient
         self.opt.step()
         return value
 

@@ -319,3 +319,25 @@ def test_compare_variants_script(make_pets_root, cli_env, tmp_path, capsys):
     assert (tmp_path / "cmp" / "results.md").read_text() == out
     for arch in ("unet", "resunet", "attunet"):
         assert (tmp_path / "cmp" / arch / "best.npz").is_file()
+
+
+@pytest.mark.parametrize("arch", ["unet", "resunet", "attunet"])
+def test_backward_without_input_grad_gives_the_same_parameter_gradients(arch):
+    """Training skips the image's gradient (UNet.backward(..., input_grad=False)): None comes back, and
+    every parameter gradient is bit for bit what the full backward gives."""
+    from tinyunet.models import create_model
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 16, 16))
+    dout = rng.standard_normal((2, 3, 16, 16))
+    grads = []
+    for input_grad in (True, False):
+        backend.seed(0)
+        model = create_model(arch, in_channels=3, num_classes=3, base_channels=4, depth=2).double()
+        model.forward(x)
+        dx = model.backward(dout, input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append({name: p.grad.copy() for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        np.testing.assert_array_equal(grads[0][name], grads[1][name], err_msg=name)
+    assert all(layer.input_grad is False for layer in model.input_layers())

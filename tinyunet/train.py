@@ -283,7 +283,7 @@ class Trainer:
             x, y = to_device(x), to_device(y)
             self.optimizer.zero_grad()
             loss = self.loss_fn.forward(self.model.forward(x), y)
-            self.model.backward(self.loss_fn.backward())
+            self.model.backward(self.loss_fn.backward(), input_grad=False)  # no gradient for the images
             value = float(loss)  # the one host transfer of the step
             if not math.isfinite(value):
                 last = self.run_dir / "last.npz"

@@ -49,13 +49,20 @@ class ResidualBlock(Module):
         d_branch, d_shortcut = self.add.backward(self.relu.backward(dout))
         if self.shortcut is not None:
             d_shortcut = self.shortcut.backward(d_shortcut)
+        d_x = self.branch.backward(d_branch)
+        if d_x is None:  # the block reads the model's input, whose gradient was not asked for
+            return None
         # x fed both paths: its gradient is the sum of both
-        return self.branch.backward(d_branch) + d_shortcut
+        return d_x + d_shortcut
 
 
 class ResUNet(UNet):
     """U-Net with residual blocks: same arguments, input and output as :class:`UNet`
     (``ResUNet(in_channels=3, num_classes=3, base_channels=16, depth=4, batchnorm=True)``)."""
+
+    def input_layers(self) -> List[Module]:
+        first = self.down[0]
+        return [first.branch[0]] + ([first.shortcut[0]] if first.shortcut is not None else [])
 
     def make_block(self, in_channels: int, out_channels: int, batchnorm: bool) -> Module:
         return ResidualBlock(in_channels, out_channels, batchnorm)

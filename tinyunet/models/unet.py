@@ -79,8 +79,18 @@ class UNet(Module):
             x = self.decode(i, x, skip)
         return self.head(x)
 
-    def backward(self, dout: Any) -> Any:
-        """dout: dlogits (N, num_classes, H, W) -> dx (N, in_channels, H, W)."""
+    def input_layers(self) -> List[Module]:
+        """The layers that read the input image itself: the first block's first conv."""
+        return [self.down[0][0]]
+
+    def backward(self, dout: Any, input_grad: bool = True) -> Any:
+        """dout: dlogits (N, num_classes, H, W) -> dx (N, in_channels, H, W).
+
+        ``input_grad=False`` (training) skips the gradient of the input image and returns None: only
+        the parameters' gradients matter there, and the first conv's input gradient is ~1% of a step.
+        """
+        for layer in self.input_layers():
+            layer.input_grad = input_grad
         d = self.head.backward(dout)
         dskips = []
         for i in reversed(range(self.depth)):

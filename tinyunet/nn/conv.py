@@ -229,6 +229,9 @@ class Conv2d(Module):
         self.weight = Parameter(kaiming_uniform((out_channels, in_channels, kh, kw), fan_in))
         self.bias = Parameter(kaiming_uniform((out_channels,), fan_in)) if bias else None
         self.cache: Any = None
+        # False for a layer that reads the data itself: backward then skips the input's gradient and
+        # returns None (nobody needs d(loss)/d(image); PyTorch skips it because images do not require grad)
+        self.input_grad = True
 
     def forward(self, x: Any) -> Any:
         """x: (N, Cin, H, W) -> (N, Cout, Hout, Wout) (channels-last memory)."""
@@ -251,7 +254,7 @@ class Conv2d(Module):
             self.bias.grad += dout.sum(axis=(0, 1, 2))
         dx = self._backward_shifted(dout) if self.stride == 1 else self._backward_im2row(dout)
         self.cache = None
-        return nchw(dx)
+        return None if dx is None else nchw(dx)
 
     # --- stride 1: shifted 1x1 products ----------------------------------------------------
     def _offsets(self, wp: int):
@@ -363,6 +366,8 @@ class Conv2d(Module):
         dflat = dbig[front:front + length]                       # (L, Cout)
         dw = self._weight_grad_shifted(flat, dflat, offsets)     # (kh, kw, Cin, Cout)
         self.weight.grad += dw.transpose(3, 2, 0, 1)
+        if not self.input_grad:
+            return None
         del flat  # freed before dx is built: lower peak memory
         # Forward sent flat[q + off] @ w[i, j] to output row q. Gathered per input row r = q + off:
         #     dxflat[r] = sum_{i,j} dflat[r - off] @ w[i, j]^T        (dflat = 0 outside [0, L))
@@ -402,6 +407,8 @@ class Conv2d(Module):
         d2 = dout.reshape(-1, self.out_channels)                   # (N*Ho*Wo, Cout)
         dw_t = transposed_matmul(rows, d2)                         # (kh*kw*Cin, Cout), batch summed
         self.weight.grad += dw_t.reshape(kh, kw, x_shape[3], self.out_channels).transpose(3, 2, 0, 1)
+        if not self.input_grad:
+            return None
         drows = matmul(d2, self._weight_t().T)                     # (N*Ho*Wo, kh*kw*Cin)
         return row2im(drows, x_shape, kh, kw, self.stride, self.padding)
 
