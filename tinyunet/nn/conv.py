@@ -301,9 +301,9 @@ class Conv2d(Module):
         # rows with y >= Hout or x >= Wout were windows off the edge: drop them (a view, no copy)
         return out.reshape(n, hp, wp, self.out_channels)[:, :ho, :wo]
 
-    def _weight_grad_shifted(self, flat: Any, dflat: Any, offsets) -> Any:
-        """dweight[i, j] = flat[off : off + L]^T @ dflat. flat: (N*Hp*Wp, Cin), dflat: (L, Cout)
-        -> (kh, kw, Cin, Cout).
+    def _weight_grad_shifted(self, flat: Any, dflat: Any, wp: int) -> Any:
+        """dweight[i, j] = flat[off : off + L]^T @ dflat. flat: (N*Hp*Wp, Cin), dflat: (L, Cout),
+        wp: the padded image's width Wp -> (kh, kw, Cin, Cout).
 
         Two ways to share the work between threads. Many rows (the wide images of the top levels, few
         channels): each block of rows computes its share of the sum over pixels for every offset, and
@@ -312,10 +312,10 @@ class Conv2d(Module):
         one weight-sized array per block (at batch 1, 4 x 2.4 MB at the bottleneck: the step's peak).
         """
         kh, kw = self.kernel_size
+        offsets = self._offsets(wp)
         c, length = flat.shape[1], dflat.shape[0]
         work = length * c * self.out_channels  # multiply-adds of one offset's product
         if length >= _ROWS_TO_SPLIT_SUMS:
-            wp = offsets[kw][2] if kh > 1 else 0  # the offset of (i, j) = (1, 0) is one padded image row
             # narrow layers: products with only 8-32 input rows run far below BLAS speed, so per block
             # each pixel's row is joined with its kw-1 right neighbours, (rows, kw*Cin) - one copy - and
             # one product per kernel row i gives dweight[i, 0..kw-1] together (measured, 16 -> 16 at
@@ -364,7 +364,7 @@ class Conv2d(Module):
             dgrid[start:stop, :ho, :wo] = dout[start:stop]
         map_batch_blocks(images, dgrid, passes=2)
         dflat = dbig[front:front + length]                       # (L, Cout)
-        dw = self._weight_grad_shifted(flat, dflat, offsets)     # (kh, kw, Cin, Cout)
+        dw = self._weight_grad_shifted(flat, dflat, wp)          # (kh, kw, Cin, Cout)
         self.weight.grad += dw.transpose(3, 2, 0, 1)
         if not self.input_grad:
             return None
