@@ -6,9 +6,18 @@ import reference as ref
 from tinyunet import backend
 from tinyunet.gradcheck import check_module
 from tinyunet.nn import Conv2d
+from tinyunet.nn import conv as conv_module
 from tinyunet.nn.conv import conv2d_naive
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
+
+
+@pytest.fixture(autouse=True, params=["shifted", "im2row"])
+def conv_method(request, monkeypatch):
+    """Every test runs with both stride-1 methods: the layer picks im2row for small outputs only,
+    and the test images are small, so each method is forced once by moving the size limit."""
+    monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 0 if request.param == "shifted" else 10 ** 9)
+    return request.param
 
 # every kernel / stride / padding combination the issue asks for (odd, non-square inputs below)
 CASES = [(k, s, p) for k in (1, 2, 3, 5) for s in (1, 2) for p in (0, 1, 2)]
@@ -61,14 +70,15 @@ def test_gradients_match_finite_differences(k, s, p):
     assert max(errors.values()) <= 1e-6, errors
 
 
-def test_keep_cols_false_gives_same_gradients():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_keep_cols_false_gives_same_gradients(stride):
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 3, 7, 7))
-    dout = rng.standard_normal((2, 4, 4, 4))
+    dout = rng.standard_normal((2, 4, 7, 7) if stride == 1 else (2, 4, 4, 4))
     results = []
     for keep in (True, False):
         backend.seed(7)
-        conv = Conv2d(3, 4, 3, stride=2, padding=1, keep_cols=keep).double()
+        conv = Conv2d(3, 4, 3, stride=stride, padding=1, keep_cols=keep).double()
         out = conv.forward(x)
         dx = conv.backward(dout)
         results.append((out, dx, conv.weight.grad.copy(), conv.bias.grad.copy()))
@@ -133,3 +143,12 @@ def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padd
         for j in range(kw):
             expected[:, :, i, j] = np.einsum("noyx,ncyx->oc", dout, xpad[:, :, i:i + ho, j:j + wo])
     np.testing.assert_allclose(conv.weight.grad, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_stride_one_method_depends_on_the_output_size(conv_method, monkeypatch):
+    """The default limit: outputs up to 16x16 pixels use im2row, larger ones the shifted products."""
+    monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 256)
+    conv = Conv2d(2, 2, 3, padding=1)
+    assert not conv._shifted(16, 16) and not conv._shifted(8, 32)
+    assert conv._shifted(17, 16) and conv._shifted(32, 32)
+    assert not Conv2d(2, 2, 3, stride=2, padding=1)._shifted(64, 64)  # other strides: always im2row

@@ -22,6 +22,8 @@ to the machine's peak. There are two classic ways to get there; both live here.
    the right or bottom edge into the next row or image) are computed too and thrown away: ~3% extra
    work at 128x128, and no 9x copy at all. Measured on 2 cores for the U-Net's first level
    (8x16x128x128, 16 -> 16 channels): im2row + one product 57 ms, nine shifted products 12 ms.
+   On small images the thrown-away rows are no longer few (56% extra at 8x8) while a 9x copy is
+   cheap, so outputs of at most 16x16 pixels use im2row again (:meth:`Conv2d._shifted`).
 
 Backward of the shifted form, with dflat = dout placed at the same rows q (zeros elsewhere):
 
@@ -58,6 +60,8 @@ from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, transpos
 _ROWS_TO_SPLIT_SUMS = 16384
 # ... and with this many input channels those partial sums come from joined rows (same method)
 _MIN_JOINED_CHANNELS, _MAX_JOINED_CHANNELS = 8, 32
+# stride-1 outputs of at most this many pixels use im2row (see Conv2d._shifted)
+_MAX_IM2ROW_PIXELS = 256
 
 
 def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
@@ -146,21 +150,29 @@ def im2row(x: Any, kh: int, kw: int, stride: int, padding: int) -> Any:
 
     x: (N, H, W, C) -> rows: (N*Hout*Wout, kh*kw*C), column index ``(i*kw + j)*C + c``, matching
     ``weight.transpose(2, 3, 1, 0).reshape(kh*kw*C, Cout)``. The padded border is written as zeros
-    once; then one strided copy per kernel offset (i, j), each moving runs of C contiguous numbers.
+    once; then one strided copy per kernel offset (i, j), each moving runs of C contiguous numbers
+    (blocks of images in parallel on the CPU).
     """
     n, h, w, c = x.shape
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     if padding:
         # zeros + one copy (instead of xp.pad) also turns an NCHW-memory x into contiguous NHWC
-        xpad = xp.zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
-        xpad[:, padding:padding + h, padding:padding + w] = x
+        xpad = xp.empty((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
+
+        def pad_images(start: int, stop: int) -> None:
+            zero_border(xpad[start:stop], padding, padding + h, padding, padding + w)
+            xpad[start:stop, padding:padding + h, padding:padding + w] = x[start:stop]
+        map_batch_blocks(pad_images, xpad, passes=2)
         x = xpad
     if kh == kw == 1 and stride == 1:
         return xp.ascontiguousarray(x).reshape(n * ho * wo, c)  # a 1x1 conv needs no unfolding
     rows = xp.empty((n, ho, wo, kh, kw, c), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            rows[:, :, :, i, j] = x[:, i:i + stride * ho:stride, j:j + stride * wo:stride]
+
+    def images(start: int, stop: int) -> None:
+        for i in range(kh):
+            for j in range(kw):
+                rows[start:stop, :, :, i, j] = x[start:stop, i:i + stride * ho:stride, j:j + stride * wo:stride]
+    map_batch_blocks(images, rows, passes=2)
     return rows.reshape(n * ho * wo, kh * kw * c)
 
 
@@ -212,10 +224,11 @@ class Conv2d(Module):
     """2-D convolution over NCHW input; weight (out_channels, in_channels, kh, kw) as in PyTorch.
 
     stride 1: nine (kh*kw) shifted 1x1 products on the padded, flattened input (module docstring);
-    forward keeps only the input x for backward. Other strides: ``im2row(x) @ weight_t``.
+    forward keeps only the input x for backward. Other strides, and outputs of at most 16x16 pixels:
+    ``im2row(x) @ weight_t``.
     The output is NCHW-shaped with channels-last memory.
 
-    ``keep_cols`` (strided convolutions only) keeps the im2row matrix from forward for backward
+    ``keep_cols`` (the im2row method only) keeps the im2row matrix from forward for backward
     (saves one unfolding, costs ~kh*kw times the input's memory until backward).
     """
 
@@ -239,7 +252,7 @@ class Conv2d(Module):
         if x.shape[2] + 2 * self.padding < kh or x.shape[3] + 2 * self.padding < kw:
             raise ValueError(f"Conv2d input {x.shape[2]}x{x.shape[3]} (padding {self.padding}) is smaller "
                              f"than the kernel {self.kernel_size}")
-        if self.stride == 1:
+        if self._shifted(x.shape[2] + 2 * self.padding - kh + 1, x.shape[3] + 2 * self.padding - kw + 1):
             out = self._forward_shifted(nhwc(x))
         else:
             out = self._forward_im2row(nhwc(x))
@@ -252,9 +265,20 @@ class Conv2d(Module):
         dout = nhwc(dout)  # (N, Hout, Wout, Cout); free if dout is channels-last in memory
         if self.bias is not None:
             self.bias.grad += dout.sum(axis=(0, 1, 2))
-        dx = self._backward_shifted(dout) if self.stride == 1 else self._backward_im2row(dout)
+        dx = self._backward_shifted(dout) if self._shifted(*dout.shape[1:3]) else self._backward_im2row(dout)
         self.cache = None
         return None if dx is None else nchw(dx)
+
+    def _shifted(self, ho: int, wo: int) -> bool:
+        """Which method, for an output of ho x wo: shifted products (stride 1), or im2row and one
+        product (other strides, and small images). The shifted products also compute the rows of the
+        padding: (Ho + kh - 1)(Wo + kw - 1) rows for Ho * Wo pixels, 3% extra work at 128x128 but 27% at
+        16x16 and 56% at 8x8, where the 9x copy of im2row is small. Measured, U-Net layers on 2 cores:
+        256 -> 256 channels at 8x8 forward + backward 19.0 -> 14.2 ms, 128 -> 128 at 16x16 15.2 -> 13.9 ms;
+        at 32x32 im2row is slower (64 -> 64: 14.6 -> 23.5 ms)."""
+        if self.stride != 1:
+            return False
+        return ho * wo > _MAX_IM2ROW_PIXELS
 
     # --- stride 1: shifted 1x1 products ----------------------------------------------------
     def _offsets(self, wp: int):
@@ -409,6 +433,14 @@ class Conv2d(Module):
         self.weight.grad += dw_t.reshape(kh, kw, x_shape[3], self.out_channels).transpose(3, 2, 0, 1)
         if not self.input_grad:
             return None
+        n, h, w, c = x_shape
+        if self.stride == 1 and kh == kw and self.padding <= kh - 1:
+            # a gather instead of a scatter: dx is dout, zero-padded by k - 1 - padding, correlated
+            # with the kernel flipped in both directions and its channel axes swapped (the same maths
+            # as the shifted form's dx, written as one product): no overlapping adds into dx
+            w_flip = self.weight.data[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*Cout, Cin)
+            drows = im2row(dout, kh, kw, 1, kh - 1 - self.padding)           # (N*H*W, kh*kw*Cout)
+            return matmul(drows, xp.ascontiguousarray(w_flip)).reshape(n, h, w, c)
         drows = matmul(d2, self._weight_t().T)                     # (N*Ho*Wo, kh*kw*Cin)
         return row2im(drows, x_shape, kh, kw, self.stride, self.padding)
 

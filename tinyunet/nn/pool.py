@@ -31,9 +31,14 @@ class MaxPool2d(Module):
     The k*k window positions are k*k strided *views* of the input (offset (i, j), step ``stride``),
     each shaped like the output, so everything is a handful of whole-array operations:
 
-    - forward: out = elementwise maximum of the k*k views; ``argmax`` = the first offset whose view
-      equals out (first on ties, as PyTorch: after a ReLU whole windows are 0, and the gradient must
-      go to one input, not to all four). Kept as uint8, 1/16 of the input's float32 memory.
+    - forward, separably: first the maximum over each window's k columns, row by row (kept: which
+      column won), then the maximum of those over the window's k rows. ``argmax`` = i*k + j of the
+      winner, the *first* in row-major order on ties, as PyTorch: each stage only moves on to a
+      later column/row when it is strictly greater, and rows come after columns. Ties matter: after
+      a ReLU whole windows are 0, and the gradient must go to one input, not to all four. Kept as
+      uint8, 1/16 of the input's float32 memory. Why separable: in channels-last memory the second
+      stage compares whole image rows (W*C contiguous numbers) instead of C-number pieces, which
+      NumPy runs much faster (2x2 pool of 8x16x128x128: 9.5 -> 6.1 ms on one core).
     - backward: dx starts at 0 and each view of dx receives dout where argmax picked that offset;
       overlapping windows (stride < k) add up.
 
@@ -52,6 +57,20 @@ class MaxPool2d(Module):
         ho, wo = conv_output_size(x.shape[1], k, s, 0), conv_output_size(x.shape[2], k, s, 0)
         return [x[:, i:i + s * ho:s, j:j + s * wo:s] for i in range(k) for j in range(k)]
 
+    @staticmethod
+    def _first_max(views, out: Any = None):
+        """Elementwise maximum of equally shaped views, and the index of the first view holding it
+        (uint8; a later view wins only when strictly greater)."""
+        if len(views) == 1:  # a 1-wide window
+            top = views[0].copy() if out is None else xp.copyto(out, views[0]) or out
+            return top, xp.zeros(top.shape, dtype=xp.uint8)
+        top = xp.maximum(views[0], views[1], out=out)
+        arg = (views[1] > views[0]).view(xp.uint8)    # bool -> uint8 0/1: a free reinterpretation
+        for index in range(2, len(views)):
+            arg = xp.where(views[index] > top, xp.uint8(index), arg)
+            xp.maximum(top, views[index], out=top)
+        return top, arg
+
     def forward(self, x: Any) -> Any:
         """x: (N, C, H, W) -> (N, C, Hout, Wout)."""
         x_nhwc = x.transpose(0, 2, 3, 1)
@@ -60,17 +79,23 @@ class MaxPool2d(Module):
         out = xp.empty((n, conv_output_size(h, k, s, 0), conv_output_size(w, k, s, 0), c), dtype=x.dtype)
         argmax = xp.empty(out.shape, dtype=xp.uint8)
 
+        rows_used = (out.shape[1] - 1) * s + k               # input rows that some window reads
+
         def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
-            views = self._views(x_nhwc[start:stop])                # NHWC views
-            top = out[start:stop]
-            top[...] = views[0]
-            for v in views[1:]:
-                xp.maximum(top, v, out=top)
-            # first offset reaching the maximum: walk backwards so earlier offsets overwrite later ones
-            best = xp.zeros(top.shape, dtype=xp.uint8)
-            for offset in range(len(views) - 1, 0, -1):
-                best = xp.where(views[offset] == top, xp.uint8(offset), best)
-            argmax[start:stop] = xp.where(views[0] == top, xp.uint8(0), best)
+            xb = x_nhwc[start:stop, :rows_used]
+            # stage 1: over the k columns of each window, in every input row -> (n, rows_used, Wout, C)
+            cols = [xb[:, :, j:j + s * out.shape[2]:s] for j in range(k)]
+            row_max, col_arg = self._first_max(cols)
+            # stage 2: over the k rows of each window; row_max is contiguous, so rows y = yo*s + i of
+            # all windows form one (n, Hout, Wout*C) view with long contiguous rows
+            flat = row_max.reshape(stop - start, rows_used, -1)
+            col_flat = col_arg.reshape(flat.shape)
+            rows = [flat[:, i:i + s * out.shape[1]:s] for i in range(k)]
+            top, row_arg = self._first_max(rows, out=out[start:stop].reshape(stop - start, out.shape[1], -1))
+            col_won = col_flat[:, 0:s * out.shape[1]:s]
+            for i in range(1, k):  # the winning column, in the winning row
+                col_won = xp.where(row_arg == i, col_flat[:, i:i + s * out.shape[1]:s], col_won)
+            argmax[start:stop] = (row_arg * k + col_won).reshape(argmax[start:stop].shape)
         map_batch_blocks(images, x, passes=3)
         self.cache = (argmax, x.shape, x.dtype)
         return out.transpose(0, 3, 1, 2)
