@@ -47,7 +47,7 @@ def test_backward_routes_gradient_like_reference(k, s):
     np.testing.assert_allclose(pool.backward(dout), ref.maxpool2d_backward(x, dout, k, s or k), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("k,s", [(2, None), (3, 1), (2, 1)])
+@pytest.mark.parametrize("k,s", [(2, None), (3, 1), (2, 1), (3, None), (3, 2), (1, None)])
 def test_ties_send_gradient_to_first_maximum(k, s):
     # lots of ties: values in {0, 1, 2}; the first maximum in row-major order gets the gradient (PyTorch)
     rng = np.random.default_rng(2)

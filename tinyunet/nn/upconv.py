@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tinyunet.backend import xp
-from tinyunet.nn.conv import im2row, kaiming_uniform, nchw, nhwc, pair, row2im
+from tinyunet.nn.conv import channel_sum, im2row, kaiming_uniform, nchw, nhwc, pair, row2im
 from tinyunet.nn.module import Module, Parameter
 from tinyunet.parallel import copy_images, matmul, transposed_matmul
 
@@ -109,7 +109,7 @@ class ConvTranspose2d(Module):
         dw2 = transposed_matmul(x_rows, drows)                             # (Cin, kh*kw*Cout)
         self.weight.grad += dw2.reshape(self.in_channels, kh, kw, self.out_channels).transpose(0, 3, 1, 2)
         if self.bias is not None:
-            self.bias.grad += dout_nhwc.sum(axis=(0, 1, 2))
+            self.bias.grad += channel_sum(dout_nhwc)
         dx = matmul(drows, self._w2().T)                                 # (N*H*W, Cin)
         return nchw(dx.reshape(n, h, w, self.in_channels))
 
