@@ -283,9 +283,10 @@ class Conv2d(Module):
         """Which method, for an output of ho x wo: shifted products (stride 1), or im2row and one
         product (other strides, and small images). The shifted products also compute the rows of the
         padding: (Ho + kh - 1)(Wo + kw - 1) rows for Ho * Wo pixels, 3% extra work at 128x128 but 27% at
-        16x16 and 56% at 8x8, where the 9x copy of im2row is small. Measured, U-Net layers on 2 cores:
-        256 -> 256 channels at 8x8 forward + backward 19.0 -> 14.2 ms, 128 -> 128 at 16x16 15.2 -> 13.9 ms;
-        at 32x32 im2row is slower (64 -> 64: 14.6 -> 23.5 ms)."""
+        16x16 and 56% at 8x8, where the 9x copy of im2row is small. Measured, U-Net layers at batch 8
+        on 2 cores, forward + backward: 256 -> 256 channels at 8x8 18.5 -> 14.6 ms, 128 -> 128 at 16x16
+        15.0 -> 13.6 ms; at 32x32 im2row is slower (64 -> 64: 13.5 -> 16.5 ms). Standard training step,
+        3 alternating runs: min 410-428 -> 395-412 ms."""
         if self.stride != 1:
             return False
         return ho * wo > _MAX_IM2ROW_PIXELS
