@@ -12,10 +12,12 @@ from tinyunet.nn.conv import conv2d_naive
 pytestmark = pytest.mark.usefixtures("numpy_backend")
 
 
-@pytest.fixture(autouse=True, params=["shifted", "im2row"])
+@pytest.fixture(autouse=True, params=["shifted", "im2row", "im2col"])
 def conv_method(request, monkeypatch):
-    """Every test runs with both stride-1 methods: the layer picks im2row for small outputs only,
-    and the test images are small, so each method is forced once by moving the size limit."""
+    """Every test runs with each method: the layer picks im2col for few input channels and im2row
+    for small outputs only, and the test images are small with few channels, so each method is
+    forced once by moving the limits (strided convolutions never use the shifted products)."""
+    monkeypatch.setattr(conv_module, "_MAX_IM2COL_CHANNELS", 10 ** 9 if request.param == "im2col" else 0)
     monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 0 if request.param == "shifted" else 10 ** 9)
     return request.param
 
@@ -145,10 +147,13 @@ def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padd
     np.testing.assert_allclose(conv.weight.grad, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_stride_one_method_depends_on_the_output_size(conv_method, monkeypatch):
-    """The default limit: outputs up to 16x16 pixels use im2row, larger ones the shifted products."""
+def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):
+    """The default limits: up to 4 input channels im2col; else outputs up to 16x16 pixels im2row,
+    larger ones the shifted products; other strides im2row."""
     monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 256)
-    conv = Conv2d(2, 2, 3, padding=1)
-    assert not conv._shifted(16, 16) and not conv._shifted(8, 32)
-    assert conv._shifted(17, 16) and conv._shifted(32, 32)
-    assert not Conv2d(2, 2, 3, stride=2, padding=1)._shifted(64, 64)  # other strides: always im2row
+    monkeypatch.setattr(conv_module, "_MAX_IM2COL_CHANNELS", 4)
+    conv = Conv2d(5, 2, 3, padding=1)
+    assert conv._method(16, 16) == conv._method(8, 32) == "im2row"
+    assert conv._method(17, 16) == conv._method(32, 32) == "shifted"
+    assert Conv2d(5, 2, 3, stride=2, padding=1)._method(64, 64) == "im2row"
+    assert Conv2d(3, 16, 3, padding=1)._method(128, 128) == Conv2d(4, 2, 3, stride=2)._method(9, 9) == "im2col"

@@ -141,3 +141,33 @@ def test_dtype_is_preserved(dtype, training):
         expected = ref.batchnorm2d_eval(x64, gamma, beta, np.zeros(3), np.ones(3))
     tol = 1e-5 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+
+
+def memory_layouts(x):
+    """The same (N, C, H, W) numbers in the three memory layouts a BatchNorm meets: NCHW, channels-last,
+    and a conv's output (an NCHW-shaped view of channels-last rows that skips a padding border)."""
+    n, c, h, w = x.shape
+    padded = np.full((n, h + 2, w + 2, c), np.nan)  # garbage outside the view must never be read
+    padded[:, :h, :w] = x.transpose(0, 2, 3, 1)
+    return {"nchw": x, "channels_last": np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+            "padded_view": padded[:, :h, :w].transpose(0, 3, 1, 2)}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_every_memory_layout_gives_the_reference_result(training):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 4, 5, 6)) * 2 + 1
+    dout = rng.standard_normal(x.shape)
+    expected, _, _ = ref.batchnorm2d_train(x, make(4).weight.data, make(4).bias.data)
+    results = {}
+    for name, xl in memory_layouts(x).items():
+        bn = make(4)
+        bn.running_mean, bn.running_var = np.linspace(-1, 1, 4), np.linspace(0.5, 2, 4)
+        bn.train(training)
+        out = bn.forward(xl)
+        results[name] = (out, bn.backward(memory_layouts(dout)[name]), bn.weight.grad, bn.bias.grad)
+        if training:
+            np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-10)
+    for name in ("channels_last", "padded_view"):
+        for got, want in zip(results[name], results["nchw"]):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -88,18 +88,16 @@ class BatchNorm2d(Module):
         # each pass below runs on blocks of images in parallel on the CPU (tinyunet/parallel.py); the
         # per-channel sums come back one per block and are added up
         blocks = lambda fn: map_batch_blocks(fn, x, passes=2)  # noqa: E731
-        centered = xp.empty(layout.view_shape, dtype=x.dtype)  # our own (N, H, W*C) copy of x, then x - mean
+        centered = xp.empty(layout.view_shape, dtype=x.dtype)  # x - mean, (N, H, W*C), kept for backward
         if self.training:
             m = x.size // x.shape[1]
-
-            def copy_and_sum(start: int, stop: int) -> Any:
-                layout.unview(centered)[start:stop] = x[start:stop]  # one strided copy, whatever x's layout
-                return layout.sum(centered[start:stop])
-            mean = sum(blocks(copy_and_sum)) / m
+            # x itself is only read (a conv's output: a view that skips the padding rows), and the
+            # subtraction writes our own contiguous copy: two passes over x, no separate copy
+            mean = sum(blocks(lambda start, stop: layout.sum(layout.view(x[start:stop])))) / m
 
             def center_and_sum_squares(start: int, stop: int) -> Any:
                 c = centered[start:stop]
-                c -= pc(mean)
+                xp.subtract(layout.view(x[start:stop]), pc(mean), out=c)
                 return layout.sum(c * c)
             var = sum(blocks(center_and_sum_squares)) / m   # biased: what normalises this batch
             inv_std = 1.0 / xp.sqrt(var + self.eps)
