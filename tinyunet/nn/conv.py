@@ -299,9 +299,9 @@ class Conv2d(Module):
         NCHW input instead and gives one product with K = Cin*kh*kw = 27 (3 -> 16 channels at 128x128,
         batch 8, 2 cores: forward 4.7 -> 2.6 ms, weight gradient 4.8 -> 2.2 ms).
 
-        The shifted products also compute the rows of the
-        padding: (Ho + kh - 1)(Wo + kw - 1) rows for Ho * Wo pixels, 3% extra work at 128x128 but 27% at
-        16x16 and 56% at 8x8, where the 9x copy of im2row is small. Measured, U-Net layers at batch 8
+        Small images: the shifted products also compute the rows of the padding, (Ho + kh - 1) *
+        (Wo + kw - 1) rows for Ho * Wo pixels, 3% extra work at 128x128 but 27% at 16x16 and 56% at
+        8x8, where the 9x copy of im2row is small. Measured, U-Net layers at batch 8
         on 2 cores, forward + backward: 256 -> 256 channels at 8x8 18.5 -> 14.6 ms, 128 -> 128 at 16x16
         15.0 -> 13.6 ms; at 32x32 im2row is slower (64 -> 64: 13.5 -> 16.5 ms). Standard training step,
         3 alternating runs: min 410-428 -> 395-412 ms."""
