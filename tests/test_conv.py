@@ -157,3 +157,17 @@ def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):
     assert conv._method(17, 16) == conv._method(32, 32) == "shifted"
     assert Conv2d(5, 2, 3, stride=2, padding=1)._method(64, 64) == "im2row"
     assert Conv2d(3, 16, 3, padding=1)._method(128, 128) == Conv2d(4, 2, 3, stride=2)._method(9, 9) == "im2col"
+
+
+def test_add_channel_vector_adds_in_place_for_every_layout(conv_method):
+    """Contiguous rows (added as tiled rows), a view that skips a padding border (the border must stay
+    untouched), and NCHW memory (the plain broadcast) all get v added to every pixel, in place."""
+    from tinyunet.nn.conv import add_channel_vector
+    v = np.array([1.0, -2.0, 3.5])
+    contiguous = np.zeros((2, 5, 7, 3))
+    padded = np.zeros((2, 6, 9, 3))
+    nchw_memory = np.zeros((2, 3, 5, 7)).transpose(0, 2, 3, 1)
+    for a in (contiguous, padded[:, :5, :7], nchw_memory):
+        add_channel_vector(a, v)
+        np.testing.assert_array_equal(a, np.broadcast_to(v, a.shape))
+    assert not padded[:, 5:].any() and not padded[:, :, 7:].any()

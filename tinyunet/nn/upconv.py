@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tinyunet.backend import xp
-from tinyunet.nn.conv import channel_sum, im2row, kaiming_uniform, nchw, nhwc, pair, row2im
+from tinyunet.nn.conv import add_channel_vector, channel_sum, im2row, kaiming_uniform, nchw, nhwc, pair, row2im
 from tinyunet.nn.module import Module, Parameter
 from tinyunet.parallel import copy_images, matmul, transposed_matmul
 
@@ -89,7 +89,7 @@ class ConvTranspose2d(Module):
         else:
             out = row2im(stamps, out_shape, kh, kw, self.stride, self.padding)   # (N, Hout, Wout, Cout)
         if self.bias is not None:
-            out += self.bias.data
+            add_channel_vector(out, self.bias.data)
         self.x = x_rows
         return nchw(out)
 
