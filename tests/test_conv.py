@@ -124,15 +124,16 @@ def test_default_init_is_float32_pytorch_bound():
     assert conv.weight.grad.shape == conv.weight.shape and not conv.weight.grad.any()
 
 
+@pytest.mark.parametrize("channels", [8, 24])
 @pytest.mark.parametrize("kernel, padding", [(3, 1), (5, 2), ((3, 2), 1)])
-def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padding):
-    """Big enough (>= 16384 padded rows, 8 input channels) for the blocked, joined-rows weight
-    gradient of Conv2d._weight_grad_shifted; checked against the definition
-    dweight[o, c, i, j] = sum_{n, y, x} dout[n, o, y, x] * xpad[n, c, y + i, x + j]."""
+def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padding, channels):
+    """Big enough (>= 16384 padded rows) for the blocked weight gradient of
+    Conv2d._weight_grad_shifted, from joined rows (8 input channels) and from plain products (24);
+    checked against the definition dweight[o, c, i, j] = sum_{n, y, x} dout[n, o, y, x] * xpad[n, c, y + i, x + j]."""
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 8, 90, 90))
+    x = rng.standard_normal((2, channels, 90, 90))
     backend.seed(3)
-    conv = Conv2d(8, 4, kernel, padding=padding, bias=False).double()
+    conv = Conv2d(channels, 4, kernel, padding=padding, bias=False).double()
     out = conv.forward(x)
     assert 2 * (90 + 2 * padding) ** 2 >= 16384
     dout = rng.standard_normal(out.shape)

@@ -61,7 +61,7 @@ from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, transpos
 # fewer as whole products per kernel offset (see Conv2d._weight_grad_shifted)
 _ROWS_TO_SPLIT_SUMS = 16384
 # ... and with this many input channels those partial sums come from joined rows (same method)
-_MIN_JOINED_CHANNELS, _MAX_JOINED_CHANNELS = 8, 32
+_MIN_JOINED_CHANNELS, _MAX_JOINED_CHANNELS = 8, 16
 # stride-1 outputs of at most this many pixels use im2row, and inputs of at most this many
 # channels im2col (see Conv2d._method)
 _MAX_IM2ROW_PIXELS = 256
@@ -386,10 +386,11 @@ class Conv2d(Module):
         c, length = flat.shape[1], dflat.shape[0]
         work = length * c * self.out_channels  # multiply-adds of one offset's product
         if length >= _ROWS_TO_SPLIT_SUMS:
-            # narrow layers: products with only 8-32 input rows run far below BLAS speed, so per block
+            # narrow layers: products with only 8-16 input rows run far below BLAS speed, so per block
             # each pixel's row is joined with its kw-1 right neighbours, (rows, kw*Cin) - one copy - and
             # one product per kernel row i gives dweight[i, 0..kw-1] together (measured, 16 -> 16 at
-            # 128x128, batch 8: backward 18.7 -> 14.0 ms; for 3 input channels the copy costs more)
+            # 128x128, batch 8: backward 18.7 -> 14.0 ms; for 3 input channels the copy costs more, and
+            # for 32 too: 32 -> 16 at 128x128 backward 32.0 -> 30.3 ms with the plain products)
             joined = kw > 1 and _MIN_JOINED_CHANNELS <= c <= _MAX_JOINED_CHANNELS
 
             def rows(start: int, stop: int) -> Any:
