@@ -61,8 +61,9 @@ class MaxPool2d(Module):
     def _first_max(views, out: Any = None):
         """Elementwise maximum of equally shaped views, and the index of the first view holding it
         (uint8; a later view wins only when strictly greater)."""
-        if len(views) == 1:  # a 1-wide window
-            top = views[0].copy() if out is None else xp.copyto(out, views[0]) or out
+        if len(views) == 1:  # a 1-wide window: the view itself is the maximum
+            top = xp.empty(views[0].shape, dtype=views[0].dtype) if out is None else out
+            top[...] = views[0]
             return top, xp.zeros(top.shape, dtype=xp.uint8)
         top = xp.maximum(views[0], views[1], out=out)
         arg = (views[1] > views[0]).view(xp.uint8)    # bool -> uint8 0/1: a free reinterpretation
@@ -78,7 +79,6 @@ class MaxPool2d(Module):
         n, h, w, c = x_nhwc.shape
         out = xp.empty((n, conv_output_size(h, k, s, 0), conv_output_size(w, k, s, 0), c), dtype=x.dtype)
         argmax = xp.empty(out.shape, dtype=xp.uint8)
-
         rows_used = (out.shape[1] - 1) * s + k               # input rows that some window reads
 
         def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
