@@ -122,7 +122,7 @@ class BatchNorm2d(Module):
 
         def normalise(start: int, stop: int) -> None:
             c = centered[start:stop]
-            if shift is not None:  # eval: nothing copied x yet
+            if shift is not None:  # eval: centered is not filled yet
                 xp.subtract(layout.view(x[start:stop]), shift, out=c)
             xp.multiply(c, scale, out=out[start:stop])   # gamma * xhat
             out[start:stop] += beta
