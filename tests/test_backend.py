@@ -209,6 +209,8 @@ LAYERS = {
     "Conv2d": (lambda nn: nn.Conv2d(3, 4, 3, stride=2, padding=1), [(2, 3, 7, 9)]),
     "Conv2d-1x1": (lambda nn: nn.Conv2d(3, 4, 1), [(2, 3, 5, 5)]),
     "Conv2d-nobias": (lambda nn: nn.Conv2d(3, 2, 5, padding=2, bias=False), [(2, 3, 6, 5)]),
+    "Conv2d-shifted": (lambda nn: nn.Conv2d(5, 3, 3, padding=1), [(2, 5, 17, 18)]),
+    "Conv2d-winograd": (lambda nn: nn.Conv2d(64, 64, 3, padding=1), [(2, 64, 32, 32)]),  # 512 tiles
     "MaxPool2d": (lambda nn: nn.MaxPool2d(2), [(2, 3, 7, 9)]),
     "MaxPool2d(3,1)": (lambda nn: nn.MaxPool2d(3, 1), [(2, 3, 6, 5)]),
     "ConvTranspose2d": (lambda nn: nn.ConvTranspose2d(4, 3, 2, stride=2), [(2, 4, 3, 5)]),

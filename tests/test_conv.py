@@ -154,10 +154,10 @@ def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):
     monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 256)
     monkeypatch.setattr(conv_module, "_MAX_IM2COL_CHANNELS", 4)
     conv = Conv2d(5, 2, 3, padding=1)
-    assert conv._method(16, 16) == conv._method(8, 32) == "im2row"
-    assert conv._method(17, 16) == conv._method(32, 32) == "shifted"
-    assert Conv2d(5, 2, 3, stride=2, padding=1)._method(64, 64) == "im2row"
-    assert Conv2d(3, 16, 3, padding=1)._method(128, 128) == Conv2d(4, 2, 3, stride=2)._method(9, 9) == "im2col"
+    assert conv._method(8, 16, 16) == conv._method(8, 8, 32) == "im2row"
+    assert conv._method(8, 17, 16) == conv._method(8, 32, 32) == "shifted"
+    assert Conv2d(5, 2, 3, stride=2, padding=1)._method(8, 64, 64) == "im2row"
+    assert Conv2d(3, 16, 3, padding=1)._method(8, 128, 128) == Conv2d(4, 2, 3, stride=2)._method(8, 9, 9) == "im2col"
 
 
 def test_add_channel_vector_adds_in_place_for_every_layout(conv_method):

@@ -1,0 +1,130 @@
+"""Winograd F(2x2, 3x3) (tinyunet/nn/winograd.py): the formula, the fast blocked form, its gradients,
+and when Conv2d uses it."""
+import numpy as np
+import pytest
+
+from tinyunet import backend
+from tinyunet.gradcheck import check_module
+from tinyunet.nn import Conv2d
+from tinyunet.nn import conv as conv_module
+from tinyunet.nn import winograd
+from tinyunet.nn.conv import conv2d_naive, nchw, nhwc
+from tinyunet.nn.winograd import (winograd_conv3x3, winograd_conv3x3_naive, winograd_weight_grad,
+                                  winograd_weight_grad_to_kernel, winograd_weights)
+
+pytestmark = pytest.mark.usefixtures("numpy_backend")
+
+
+@pytest.fixture(params=["one chunk", "small chunks"])
+def chunks(request, monkeypatch):
+    """The default chunks, and chunks of one tile row each (several chunks and blocks per call)."""
+    if request.param == "small chunks":
+        monkeypatch.setattr(winograd, "_CHUNK_BYTES", 1)
+    return request.param
+
+
+def weight_grad_reference(x, dout):
+    """dweight[o, c, i, j] = sum over n, y, x of dout[n, o, y, x] * xpad[n, c, y + i, x + j]."""
+    h, w = x.shape[2:]
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((dout.shape[1], x.shape[1], 3, 3))
+    for i in range(3):
+        for j in range(3):
+            out[:, :, i, j] = np.einsum("noyx,ncyx->oc", dout, xpad[:, :, i:i + h, j:j + w])
+    return out
+
+
+def test_transform_matrices_compute_a_1d_correlation():
+    """F(2, 3) in one dimension: A^T [(G g) * (B^T d)] gives the 2 outputs of correlating d (4) with g (3)."""
+    rng = np.random.default_rng(0)
+    d, g = rng.standard_normal(4), rng.standard_normal(3)
+    expected = [d[0:3] @ g, d[1:4] @ g]
+    np.testing.assert_allclose(winograd.A_T @ ((winograd.G @ g) * (winograd.B_T @ d)), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 2, 2, 2), (3, 1, 8, 4)])
+def test_naive_tiles_equal_the_convolution(shape):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape)
+    weight = rng.standard_normal((5, shape[1], 3, 3))
+    np.testing.assert_allclose(winograd_conv3x3_naive(x, weight), conv2d_naive(x, weight, None, 1, 1),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 5, 10, 2), (3, 4, 2, 8)])
+def test_fast_form_equals_the_convolution(shape, chunks):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape)
+    weight = rng.standard_normal((6, shape[1], 3, 3))
+    expected = conv2d_naive(x, weight, None, 1, 1)
+    channels_last = np.ascontiguousarray(nhwc(x))
+    for x_nhwc in (channels_last, nhwc(x)):  # channels-last memory and NCHW memory
+        out = winograd_conv3x3(x_nhwc, winograd_weights(weight))
+        assert out.flags.c_contiguous and out.shape == expected.transpose(0, 2, 3, 1).shape
+        np.testing.assert_allclose(nchw(out), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_gradient_equals_the_sum_over_pixels(chunks):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 4))
+    dout = rng.standard_normal((2, 5, 6, 4))
+    du = winograd_weight_grad(nhwc(x), nhwc(dout))
+    np.testing.assert_allclose(winograd_weight_grad_to_kernel(du), weight_grad_reference(x, dout),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_gradient_transform_is_the_adjoint_of_the_weight_transform():
+    """<U(g), dU> == <g, G^T dU G>: the chain rule through U = G g G^T."""
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal((4, 3, 3, 3))
+    du = rng.standard_normal((16, 3, 4))
+    assert np.sum(winograd_weights(g) * du) == pytest.approx(np.sum(g * winograd_weight_grad_to_kernel(du)), rel=1e-12)
+
+
+def test_float32_error_stays_near_float32_rounding():
+    """64 channels in float32 against the float64 convolution: the transforms lose little."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 8, 8))
+    weight = rng.standard_normal((64, 64, 3, 3)) / 24
+    expected = conv2d_naive(x, weight, None, 1, 1)
+    out = nchw(winograd_conv3x3(nhwc(x.astype(np.float32)), winograd_weights(weight.astype(np.float32))))
+    assert out.dtype == np.float32
+    assert np.abs(out - expected).max() / np.abs(expected).max() < 2e-6
+
+
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    monkeypatch.setattr(conv_module, "_MIN_WINOGRAD_CHANNELS", 1)
+    monkeypatch.setattr(conv_module, "_MIN_WINOGRAD_TILES", 1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_winograd_forward_and_gradients(bias, winograd_everywhere, chunks):
+    backend.seed(0)
+    conv = Conv2d(5, 4, 3, padding=1, bias=bias).to(np.float64)  # 5 channels: past im2col's limit
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 5, 6, 4))
+    assert conv._method(2, 6, 4) == "winograd"
+    expected = conv2d_naive(x, conv.weight.data, conv.bias.data if bias else None, 1, 1)
+    np.testing.assert_allclose(conv.forward(x), expected, rtol=1e-12, atol=1e-12)
+    conv.zero_grad()
+    dout = rng.standard_normal(expected.shape)
+    conv.backward(dout)
+    np.testing.assert_allclose(conv.weight.grad, weight_grad_reference(x, dout), rtol=1e-11, atol=1e-11)
+    errors = check_module(conv, x, seed=0)  # every gradient against finite differences, float64
+    assert set(errors) == {"input0", "weight"} | ({"bias"} if bias else set())
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_conv2d_uses_winograd_only_where_it_was_measured_faster():
+    """3x3, stride 1, padding 1, even output sides, >= 64 channels in and out, >= 512 tiles (batch x
+    Hout/2 x Wout/2); anything else keeps its method."""
+    wide = Conv2d(64, 128, 3, padding=1)
+    assert wide._method(8, 16, 16) == "winograd" == wide._method(2, 32, 32)
+    assert wide._method(1, 16, 16) == "im2row"          # 64 tiles: too few rows for the products
+    assert wide._method(8, 32, 33) == "shifted"         # odd width: tiles would not cover it
+    assert Conv2d(32, 64, 3, padding=1)._method(8, 32, 32) == "shifted"
+    assert Conv2d(64, 32, 3, padding=1)._method(8, 64, 64) == "shifted"
+    assert Conv2d(64, 64, 3, padding=1, stride=2)._method(8, 32, 32) == "im2row"
+    assert Conv2d(64, 64, 3, padding=0)._method(8, 32, 32) == "shifted"
+    assert Conv2d(64, 64, 5, padding=2)._method(8, 32, 32) == "shifted"
