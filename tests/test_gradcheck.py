@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 
 from tinyunet import backend
-from tinyunet.gradcheck import check_loss, check_module, numerical_gradient, relative_error, run_all
+from tinyunet import gradcheck
+from tinyunet.gradcheck import (check_loss, check_model_with_loss, check_module, numerical_gradient, relative_error,
+                                run_all)
 from tinyunet.losses import CrossEntropyLoss
-from tinyunet.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU
+from tinyunet.nn import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
 
@@ -180,6 +182,35 @@ def test_broken_loss_is_reported():
     assert check_loss(UnnormalisedLoss(), logits, target) > 0.5
 
 
+def _kinked_model(relu):
+    """1x1 conv (weight 1, bias 0) -> ReLU -> 1x1 conv; pixel (0, 0) sits 5e-7 above the ReLU's kink,
+    so a finite difference of the first bias with h = 1e-6 steps across it, one with h = 1e-7 does not."""
+    first, second = Conv2d(1, 1, 1).double(), Conv2d(1, 2, 1).double()
+    first.weight.data[...] = 1.0
+    first.bias.data[...] = 0.0
+    second.weight.data[...] = np.array([1.0, -2.0]).reshape(2, 1, 1, 1)
+    x = np.full((1, 1, 2, 2), 0.5)
+    x[0, 0, 0, 0] = 5e-7
+    return Sequential(first, relu, second), x, np.array([[[0, 1], [1, 0]]])
+
+
+def test_model_check_steps_back_from_a_kink(monkeypatch):
+    model, x, target = _kinked_model(ReLU())
+    monkeypatch.setattr(gradcheck, "KINK_RETRY_ERROR", np.inf)  # no second step: the kink shows
+    assert check_model_with_loss(model, CrossEntropyLoss(), x, target)["0.bias"] > 1e-3
+    monkeypatch.undo()
+    errors = check_model_with_loss(model, CrossEntropyLoss(), x, target)
+    assert max(errors.values()) <= 1e-6, errors
+
+
+def test_model_check_still_reports_a_wrong_backward():
+    """The smaller second step does not rescue a wrong backward (ReLU passing 10% below zero)."""
+    model, x, target = _kinked_model(LeakyReLUGrad())
+    x[0, 0, 1, 1] = -0.5  # a pixel below the kink, where the broken backward is wrong
+    errors = check_model_with_loss(model, CrossEntropyLoss(), x, target)
+    assert errors["input"] > 1e-2 and errors["0.weight"] > 1e-2, errors
+
+
 # ------------------------------------------------------------------ the whole suite (~30 s)
 def test_run_all_passes_and_covers_everything():
     rows = run_all()
@@ -193,5 +224,7 @@ def test_run_all_passes_and_covers_everything():
             assert err <= 1e-6, (label, tensor, err)
         elif label.startswith("UNet"):
             assert err <= 1e-5, (label, tensor, err)
+    conv_methods = {r[0].split(",")[-1].rstrip(")") for r in rows if r[0].startswith("Conv2d")}
+    assert conv_methods == set(Conv2d.METHODS), conv_methods  # every method the layer can pick
     unet_tensors = {r[1] for r in rows if r[0].startswith("UNet")}
     assert {"input", "head.weight", "head.bias", "down.0.0.weight", "up.0.weight"} <= unet_tensors

@@ -34,3 +34,15 @@ def test_cli_summary(capsys):
     assert main(["summary", "--size", "32", "--batch-size", "2", "--base-channels", "4", "--depth", "2"]) == 0
     out = capsys.readouterr().out
     assert "head" in out and "(2, 3, 32, 32)" in out
+
+
+def test_method_column_follows_the_layer_rules():
+    """Standard configuration: the RGB layer im2col, 16-32 channels the shifted products, 64-128
+    channels at 16x16-32x32 Winograd, the 8x8 bottleneck (128 tiles) im2row; other layers none."""
+    rows = {r.name: r for r in summarize(UNet(base_channels=16, depth=4), (8, 3, 128, 128))}
+    assert rows["down.0.0"].method == "im2col"
+    assert rows["down.0.3"].method == rows["down.1.3"].method == rows["up_conv.3.0"].method == "shifted"
+    assert rows["down.2.3"].method == rows["up_conv.0.0"].method == rows["up_conv.1.3"].method == "winograd"
+    assert rows["bottleneck.0"].method == rows["bottleneck.3"].method == "im2row"
+    assert rows["down.0.1"].method == "" and rows["up.0"].method == ""
+    assert "winograd" in format_summary(list(rows.values()))

@@ -128,3 +128,32 @@ def test_conv2d_uses_winograd_only_where_it_was_measured_faster():
     assert Conv2d(64, 64, 3, padding=1, stride=2)._method(8, 32, 32) == "im2row"
     assert Conv2d(64, 64, 3, padding=0)._method(8, 32, 32) == "shifted"
     assert Conv2d(64, 64, 5, padding=2)._method(8, 32, 32) == "shifted"
+
+
+def test_every_method_gives_the_same_convolution_and_gradients():
+    """Conv2d(method=...) forces a method: all four agree with the loops, forward and backward."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 5, 6, 8))
+    dout = rng.standard_normal((2, 3, 6, 8))
+    results = {}
+    for method in Conv2d.METHODS:
+        backend.seed(0)  # the same weights for every method
+        conv = Conv2d(5, 3, 3, padding=1, method=method).to(np.float64)
+        assert conv._method(2, 6, 8) == method and f"method={method!r}" in repr(conv)
+        out = conv.forward(x)
+        results[method] = (out, conv.backward(dout), conv.weight.grad.copy(), conv.bias.grad.copy())
+    expected = conv2d_naive(x, conv.weight.data, conv.bias.data, 1, 1)
+    for method, (out, dx, dw, db) in results.items():
+        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12, err_msg=method)
+        np.testing.assert_allclose(dw, weight_grad_reference(x, dout), rtol=1e-11, atol=1e-11, err_msg=method)
+        for got, want in zip((dx, db), results["im2col"][1::2]):
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11, err_msg=method)
+
+
+def test_a_forced_method_must_apply():
+    with pytest.raises(ValueError, match="method must be None or one of"):
+        Conv2d(5, 3, 3, method="fft")
+    with pytest.raises(ValueError, match="does not apply"):
+        Conv2d(5, 3, 3, padding=1, method="winograd").forward(np.zeros((1, 5, 5, 6)))  # odd height
+    with pytest.raises(ValueError, match="does not apply"):
+        Conv2d(5, 3, 3, stride=2, method="shifted").forward(np.zeros((1, 5, 9, 9)))

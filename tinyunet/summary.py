@@ -24,7 +24,8 @@ class LayerRow:
     output_shape: Tuple[int, ...]
     parameters: int
     saved_bytes: int  # kept from forward for backward
-    flops: int  # forward multiply-adds x 2
+    flops: int  # forward multiply-adds x 2 (of the direct sum, whatever the method)
+    method: str = ""  # how a Conv2d computes itself for this shape (Conv2d._method), else ""
 
 
 def _arrays(value: Any) -> Iterator[Any]:
@@ -98,8 +99,9 @@ def summarize(model: Module, input_shape: Tuple[int, ...]) -> List[LayerRow]:
             continue
         in_shape, out_shape = shapes[id(m)]
         params = sum(int(np.prod(p.shape)) for _, p in m.named_parameters())
+        method = m._method(out_shape[0], out_shape[2], out_shape[3]) if isinstance(m, Conv2d) else ""
         rows.append(LayerRow(name, type(m).__name__, out_shape, params, saved_bytes(m, counted),
-                             layer_flops(m, out_shape, in_shape)))
+                             layer_flops(m, out_shape, in_shape), method))
     for _, m in leaves:  # drop what the forward kept: this model is not going to run backward
         for attr, value in list(vars(m).items()):
             if not isinstance(value, (Module, Parameter)) and attr not in m.buffer_names and next(_arrays(value), None) is not None:
@@ -110,16 +112,19 @@ def summarize(model: Module, input_shape: Tuple[int, ...]) -> List[LayerRow]:
 def format_summary(rows: List[LayerRow]) -> str:
     """The table printed by ``tinyunet summary``, with totals."""
     mb = 1024 ** 2
-    header = f"{'layer':<22}{'type':<17}{'output shape':<22}{'params':>10}{'saved MB':>10}{'MFLOPs':>10}"
+    header = (f"{'layer':<22}{'type':<17}{'output shape':<22}{'params':>10}{'saved MB':>10}{'MFLOPs':>10}"
+              "  method")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.name:<22}{r.kind:<17}{str(r.output_shape):<22}{r.parameters:>10,}"
-                     f"{r.saved_bytes / mb:>10.2f}{r.flops / 1e6:>10.1f}")
+                     f"{r.saved_bytes / mb:>10.2f}{r.flops / 1e6:>10.1f}  {r.method:<8}".rstrip())
     total_params = sum(r.parameters for r in rows)
     total_saved = sum(r.saved_bytes for r in rows)
     total_flops = sum(r.flops for r in rows)
     lines += ["-" * len(header),
               f"{'total':<61}{total_params:>10,}{total_saved / mb:>10.1f}{total_flops / 1e6:>10.1f}",
               f"forward {total_flops / 1e9:.2f} GFLOP; a training step (forward + backward) is about "
-              f"3x that: {3 * total_flops / 1e9:.2f} GFLOP; kept for backward: {total_saved / mb:.0f} MB"]
+              f"3x that: {3 * total_flops / 1e9:.2f} GFLOP; kept for backward: {total_saved / mb:.0f} MB",
+              "method: how each Conv2d computes itself for this shape (tinyunet/nn/conv.py, Conv2d._method); "
+              "MFLOPs count the direct sum (winograd multiplies 16/36 of it)"]
     return "\n".join(lines)

@@ -269,10 +269,20 @@ class Conv2d(Module):
 
     ``keep_cols`` (the im2row method only) keeps the im2row matrix from forward for backward
     (saves one unfolding, costs ~kh*kw times the input's memory until backward).
+
+    ``method``: None (default) picks the method by shape; "im2col", "im2row", "shifted" or "winograd"
+    forces one, e.g. to compare them (the results agree to rounding). Forcing "shifted" needs
+    stride 1, "winograd" a 3x3 kernel, stride 1, padding 1 and even output sides.
     """
 
+    METHODS = ("im2col", "im2row", "shifted", "winograd")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: int = 1,
-                 padding: int = 0, bias: bool = True, keep_cols: bool = False) -> None:
+                 padding: int = 0, bias: bool = True, keep_cols: bool = False,
+                 method: Optional[str] = None) -> None:
+        if method is not None and method not in self.METHODS:
+            raise ValueError(f"method must be None or one of {', '.join(self.METHODS)}, got {method!r}")
+        self.method = method
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size)
         self.stride, self.padding, self.keep_cols = stride, padding, keep_cols
@@ -317,7 +327,7 @@ class Conv2d(Module):
         return None if dx is None else nchw(dx)
 
     def _method(self, n: int, ho: int, wo: int) -> str:
-        """Which method, for a batch of n outputs of ho x wo: "im2col" for inputs of at most 4 channels
+        """Which method (``self.method`` if set), for a batch of n outputs of ho x wo: "im2col" for inputs of at most 4 channels
         (the RGB layer); "winograd" for padded 3x3 stride-1 layers with at least 64 channels in and
         out and 512 output tiles of 2x2; else shifted products ("shifted", stride 1), or im2row and one
         product ("im2row": other strides, and small images).
@@ -342,10 +352,16 @@ class Conv2d(Module):
         on 2 cores, forward + backward: 256 -> 256 channels at 8x8 18.5 -> 14.6 ms, 128 -> 128 at 16x16
         15.0 -> 13.6 ms; at 32x32 im2row is slower (64 -> 64: 13.5 -> 16.5 ms). Standard training step,
         3 alternating runs: min 410-428 -> 395-412 ms."""
+        winograd_fits = (self.kernel_size == (3, 3) and self.stride == 1 and self.padding == 1
+                         and ho % 2 == 0 and wo % 2 == 0)
+        if self.method is not None:
+            if (self.method == "winograd" and not winograd_fits) or (self.method == "shifted" and self.stride != 1):
+                raise ValueError(f"Conv2d method {self.method!r} does not apply to {self} with a "
+                                 f"{ho}x{wo} output")
+            return self.method
         if self.in_channels <= _MAX_IM2COL_CHANNELS:
             return "im2col"
-        if (self.kernel_size == (3, 3) and self.stride == 1 and self.padding == 1 and ho % 2 == 0
-                and wo % 2 == 0 and min(self.in_channels, self.out_channels) >= _MIN_WINOGRAD_CHANNELS
+        if (winograd_fits and min(self.in_channels, self.out_channels) >= _MIN_WINOGRAD_CHANNELS
                 and n * ho * wo // 4 >= _MIN_WINOGRAD_TILES):
             return "winograd"
         if self.stride != 1 or ho * wo <= _MAX_IM2ROW_PIXELS:
@@ -570,4 +586,5 @@ class Conv2d(Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+                + (f", method={self.method!r}" if self.method else ""))
