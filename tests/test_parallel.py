@@ -88,3 +88,16 @@ def test_results_are_bit_identical_on_one_and_two_threads(make, threads):
 def test_on_a_device_backend_all_rows_are_one_block(fake_cupy, threads):
     threads(2)
     assert parallel.map_row_blocks(lambda start, stop: (start, stop), 200_000, 1000) == [(0, 200_000)]
+
+
+@pytest.mark.parametrize("shape", [(20000, 40, 30), (64, 2304, 256)], ids=["tall: partial sums", "wide: column blocks"])
+def test_transposed_matmul_in_both_splittings(shape, threads):
+    """a.T @ b for a tall a (row blocks, partial sums) and a wide one (column blocks, no partial sums),
+    big enough to be split, on 1 and 2 threads."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k)), rng.standard_normal((m, n))
+    assert len(parallel.row_blocks(max(m, k), min(m, k) * n)) > 1
+    for count in (1, 2):
+        threads(count)
+        np.testing.assert_allclose(parallel.transposed_matmul(a, b), a.T @ b, rtol=1e-12, atol=1e-10)

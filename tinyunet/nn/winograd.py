@@ -27,14 +27,18 @@ Backward, for ``out = conv(x, w)``:
   dU[a, b] = V[a, b]^T @ dM[a, b] (16 products summed over the tiles) and dg = G^T dU G.
 
 The transforms are memory traffic, not arithmetic: V is 4x the input's size and M 4x the output's. So
-everything runs on blocks of tile rows (of all images at once, which also splits a batch of one): each
-block pads its own rows, transforms them, runs its 16 products and writes its 2x2 outputs, with
-temporaries of one block only, and blocks run in parallel (tinyunet/parallel.py). Where a block's
-products have few channels (K = Cin small) the products run below BLAS speed and the transforms dominate:
-Conv2d uses this method only from 32 channels on (see ``Conv2d._method`` for the measurements).
+everything runs on chunks of tile rows (of all images at once, which also splits a batch of one): each
+chunk pads its own rows, transforms them, runs its 16 products and writes its 2x2 outputs, with
+temporaries of one chunk only (about 2 MB), and the chunks run in parallel (tinyunet/parallel.py).
+Measured on one core, batch 8: with 64-256 channels the 16 products are 52-74% of the time and run at
+85-97 GFLOP/s (BLAS speed), the transforms take the rest; with 32 channels and fewer the transforms,
+which move C-number pieces, cost about what the saved multiplications did. So Conv2d uses this
+method from 64 channels on (``Conv2d._method`` has the layer-by-layer measurements).
 
-Float32 rounding: the transforms add a few numbers of similar size, and the relative error stays near
-1e-7 (F(4x4, 3x3), 6x6 tiles, saves more but loses about two digits; not used here).
+Float32 rounding: the transforms add and subtract a few numbers of similar size, and the error stays
+at 1e-7 to 1e-6 of the largest output (tested against float64). F(4x4, 3x3), 6x6 tiles, would
+multiply even less, but its transforms have coefficients up to 5: more rounding and more passes over
+memory; not used.
 :func:`winograd_conv3x3_naive` is the same maths tile by tile, for reading and for the tests.
 """
 from __future__ import annotations
