@@ -148,6 +148,21 @@ def gemm_gflops(np_module: Any, threads: int, n: int = 2048, repeats: int = 5) -
         return _gemm_gflops(np_module, n, repeats)
 
 
+def blas_kernels() -> str:
+    """Which kernels NumPy's BLAS runs, as threadpoolctl reports them, and who chose them: OpenBLAS
+    picks by CPU model unless OPENBLAS_CORETYPE says otherwise (the environment of the machines in the
+    README sets it to Haswell, AVX2 kernels; OpenBLAS's own choice there is SkylakeX, AVX-512)."""
+    from threadpoolctl import threadpool_info
+    import numpy  # noqa: F401  (loads the BLAS)
+    info = next((i for i in threadpool_info() if i["user_api"] == "blas"), None)
+    if info is None:
+        return "BLAS unknown"
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return (f"NumPy's BLAS: {info['internal_api']} {info.get('version') or ''}, "
+            f"{info.get('architecture') or '?'} kernels"
+            + (f" (OPENBLAS_CORETYPE={forced} in the environment)" if forced and info["internal_api"] == "openblas" else ""))
+
+
 def _gemm_gflops(np_module: Any, n: int, repeats: int) -> float:
     a = np_module.ones((n, n), dtype=np_module.float32)
     b = np_module.ones((n, n), dtype=np_module.float32)
@@ -522,7 +537,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             c.batch_size, c.base_channels = bs, base
             configs.append(c)
     print(f"load average {load_average()} (other processes on this machine skew the timings); "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; {blas_kernels()}")
     threads = args.threads or usable_cores()
     machine = gemm_gflops(np, threads)
     rounds: List[List[Any]] = []
