@@ -61,3 +61,22 @@ def test_memory_trace_lists_layer_calls_by_peak():
     peaks = [float(r[2]) for r in rows]
     assert peaks == sorted(peaks, reverse=True) and peaks[0] == pytest.approx(step_peak, abs=0.05)
     assert all(float(r[1]) <= float(r[2]) for r in rows)  # kept <= peak
+
+
+def test_conv_layers_lists_every_unet_conv_shape_and_method():
+    """benchmarks/conv_layers.py: the U-Net's distinct 3x3 shapes (counted by hand for base 4, depth 2),
+    every method that applies timed, and the default the layer would pick marked."""
+    script = SCRIPT.parent / "conv_layers.py"
+    proc = subprocess.run([sys.executable, str(script), "--size", "16", "--base-channels", "4", "--depth", "2",
+                           "--batch-size", "2", "--reps", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(proc.stdout.strip().splitlines()[-1])["layers"]
+    # encoder 3->4, 4->4 @16; 4->8, 8->8 @8; bottleneck 8->16, 16->16 @4; decoder 16->8, (8->8) @8,
+    # 8->4, (4->4) @16 (the ones in brackets were seen already)
+    assert [tuple(l["shape"]) for l in layers] == [(3, 4, 16), (4, 4, 16), (4, 8, 8), (8, 8, 8), (8, 16, 4),
+                                                    (16, 16, 4), (16, 8, 8), (8, 4, 16)]
+    for layer in layers:
+        assert set(layer["ms"]) == {"im2col", "im2row", "shifted", "winograd"}  # all sides even here
+        assert all(ms > 0 for ms in layer["ms"].values())
+        assert layer["default"] in layer["ms"]
+    assert layers[0]["default"] == "im2col" and layers[3]["default"] == "im2row"
