@@ -249,7 +249,9 @@ def test_each_layer_runs_on_the_stand_in_without_host_transfers(name, fake_cupy)
     backend.use("numpy")  # same layer, same numbers on NumPy
     out, dx, grads = _run_layer(name, lambda a: a)
     for got, want in zip(device, [out, *dx, *grads]):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        # float32, and sums may run in another order (Winograd: one chunk on a device, several on the
+        # CPU): equal to 1e-6 of the tensor's largest entry
+        assert np.abs(got - want).max() <= 1e-6 * max(np.abs(want).max(), 1.0), name
 
 
 def test_loss_on_the_stand_in(fake_cupy):

@@ -157,3 +157,20 @@ def test_a_forced_method_must_apply():
         Conv2d(5, 3, 3, padding=1, method="winograd").forward(np.zeros((1, 5, 5, 6)))  # odd height
     with pytest.raises(ValueError, match="does not apply"):
         Conv2d(5, 3, 3, stride=2, method="shifted").forward(np.zeros((1, 5, 9, 9)))
+
+
+def test_one_chunk_on_a_device_many_on_the_cpu(fake_cupy, monkeypatch):
+    """On the CuPy stand-in the whole tensor is one chunk (a GPU needs no cache-sized pieces); the
+    same call on NumPy runs in several chunks, with the same numbers."""
+    seen = []
+    real = winograd._input_transform
+    monkeypatch.setattr(winograd, "_input_transform", lambda x, t0, t1: seen.append((t0, t1)) or real(x, t0, t1))
+    rng = np.random.default_rng(8)
+    x, weight = rng.standard_normal((2, 8, 8, 5)).astype(np.float32), rng.standard_normal((3, 5, 3, 3)).astype(np.float32)
+    device = winograd_conv3x3(backend.to_device(x), winograd_weights(backend.to_device(weight))).get()
+    assert seen == [(0, 4)]
+    seen.clear()
+    backend.use("numpy")
+    host = winograd_conv3x3(x, winograd_weights(weight))
+    assert len(seen) == 4  # at least 4 chunks where there are 4 tile rows
+    np.testing.assert_allclose(device, host, rtol=1e-6, atol=1e-6)

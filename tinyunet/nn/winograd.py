@@ -47,6 +47,7 @@ from typing import Any, List
 
 import numpy as np
 
+from tinyunet import backend
 from tinyunet.backend import xp
 from tinyunet.parallel import ELEMENTWISE_WORK, map_row_blocks
 
@@ -65,12 +66,16 @@ def _map_tile_rows(fn: Any, x: Any, cout: int) -> List[Any]:
     """fn(t0, t1) on chunks of x's tile rows, the chunks in parallel blocks; the results of each
     block's chunks are added (fn returns an array) or ignored (fn returns None).
 
-    x: (N, H, W, C). The chunks depend on the sizes only (results do not depend on the threads).
+    x: (N, H, W, C). The chunks depend on the sizes only (results do not depend on the threads). On
+    a GPU all tile rows are one chunk: its kernels are parallel inside, and many small ones would
+    only add launches.
     """
     n, h, w, c = x.shape
     tile_rows = h // 2
     per_row = 16 * n * (w // 2) * c * x.itemsize       # bytes of V per tile row
     rows = max(1, min(_CHUNK_BYTES // per_row, -(-tile_rows // _MIN_CHUNKS)))
+    if backend.name() != "numpy":
+        rows = tile_rows
     chunks = [(t0, min(t0 + rows, tile_rows)) for t0 in range(0, tile_rows, rows)]
     # per chunk: 16 products of Cin x Cout for each tile, and the transforms' ~24 passes
     work = rows * n * (w // 2) * (16 * c * cout + ELEMENTWISE_WORK * 24 * (c + cout))
