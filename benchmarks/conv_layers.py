@@ -14,8 +14,9 @@ Inputs and output gradients are channels-last in memory, as inside the U-Net, an
 memory for reuse (``backend.keep_freed_host_memory``), as in training.
 
 ``--compare-torch`` times torch.nn.Conv2d (bias=False, the same shapes, float32, NCHW tensors as the
-benchmark's PyTorch U-Net uses them, torch.set_num_threads(--threads)) in a separate process: this
-interpreter if it imports torch, else ``--torch-python`` (default /work/torchenv/bin/python).
+benchmark's PyTorch U-Net uses them, torch.set_num_threads(--threads)) in a separate process:
+``--torch-python`` if given, else this interpreter if it imports torch, else /work/torchenv/bin/python
+(``train_step.find_torch_python``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-DEFAULT_TORCH_PYTHON = "/work/torchenv/bin/python"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # noqa: E402  (same folder: how it finds an interpreter with torch)
+
 Shape = Tuple[int, int, int]  # (Cin, Cout, size)
 
 
@@ -126,15 +129,7 @@ def time_torch(args: argparse.Namespace, shapes: List[Shape]) -> Dict[Shape, flo
 
 
 def run_torch(args: argparse.Namespace) -> Optional[Dict[Shape, float]]:
-    python = args.torch_python
-    if python is None:
-        try:
-            import importlib.util
-            python = sys.executable if importlib.util.find_spec("torch") else None
-        except Exception:
-            python = None
-        if python is None and os.path.exists(DEFAULT_TORCH_PYTHON):
-            python = DEFAULT_TORCH_PYTHON
+    python = train_step.find_torch_python(args.torch_python)
     if python is None:
         print("--compare-torch: torch is not importable here and no --torch-python was given; skipped")
         return None

@@ -449,11 +449,18 @@ def spawn(args: argparse.Namespace, worker: str, python: str) -> Optional[Dict[s
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def find_torch_python(requested: Optional[str]) -> Optional[str]:
+    """The interpreter for PyTorch workers: ``requested`` if given, else this one if it imports torch,
+    else DEFAULT_TORCH_PYTHON if it exists, else None."""
+    if requested is not None:
+        return requested
+    if torch_importable():
+        return sys.executable
+    return DEFAULT_TORCH_PYTHON if os.path.exists(DEFAULT_TORCH_PYTHON) else None
+
+
 def run_torch(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    python = args.torch_python
-    if python is None:
-        python = sys.executable if torch_importable() else (
-            DEFAULT_TORCH_PYTHON if os.path.exists(DEFAULT_TORCH_PYTHON) else None)
+    python = find_torch_python(args.torch_python)
     if python is None:
         print("  --compare-torch: torch is not importable here and no --torch-python was given; skipped")
         return None

@@ -57,9 +57,10 @@ import numpy as np
 
 from tinyunet.backend import host_rng, to_device, xp
 from tinyunet.nn.module import Module, Parameter
-from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, transposed_matmul
+from tinyunet.nn.padding import zero_border, zero_padded
 from tinyunet.nn.winograd import (winograd_conv3x3, winograd_weight_grad, winograd_weight_grad_to_kernel,
                                   winograd_weights)
+from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, transposed_matmul
 
 
 # Conv2d's weight gradient: at least this many rows are summed as partial sums per block of rows,
@@ -93,15 +94,6 @@ def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
             xp.matmul(a, b, out=buf)
             out += buf
     return out
-
-
-def zero_border(a: Any, top: int, bottom: int, left: int, right: int) -> None:
-    """Zero a (N, H, W, C) array outside rows [top, bottom) and columns [left, right) (the frame
-    around an image copied into it): cheaper than zeroing everything and then copying the image."""
-    a[:, :top] = 0
-    a[:, bottom:] = 0
-    a[:, top:bottom, :left] = 0
-    a[:, top:bottom, right:] = 0
 
 
 def pair(value: Any) -> Tuple[int, int]:
@@ -194,14 +186,7 @@ def im2row(x: Any, kh: int, kw: int, stride: int, padding: int) -> Any:
     n, h, w, c = x.shape
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
     if padding:
-        # zeros + one copy (instead of xp.pad) also turns an NCHW-memory x into contiguous NHWC
-        xpad = xp.empty((n, h + 2 * padding, w + 2 * padding, c), dtype=x.dtype)
-
-        def pad_images(start: int, stop: int) -> None:
-            zero_border(xpad[start:stop], padding, padding + h, padding, padding + w)
-            xpad[start:stop, padding:padding + h, padding:padding + w] = x[start:stop]
-        map_batch_blocks(pad_images, xpad, passes=2)
-        x = xpad
+        x = zero_padded(x, padding)  # zeros + one copy, instead of xp.pad
     if kh == kw == 1 and stride == 1:
         return xp.ascontiguousarray(x).reshape(n * ho * wo, c)  # a 1x1 conv needs no unfolding
     rows = xp.empty((n, ho, wo, kh, kw, c), dtype=x.dtype)
@@ -380,14 +365,7 @@ class Conv2d(Module):
         p = self.padding
         if p == 0 and x.flags.c_contiguous:  # e.g. the 1x1 head after a ReLU: already rows, no copy
             return x.reshape(-1, c)
-        xpad = xp.empty((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype)  # also makes NCHW memory channels-last
-
-        def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
-            block = xpad[start:stop]
-            zero_border(block, p, p + h, p, p + w)
-            block[:, p:p + h, p:p + w] = x[start:stop]
-        map_batch_blocks(images, xpad, passes=2)
-        return xpad.reshape(-1, c)
+        return zero_padded(x, p).reshape(-1, c)  # also makes NCHW memory channels-last
 
     def _forward_shifted(self, x: Any) -> Any:
         """x: (N, H, W, Cin) -> (N, Hout, Wout, Cout), a view into an (N, Hp, Wp, Cout) buffer."""

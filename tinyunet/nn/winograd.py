@@ -49,12 +49,14 @@ import numpy as np
 
 from tinyunet import backend
 from tinyunet.backend import xp
+from tinyunet.nn.padding import zero_border
 from tinyunet.parallel import ELEMENTWISE_WORK, map_row_blocks
 
 # the three transform matrices of F(2x2, 3x3)
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64)
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64)
+GG = np.kron(G, G)  # (16, 9): U[a*4 + b] = sum_ij G[a, i] G[b, j] g[i, j] for a flattened kernel g
 
 # a chunk of tile rows transforms to at most this many bytes (V, 4x its input), so that the
 # transforms run mostly in the core's cache, but as many as that: the 16 products get more rows
@@ -119,7 +121,7 @@ def winograd_weights(weight: Any) -> Any:
     for all channel pairs (4 x 3 products per pair would be 65536 tiny calls at 256 channels).
     """
     cout, c = weight.shape[:2]
-    gg = xp.asarray(np.kron(G, G), dtype=weight.dtype)                     # (16, 9)
+    gg = xp.asarray(GG, dtype=weight.dtype)                                 # (16, 9)
     u = xp.matmul(gg, weight.reshape(cout * c, 9).T)                        # (16, Cout*Cin)
     return u.reshape(16, cout, c).transpose(0, 2, 1)
 
@@ -129,13 +131,8 @@ def _padded_block(x: Any, r0: int, r1: int) -> Any:
     x: (N, H, W, C) -> (N, r1 - r0 + 2, W + 2, C)."""
     n, h, w, c = x.shape
     block = xp.empty((n, r1 - r0 + 2, w + 2, c), dtype=x.dtype)
-    block[:, :, 0] = 0
-    block[:, :, w + 1] = 0
     top, bottom = max(r0 - 1, 0), min(r1 + 1, h)          # the image rows that exist
-    if r0 == 0:
-        block[:, 0] = 0
-    if r1 == h:
-        block[:, -1] = 0
+    zero_border(block, top - r0 + 1, bottom - r0 + 1, 1, w + 1)
     block[:, top - r0 + 1:bottom - r0 + 1, 1:w + 1] = x[:, top:bottom]
     return block
 
@@ -220,14 +217,13 @@ def winograd_weight_grad(x: Any, dout: Any) -> Any:
             xp.subtract(z0, z1, out=dm[a, 2])
             xp.negative(z1, out=dm[a, 3])
         return xp.matmul(v.transpose(0, 2, 1), dm.reshape(16, -1, cout))   # (16, Cin, Cout)
-    parts = _map_tile_rows(tile_rows, x, cout)             # one (16, Cin, Cout) sum per block
-    return sum(parts[1:], parts[0])
+    return sum(_map_tile_rows(tile_rows, x, cout))        # one (16, Cin, Cout) sum per block
 
 
 def winograd_weight_grad_to_kernel(du: Any) -> Any:
     """dg = G^T dU G for every channel pair: the adjoint of :func:`winograd_weights`, one product
     (9, 16) @ (16, Cin*Cout). du: (16, Cin, Cout) -> (Cout, Cin, 3, 3)."""
     c, cout = du.shape[1:]
-    gg_t = xp.asarray(np.kron(G, G).T, dtype=du.dtype)                     # (9, 16)
+    gg_t = xp.asarray(GG.T, dtype=du.dtype)                                 # (9, 16)
     dg = xp.matmul(gg_t, du.reshape(16, c * cout))                         # (9, Cin*Cout)
     return dg.reshape(3, 3, c, cout).transpose(3, 2, 0, 1)
