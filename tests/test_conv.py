@@ -148,6 +148,19 @@ def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padd
     np.testing.assert_allclose(conv.weight.grad, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_padded_lines_are_the_lines_of_the_padded_rows(padding):
+    """The weight gradient pads only the lines a block reads: any range of lines, also across
+    images and through the padding lines, equals the same lines of the whole padded copy."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 5, 4, 2))                       # (N, H, W, C)
+    conv = Conv2d(2, 3, 3, padding=padding)
+    whole = conv._padded_rows(x)
+    hp, wp = 5 + 2 * padding, 4 + 2 * padding
+    for first, last in [(0, 1), (0, 3 * hp), (1, hp + 2), (hp - 1, 2 * hp + 1), (2 * hp, 3 * hp)]:
+        np.testing.assert_array_equal(conv._padded_lines(x, first, last), whole[first * wp:last * wp])
+
+
 def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):
     """The default limits: up to 4 input channels im2col; else outputs up to 16x16 pixels im2row,
     larger ones the shifted products; other strides im2row."""

@@ -69,20 +69,23 @@ def _conv_step(layer, x):
 
 
 @pytest.mark.parametrize("make", [lambda: Conv2d(16, 24, 3, padding=1), lambda: Conv2d(8, 8, 2, stride=2),
-                                  lambda: ConvTranspose2d(24, 16, 2, stride=2)])
-def test_results_are_bit_identical_on_one_and_two_threads(make, threads):
-    """Big enough to be split into blocks; the blocks do not depend on the thread count."""
+                                  lambda: Conv2d(64, 64, 3, padding=1), lambda: ConvTranspose2d(24, 16, 2, stride=2)],
+                         ids=["shifted", "im2row", "winograd", "transposed"])
+def test_results_are_bit_identical_on_one_two_and_three_threads(make, threads):
+    """Big enough to be split into blocks (the convolutions' weight and input gradients also run
+    side by side); the blocks do not depend on the thread count."""
     from tinyunet.backend import seed
     results = []
-    for n in (1, 2):
+    for n in (1, 2, 3):
         threads(n)
         seed(0)
         layer = make()
         x = np.random.default_rng(0).standard_normal((4, layer.in_channels, 64, 64)).astype(np.float32)
         assert len(parallel.row_blocks(4 * 66 * 66, 9 * 16 * 24)) > 1
         results.append(_conv_step(layer, x))
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_on_a_device_backend_all_rows_are_one_block(fake_cupy, threads):
@@ -101,3 +104,62 @@ def test_transposed_matmul_in_both_splittings(shape, threads):
     for count in (1, 2):
         threads(count)
         np.testing.assert_allclose(parallel.transposed_matmul(a, b), a.T @ b, rtol=1e-12, atol=1e-10)
+
+
+def _slow_thread_name(start, stop):
+    """A block that takes long enough (5 ms) for every thread of a call to get one."""
+    import threading
+    import time
+    time.sleep(0.005)
+    return threading.current_thread().name
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_run_concurrently_gives_each_task_its_share_of_the_threads(threads, count):
+    """Two tasks side by side; inside each, map_row_blocks runs on count // 2 threads of its own."""
+    import threading
+    threads(count)
+
+    def task(tag):
+        return lambda: (tag, parallel.map_row_blocks(_slow_thread_name, 200_000, 1000))
+    (tag_a, names_a), (tag_b, names_b) = parallel.run_concurrently(task("a"), task("b"))
+    assert (tag_a, tag_b) == ("a", "b")                          # results in the order of the tasks
+    assert len(names_a) == len(names_b) == len(parallel.row_blocks(200_000, 1000))
+    assert set(names_a[0::count // 2]) == {threading.current_thread().name}   # task a: the calling thread
+    assert len(set(names_a)) == len(set(names_b)) == count // 2
+    assert not set(names_a) & set(names_b)                       # at the same time: different threads
+    # afterwards a call from this thread has every thread again
+    assert len(set(parallel.map_row_blocks(_slow_thread_name, 200_000, 1000))) == count
+
+
+def test_run_concurrently_raises_a_tasks_error_after_both_finished(threads):
+    import time
+    threads(2)
+    finished = []
+
+    def slow():
+        time.sleep(0.05)
+        finished.append("slow")
+
+    def failing():
+        raise RuntimeError("task failed")
+    with pytest.raises(RuntimeError, match="task failed"):
+        parallel.run_concurrently(failing, slow)
+    assert finished == ["slow"]
+
+
+def _thread_names_of_two_tasks():
+    import threading
+    return parallel.run_concurrently(lambda: threading.current_thread().name, lambda: threading.current_thread().name)
+
+
+def test_run_concurrently_on_one_thread_runs_the_tasks_in_order_here(threads):
+    import threading
+    threads(1)
+    assert _thread_names_of_two_tasks() == [threading.current_thread().name] * 2
+
+
+def test_run_concurrently_on_a_device_runs_the_tasks_in_order_here(threads, fake_cupy):
+    import threading
+    threads(2)
+    assert _thread_names_of_two_tasks() == [threading.current_thread().name] * 2
