@@ -114,6 +114,14 @@ def _limit_blas_threads() -> None:
         threadpool_limits(limits=1, user_api="blas")
 
 
+def _get_pool() -> ThreadPoolExecutor:
+    """The pool of get_num_threads() - 1 threads: the calling thread is one of the workers."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="tinyunet")
+    return _pool
+
+
 def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1) -> List[Any]:
     """[fn(start, stop) for each block of row_blocks(length, row_work)], in parallel on NumPy.
 
@@ -129,15 +137,13 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
     threads = min(getattr(_share, "threads", None) or get_num_threads(), len(blocks))
     if threads == 1:
         return [fn(start, stop) for start, stop in blocks]
-    global _pool
-    if _pool is None:  # the calling thread is one of the workers: the pool holds the others
-        _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="tinyunet")
+    pool = _get_pool()
     results: List[Any] = [None] * len(blocks)
 
     def run(first: int) -> None:  # blocks first, first + threads, ...: one task per thread, not per block
         for k in range(first, len(blocks), threads):
             results[k] = fn(*blocks[k])
-    others = [_pool.submit(run, first) for first in range(1, threads)]
+    others = [pool.submit(run, first) for first in range(1, threads)]
     try:
         run(0)
     finally:  # even if a block failed here, the others must finish before their arrays are let go
@@ -161,9 +167,7 @@ def run_concurrently(*tasks: Callable[[], Any]) -> List[Any]:
     if backend.name() != "numpy" or share < 1 or len(tasks) == 1:
         return [task() for task in tasks]
     _limit_blas_threads()
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="tinyunet")
+    pool = _get_pool()
 
     def shared(task: Callable[[], Any]) -> Any:
         before = getattr(_share, "threads", None)
@@ -172,7 +176,7 @@ def run_concurrently(*tasks: Callable[[], Any]) -> List[Any]:
             return task()
         finally:
             _share.threads = before
-    others = [_pool.submit(shared, task) for task in tasks[1:]]
+    others = [pool.submit(shared, task) for task in tasks[1:]]
     try:
         first = shared(tasks[0])
     finally:
