@@ -157,7 +157,7 @@ def test_padded_lines_are_the_lines_of_the_padded_rows(padding):
     conv = Conv2d(2, 3, 3, padding=padding)
     whole = conv._padded_rows(x)
     hp, wp = 5 + 2 * padding, 4 + 2 * padding
-    for first, last in [(0, 1), (0, 3 * hp), (1, hp + 2), (hp - 1, 2 * hp + 1), (2 * hp, 3 * hp)]:
+    for first, last in [(0, 1), (0, 3 * hp), (1, hp + 2), (hp - 1, 2 * hp + 1), (2 * hp, 3 * hp), (1, 3 * hp - 1)]:
         np.testing.assert_array_equal(conv._padded_lines(x, first, last), whole[first * wp:last * wp])
 
 
