@@ -1,0 +1,115 @@
+"""``out += a @ b`` in place: the one feature of BLAS that NumPy's matmul does not expose.
+
+BLAS's matrix product is ``C = alpha * A @ B + beta * C``; NumPy always calls it with beta = 0, so a
+sum of products (a convolution's nine shifted terms, conv.py) had to write each term into a buffer
+and add the buffer to the sum: one more pass over the output per term. With beta = 1 BLAS adds
+each term into the output itself, while the output's tile is in its registers. Measured for the
+shifted products of a 3x3 convolution on blocks of 16384 rows, 2 cores: 16 -> 16 channels
+6.2 -> 5.2 ms, 16 -> 32 13.1 -> 9.9 ms, 64 -> 32 36.7 -> 30.4 ms.
+
+So on NumPy :func:`add_matmul` (:func:`add_matmuls` for several terms) calls ``cblas_sgemm`` / ``cblas_dgemm`` of the BLAS library NumPy
+itself loaded, through ``ctypes`` (no new dependency; ctypes lets go of the GIL during the call, so
+threads run their products at the same time, unlike SciPy's wrappers, which hold it). Where that
+library or its symbols are not found (another NumPy build, CuPy arrays), or an array's memory does
+not fit BLAS (a stride that is not a row or column step), it falls back to ``out += a @ b``.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["add_matmul", "add_matmuls", "available"]
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # the CBLAS enums
+_functions: Optional[Dict[Any, Any]] = None      # dtype -> ctypes function, filled on first use
+
+
+def _numpy_blas_path() -> Optional[str]:
+    """The BLAS library that NumPy loaded (threadpoolctl finds the loaded ones; NumPy's lies in its
+    own package folder, e.g. numpy.libs/)."""
+    from threadpoolctl import threadpool_info
+    site = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+    for info in threadpool_info():
+        path = os.path.abspath(info.get("filepath") or "")
+        if info.get("user_api") == "blas" and path.startswith(site + os.sep) \
+                and os.path.relpath(path, site).startswith("numpy"):   # numpy.libs/, numpy/.dylibs/, ...
+            return path
+    return None
+
+
+def _load() -> Dict[Any, Any]:
+    functions: Dict[Any, Any] = {}
+    path = _numpy_blas_path()
+    if path is None:
+        return functions
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return functions
+    for dtype, letter, scalar in ((np.dtype(np.float32), "s", ctypes.c_float),
+                                  (np.dtype(np.float64), "d", ctypes.c_double)):
+        # NumPy's wheels ship OpenBLAS with 64-bit integers and prefixed, suffixed names
+        for name, integer in ((f"scipy_cblas_{letter}gemm64_", ctypes.c_int64), (f"cblas_{letter}gemm64_", ctypes.c_int64),
+                              (f"scipy_cblas_{letter}gemm", ctypes.c_int32), (f"cblas_{letter}gemm", ctypes.c_int32)):
+            function = getattr(lib, name, None)
+            if function is not None:
+                function.restype = None
+                function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, scalar,
+                                     ctypes.c_void_p, integer, ctypes.c_void_p, integer, scalar,
+                                     ctypes.c_void_p, integer]
+                functions[dtype] = function
+                break
+    return functions
+
+
+def available(dtype: Any) -> bool:
+    """Whether :func:`add_matmul` calls BLAS directly for NumPy arrays of this dtype."""
+    global _functions
+    if _functions is None:
+        _functions = _load()
+    return np.dtype(dtype) in _functions
+
+
+def _layout(a: np.ndarray) -> Optional[tuple]:
+    """(transpose flag, leading dimension) of a 2-D array whose rows or columns are contiguous."""
+    item = a.itemsize
+    rows, cols = a.shape
+    if a.strides[1] == item and a.strides[0] % item == 0 and a.strides[0] >= max(cols, 1) * item:
+        return _NO_TRANS, a.strides[0] // item
+    if a.strides[0] == item and a.strides[1] % item == 0 and a.strides[1] >= max(rows, 1) * item:
+        return _TRANS, a.strides[1] // item          # column-major: BLAS reads it transposed
+    return None
+
+
+def _pointer(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def add_matmuls(out: Any, pairs: List[Tuple[Any, Any]]) -> None:
+    """out += sum of a @ b over (a, b) in pairs. out: (M, N); each a: (M, K), b: (K, N), one float
+    dtype. The checks are made once per call, not per product (each costs microseconds, and a thread
+    holds the GIL meanwhile)."""
+    function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
+    m, n = out.shape
+    if function is None or not (out.strides[1] == out.itemsize and out.strides[0] % out.itemsize == 0
+                                and out.strides[0] >= n * out.itemsize) or not (m and n):
+        for a, b in pairs:
+            out += a @ b
+        return
+    ldc, c = out.strides[0] // out.itemsize, _pointer(out)
+    for a, b in pairs:
+        k = a.shape[1]
+        la = _layout(a) if isinstance(a, np.ndarray) and a.dtype == out.dtype else None
+        lb = _layout(b) if isinstance(b, np.ndarray) and b.dtype == out.dtype else None
+        if la is None or lb is None or not k:
+            out += a @ b
+            continue
+        function(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, _pointer(a), la[1], _pointer(b), lb[1], 1.0, c, ldc)
+
+
+def add_matmul(out: Any, a: Any, b: Any) -> None:
+    """out += a @ b. out: (M, N), a: (M, K), b: (K, N), the same float dtype."""
+    add_matmuls(out, [(a, b)])
