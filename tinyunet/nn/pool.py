@@ -39,8 +39,10 @@ class MaxPool2d(Module):
       uint8, 1/16 of the input's float32 memory. Why separable: in channels-last memory the second
       stage compares whole image rows (W*C contiguous numbers) instead of C-number pieces, which
       NumPy runs much faster (2x2 pool of 8x16x128x128: 9.5 -> 6.1 ms on one core).
-    - backward: dx starts at 0 and each view of dx receives dout where argmax picked that offset;
-      overlapping windows (stride < k) add up.
+    - backward: each view of dx receives dout where argmax picked that offset, 0 elsewhere. When the
+      windows tile the input (stride = k, the U-Net's 2x2) the views are disjoint, so each is
+      written once (8x16x128x128: 2.3 -> 1.9 ms on 2 cores); otherwise dx starts at 0 and the views
+      add up (overlapping windows, stride < k).
 
     Works on channels-last memory (x.transpose(0, 2, 3, 1) is free after a conv) and returns the
     output in the same layout.
@@ -105,11 +107,23 @@ class MaxPool2d(Module):
         argmax, (n, c, h, w), dtype = self.cache
         self.cache = None
         dout = dout.transpose(0, 2, 3, 1)
-        dx = xp.zeros((n, h, w, c), dtype=dtype)
+        k, s = self.kernel_size, self.stride
+        if s != k:  # overlapping windows (or gaps between them): every view adds into zeros
+            dx = xp.zeros((n, h, w, c), dtype=dtype)
 
-        def images(start: int, stop: int) -> None:
-            for offset, view in enumerate(self._views(dx[start:stop])):
-                view += dout[start:stop] * (argmax[start:stop] == offset)  # writes through the view into dx
+            def images(start: int, stop: int) -> None:
+                for offset, view in enumerate(self._views(dx[start:stop])):
+                    view += dout[start:stop] * (argmax[start:stop] == offset)  # writes through the view into dx
+        else:  # the windows tile the input: each view of dx is written once, no zeros and no adds
+            dx = xp.empty((n, h, w, c), dtype=dtype)
+            ho, wo = dout.shape[1:3]
+
+            def images(start: int, stop: int) -> None:
+                block = dx[start:stop]
+                block[:, ho * k:] = 0          # rows and columns no window covers (floor mode)
+                block[:, :ho * k, wo * k:] = 0
+                for offset, view in enumerate(self._views(block)):
+                    xp.multiply(dout[start:stop], argmax[start:stop] == offset, out=view)
         map_batch_blocks(images, dx, passes=3)
         return dx.transpose(0, 3, 1, 2)
 
