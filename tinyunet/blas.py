@@ -4,11 +4,11 @@ BLAS's matrix product is ``C = alpha * A @ B + beta * C``; NumPy always calls it
 sum of products (a convolution's nine shifted terms, conv.py) had to write each term into a buffer
 and add the buffer to the sum: one more pass over the output per term. With beta = 1 BLAS adds
 each term into the output itself, while the output's tile is in its registers. Measured for the
-shifted products of a 3x3 convolution on blocks of 16384 rows, 2 cores: 16 -> 16 channels
-6.2 -> 5.2 ms, 16 -> 32 13.1 -> 9.9 ms, 64 -> 32 36.7 -> 30.4 ms.
+nine shifted products of a 3x3 convolution over a batch of 8 at 128x128 (blocks of rows on 2
+cores): 16 -> 16 channels 6.2 -> 5.2 ms, 16 -> 32 13.1 -> 9.9 ms, 64 -> 32 36.7 -> 30.4 ms.
 
-So on NumPy :func:`add_matmul` (:func:`add_matmuls` for several terms) calls ``cblas_sgemm`` / ``cblas_dgemm`` of the BLAS library NumPy
-itself loaded, through ``ctypes`` (no new dependency; ctypes lets go of the GIL during the call, so
+So on NumPy :func:`add_matmul` (:func:`add_matmuls` for several terms) calls ``cblas_sgemm`` /
+``cblas_dgemm`` of the BLAS library NumPy itself loaded, through ``ctypes`` (no new dependency; ctypes lets go of the GIL during the call, so
 threads run their products at the same time, unlike SciPy's wrappers, which hold it). Where that
 library or its symbols are not found (another NumPy build, CuPy arrays), or an array's memory does
 not fit BLAS (a stride that is not a row or column step), it falls back to ``out += a @ b``.
@@ -94,12 +94,12 @@ def add_matmuls(out: Any, pairs: List[Tuple[Any, Any]]) -> None:
     holds the GIL meanwhile)."""
     function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
     m, n = out.shape
-    if function is None or not (out.strides[1] == out.itemsize and out.strides[0] % out.itemsize == 0
-                                and out.strides[0] >= n * out.itemsize) or not (m and n):
+    lc = _layout(out) if function is not None and m and n else None
+    if lc is None or lc[0] != _NO_TRANS:  # BLAS writes C row by row here: out's rows must be contiguous
         for a, b in pairs:
             out += a @ b
         return
-    ldc, c = out.strides[0] // out.itemsize, _pointer(out)
+    ldc, c = lc[1], _pointer(out)
     for a, b in pairs:
         k = a.shape[1]
         la = _layout(a) if isinstance(a, np.ndarray) and a.dtype == out.dtype else None

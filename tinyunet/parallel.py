@@ -122,6 +122,25 @@ def _get_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _threads_here() -> int:
+    """Threads a call from this thread may use: a task's share inside run_concurrently, else all."""
+    return getattr(_share, "threads", None) or get_num_threads()
+
+
+def _run_here_and_on_pool(here: Callable[[], Any], others: List[Any]) -> Any:
+    """here() in the calling thread while the submitted tasks ``others`` run on the pool; returns
+    here()'s result. Even if one fails, all finish before this returns (their arrays must not be let
+    go under them); then the first error is raised."""
+    try:
+        result = here()
+    finally:
+        errors = [task.exception() for task in others]  # waits for each task
+    for error in errors:
+        if error is not None:
+            raise error
+    return result
+
+
 def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1) -> List[Any]:
     """[fn(start, stop) for each block of row_blocks(length, row_work)], in parallel on NumPy.
 
@@ -134,7 +153,7 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
         return [fn(0, length)]
     _limit_blas_threads()  # also with 1 thread: then the user asked for one core
     blocks = row_blocks(length, row_work)
-    threads = min(getattr(_share, "threads", None) or get_num_threads(), len(blocks))
+    threads = min(_threads_here(), len(blocks))
     if threads == 1:
         return [fn(start, stop) for start, stop in blocks]
     pool = _get_pool()
@@ -143,14 +162,7 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
     def run(first: int) -> None:  # blocks first, first + threads, ...: one task per thread, not per block
         for k in range(first, len(blocks), threads):
             results[k] = fn(*blocks[k])
-    others = [pool.submit(run, first) for first in range(1, threads)]
-    try:
-        run(0)
-    finally:  # even if a block failed here, the others must finish before their arrays are let go
-        errors = [task.exception() for task in others]  # waits for each task
-    for error in errors:
-        if error is not None:
-            raise error
+    _run_here_and_on_pool(lambda: run(0), [pool.submit(run, first) for first in range(1, threads)])
     return results
 
 
@@ -163,7 +175,7 @@ def run_concurrently(*tasks: Callable[[], Any]) -> List[Any]:
     Side by side, each task runs its own calls with ``threads // len(tasks)`` threads (one each on
     two cores) and they meet once. Tasks must not write the same memory.
     """
-    share = (getattr(_share, "threads", None) or get_num_threads()) // len(tasks)
+    share = _threads_here() // len(tasks)
     if backend.name() != "numpy" or share < 1 or len(tasks) == 1:
         return [task() for task in tasks]
     _limit_blas_threads()
@@ -177,13 +189,7 @@ def run_concurrently(*tasks: Callable[[], Any]) -> List[Any]:
         finally:
             _share.threads = before
     others = [pool.submit(shared, task) for task in tasks[1:]]
-    try:
-        first = shared(tasks[0])
-    finally:
-        errors = [task.exception() for task in others]
-    for error in errors:
-        if error is not None:
-            raise error
+    first = _run_here_and_on_pool(lambda: shared(tasks[0]), others)
     return [first] + [task.result() for task in others]
 
 
