@@ -80,3 +80,63 @@ def test_sum_of_products_is_the_same_with_and_without_direct_blas(monkeypatch):
             results.append(conv_module.sum_of_products(np.empty((rows, 8), np.float32), pairs))
         for got in results:
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shifted_matmuls_write_the_sum_of_row_shifted_products(dtype):
+    """out = sum_t a[starts[t] : starts[t] + M] @ b[t] (the first term written, not added: out starts
+    as garbage), also into a row slice of a bigger array and from a column slice of a."""
+    rng = np.random.default_rng(4)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    big = rng.standard_normal((60, 7)).astype(dtype)
+    for a in (big[:, :5], np.ascontiguousarray(big[:, 1:6])):      # rows of 7 (lda > K) or of 5
+        b = rng.standard_normal((4, 5, 3)).astype(dtype)
+        starts = [0, 1, 13, 60 - 20]                                  # up to the last row of a
+        whole = np.full((30, 3), np.nan, dtype)
+        out = whole[5:25]
+        assert blas.shifted_matmuls(out, a, starts, b)
+        expected = sum(a[s:s + 20].astype(np.float64) @ b[t] for t, s in enumerate(starts))
+        np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+        assert np.isnan(whole[:5]).all() and np.isnan(whole[25:]).all()    # nothing outside the slice written
+
+
+def test_shifted_matmuls_decline_what_blas_cannot_take():
+    """False, and out untouched, for what the direct call cannot do: the caller then falls back."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((30, 4)), rng.standard_normal((2, 4, 3))
+    out = np.full((10, 3), 7.0)
+    declined = {
+        "a slice past the end of a": (out, a, [0, 21], b),
+        "a negative start": (out, a, [-1, 0], b),
+        "column-major out": (np.full((3, 10), 7.0).T, a, [0, 1], b),
+        "b not a stack": (out, a, [0], b[0]),
+        "b of the wrong shape": (out, a, [0, 1], rng.standard_normal((2, 5, 3))),
+        "mixed dtypes": (out, a.astype(np.float32), [0, 1], b),
+        "integers": (np.zeros((10, 3), np.int64), np.ones((30, 4), np.int64), [0, 1], np.ones((2, 4, 3), np.int64)),
+        "no terms": (out, a, [], b),
+    }
+    for name, (o, a_, starts, b_) in declined.items():
+        before = o.copy()
+        assert not blas.shifted_matmuls(o, a_, starts, b_), name
+        np.testing.assert_array_equal(o, before, err_msg=name)
+
+
+def test_sum_of_shifted_products_is_the_same_on_every_path(monkeypatch):
+    """conv.sum_of_shifted_products: BLAS straight from the memory, or views and sum_of_products
+    (direct BLAS adding, or a buffer added by NumPy), for products above and below the size limit."""
+    rng = np.random.default_rng(6)
+    for rows in (8, 40000):
+        flat = rng.standard_normal((rows + 30, 8)).astype(np.float32)
+        weights = rng.standard_normal((9, 8, 8)).astype(np.float32)
+        starts = [i * 13 + j for i in range(3) for j in range(3)]
+        expected = sum(flat[s:s + rows].astype(np.float64) @ weights[t] for t, s in enumerate(starts))
+        results = []
+        for limit, direct in ((0, True), (0, False), (10 ** 18, True)):
+            monkeypatch.setattr(conv_module, "_MIN_DIRECT_BLAS_WORK", limit)
+            if not direct:
+                monkeypatch.setattr(blas, "shifted_matmuls", lambda *args: False)
+            results.append(conv_module.sum_of_shifted_products(np.empty((rows, 8), np.float32), flat, starts, weights))
+            monkeypatch.undo()
+        for got in results:
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(results[0], results[1])   # the same BLAS calls, the same sums

@@ -159,6 +159,8 @@ def test_padded_lines_are_the_lines_of_the_padded_rows(padding):
     hp, wp = 5 + 2 * padding, 4 + 2 * padding
     for first, last in [(0, 1), (0, 3 * hp), (1, hp + 2), (hp - 1, 2 * hp + 1), (2 * hp, 3 * hp), (1, 3 * hp - 1)]:
         np.testing.assert_array_equal(conv._padded_lines(x, first, last), whole[first * wp:last * wp])
+    # without padding (a 1x1 conv such as the U-Net's head) the lines are x's own memory: no copy
+    assert np.shares_memory(conv._padded_lines(x, 1, 4), x) == (padding == 0)
 
 
 def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):

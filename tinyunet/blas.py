@@ -12,16 +12,21 @@ So on NumPy :func:`add_matmul` (:func:`add_matmuls` for several terms) calls ``c
 threads run their products at the same time, unlike SciPy's wrappers, which hold it). Where that
 library or its symbols are not found (another NumPy build, CuPy arrays), or an array's memory does
 not fit BLAS (a stride that is not a row or column step), it falls back to ``out += a @ b``.
+
+:func:`shifted_matmuls` is the same call specialised for the convolution's pattern, row slices of one
+matrix times a stack of weights: one check of the layouts and pointer arithmetic per term instead
+of a view and its checks (~5 us each, with the GIL held): the shifted layers' forward 4-7% faster
+(16 -> 16 at 128x128, batch 8, 2 cores: 10.1 -> 9.2 ms; 64 -> 32 at 64x64: 10.8 -> 10.2 ms).
 """
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["add_matmul", "add_matmuls", "available"]
+__all__ = ["add_matmul", "add_matmuls", "shifted_matmuls", "available"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # the CBLAS enums
 _functions: Optional[Dict[Any, Any]] = None      # dtype -> ctypes function, filled on first use
@@ -113,3 +118,30 @@ def add_matmuls(out: Any, pairs: List[Tuple[Any, Any]]) -> None:
 def add_matmul(out: Any, a: Any, b: Any) -> None:
     """out += a @ b. out: (M, N), a: (M, K), b: (K, N), the same float dtype."""
     add_matmuls(out, [(a, b)])
+
+
+def shifted_matmuls(out: Any, a: Any, starts: Sequence[int], b: Any) -> bool:
+    """out[...] = sum over t of a[starts[t] : starts[t] + M] @ b[t], by BLAS directly: the first term
+    written (beta = 0), the others added (beta = 1). out: (M, N), a: (R, K), b: (T, K, N), one float
+    dtype, every starts[t] + M <= R. Returns False, having done nothing, where BLAS cannot be called
+    (not NumPy, another BLAS, a layout BLAS does not take): the caller then takes another way.
+
+    A convolution's shifted products (conv.py) are row slices of one matrix times a stack of weights:
+    the layouts are checked once and each term's pointers are computed, where a view and its checks
+    per term cost ~5 us more while the thread holds the GIL (~950 products per U-Net training step).
+    """
+    function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
+    if function is None or not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) \
+            or a.dtype != out.dtype or b.dtype != out.dtype or b.ndim != 3 or not len(starts):
+        return False
+    (m, n), k = out.shape, a.shape[1]
+    lc, la, lb = _layout(out), _layout(a), _layout(b[0])
+    if lc is None or lc[0] != _NO_TRANS or la is None or lb is None or not (m and n and k) \
+            or min(starts) < 0 or max(starts) + m > a.shape[0] or b.shape[1:] != (k, n):
+        return False
+    pa, pb, c = _pointer(a), _pointer(b), _pointer(out)
+    row, term = a.strides[0], b.strides[0]          # bytes from one row of a, one term of b, to the next
+    for t, start in enumerate(starts):
+        function(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, pa + start * row, la[1], pb + t * term, lb[1],
+                 1.0 if t else 0.0, c, lc[1])
+    return True

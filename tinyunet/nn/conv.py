@@ -37,7 +37,7 @@ Backward of the shifted form, with dflat = dout placed at the same rows q (zeros
     dbias = dout summed over N, H, W
 
 The input gradient is again a sum of nine shifted products (the kernel flipped: shifts go the other
-way), so forward and backward share :func:`sum_of_products`. All three run on blocks of rows in
+way), so forward and backward share :func:`sum_of_shifted_products`. All three run on blocks of rows in
 parallel on the CPU (tinyunet/parallel.py), and the weight and input gradients, which do not depend
 on each other, run side by side (``run_concurrently``: each on its share of the cores, so the two
 threads meet once per layer rather than at every one of its many short calls). The weight gradient
@@ -112,6 +112,18 @@ def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
                 buf = xp.empty_like(out)
             xp.matmul(a, b, out=buf)
             out += buf
+    return out
+
+
+def sum_of_shifted_products(out: Any, a: Any, starts: List[int], b: Any) -> Any:
+    """out[...] = sum over t of a[starts[t] : starts[t] + M] @ b[t]: :func:`sum_of_products` of row
+    slices of one matrix with a stack of weights, the convolution's shifted products. out: (M, N),
+    a: (R, K), b: (T, K, N). On NumPy with big enough products BLAS runs them straight from a's and
+    b's memory (tinyunet/blas.py), without a view per term."""
+    m = out.shape[0]
+    if not (backend.name() == "numpy" and m * a.shape[1] * out.shape[1] >= _MIN_DIRECT_BLAS_WORK
+            and blas.shifted_matmuls(out, a, starts, b)):
+        sum_of_products(out, [(a[start:start + m], b[t]) for t, start in enumerate(starts)])
     return out
 
 
@@ -395,13 +407,13 @@ class Conv2d(Module):
         ho, wo = hp - kh + 1, wp - kw + 1
         flat = self._padded_rows(x)                              # (N*Hp*Wp, Cin)
         length = flat.shape[0] - (kh - 1) * wp - (kw - 1)      # rows whose whole window is in flat
-        w_ij = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0))  # (kh, kw, Cin, Cout)
+        w_ij = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0)).reshape(kh * kw, c, -1)  # (kh*kw, Cin, Cout)
         offsets = self._offsets(wp)
         out = xp.empty((n * hp * wp, self.out_channels), dtype=x.dtype)
         out[length:] = 0  # the last rows' windows would run off the end: not computed, and dropped below
 
         def rows(start: int, stop: int) -> None:  # output rows [start, stop); every term is a slice
-            sum_of_products(out[start:stop], [(flat[off + start:off + stop], w_ij[i, j]) for i, j, off in offsets])
+            sum_of_shifted_products(out[start:stop], flat, [off + start for _, _, off in offsets], w_ij)
         row_work = kh * kw * c * self.out_channels  # multiply-adds per output row
         map_row_blocks(rows, length, row_work)  # blocks of rows in parallel (tinyunet/parallel.py)
         # keep x itself, not the padded copy: in the U-Net x is a ReLU's output, which the ReLU keeps
@@ -416,6 +428,8 @@ class Conv2d(Module):
         padding the rest. x: (N, H, W, C)."""
         n, h, w, c = x.shape
         p = self.padding
+        if p == 0 and x.flags.c_contiguous:  # no padding (the 1x1 head): the lines are x's own rows
+            return x.reshape(-1, c)[first * w:last * w]
         hp, wp = h + 2 * p, w + 2 * p
         piece = xp.zeros((last - first, wp, c), dtype=x.dtype)
         whole0, whole1 = -(-first // hp), last // hp              # the images wholly inside: one copy
@@ -510,13 +524,12 @@ class Conv2d(Module):
         #     dxflat[r] = sum_{i,j} dflat[r - off] @ w[i, j]^T        (dflat = 0 outside [0, L))
         # the same sum of shifted products as forward, shifted the other way (a convolution with the
         # flipped kernel). Each block owns its rows of dx: blocks never write the same memory.
-        w_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1))  # (kh, kw, Cout, Cin)
+        w_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1)).reshape(kh * kw, self.out_channels, c)
         total = n * hp * wp
         dxflat = xp.empty((total, c), dtype=dout.dtype)          # gradient of the padded input
 
         def dx_rows(start: int, stop: int) -> None:
-            sum_of_products(dxflat[start:stop], [(dbig[front - off + start:front - off + stop], w_t[i, j])
-                                                 for i, j, off in offsets])
+            sum_of_shifted_products(dxflat[start:stop], dbig, [front - off + start for _, _, off in offsets], w_t)
 
         def input_grad() -> None:
             map_row_blocks(dx_rows, total, kh * kw * c * self.out_channels)
