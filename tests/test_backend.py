@@ -104,6 +104,19 @@ def test_seed_makes_initialisation_reproducible(numpy_backend):
 
 
 # ================================================================== the stand-in itself
+def test_switching_modules_leaves_no_names_of_the_previous_one(fake_cupy):
+    """xp carries the active module's names as its own attributes (fast lookups): after a switch
+    none of the previous module's may remain, or layer code would quietly run on the wrong one."""
+    import fake_cupy as fake
+    from tinyunet.backend import xp
+    assert isinstance(xp.zeros(3), fake.FakeCupyArray)          # forwarded by the stand-in's __getattr__
+    assert xp.ndarray is fake.FakeCupyArray and xp.asnumpy is fake.asnumpy
+    assert xp.ascontiguousarray is not np.ascontiguousarray and xp.float32 is np.float32
+    backend.use("numpy")
+    assert xp.empty is np.empty and xp.ndarray is np.ndarray
+    assert not hasattr(xp, "asnumpy")                           # a stand-in name, gone with it
+
+
 def test_stand_in_refuses_implicit_conversion(fake_cupy):
     d = backend.to_device(np.arange(6.0).reshape(2, 3))
     assert isinstance(d, fake_cupy.FakeCupyArray) and not isinstance(d, np.ndarray)

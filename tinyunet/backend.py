@@ -52,7 +52,10 @@ class _ArrayModule:
     """A stand-in for the active array module: ``xp.zeros`` is ``numpy.zeros`` or ``cupy.zeros``.
 
     Code imports this one object (``from tinyunet.backend import xp``) and every attribute lookup is
-    forwarded to whichever module is active, so switching backends needs no re-import.
+    forwarded to whichever module is active, so switching backends needs no re-import. The active
+    module's public names are copied onto this object (:func:`use_module`), so ``xp.empty`` is a
+    plain attribute lookup; ``__getattr__`` forwarding each lookup cost ~0.6 us, ~4500 times per
+    training step, each with the GIL held.
     """
 
     def __init__(self) -> None:
@@ -73,6 +76,10 @@ xp: Any = _ArrayModule()
 
 def use_module(module: ModuleType, label: str | None = None) -> None:
     """Make ``module`` the array module (tests use this to install a strict CuPy stand-in)."""
+    state = vars(xp)
+    for attr in [attr for attr in state if not attr.startswith("_")]:
+        del state[attr]                  # the previous module's names
+    state.update((attr, value) for attr, value in vars(module).items() if not attr.startswith("_"))
     object.__setattr__(xp, "_module", module)
     object.__setattr__(xp, "_name", label or module.__name__)
 
