@@ -69,7 +69,7 @@ def test_sum_of_products_is_the_same_with_and_without_direct_blas(monkeypatch):
     """Both paths of conv.sum_of_products (BLAS adding into out; a buffer added by NumPy) give the
     sum of the products, for products above and below the size limit."""
     rng = np.random.default_rng(3)
-    for rows in (8, 40000):                  # 40000 * 8 * 8 >= 2**21: the direct path
+    for rows in (8, 40000):                  # 8 * 8 * 8 < 2**16 <= 40000 * 8 * 8: both paths
         flat = rng.standard_normal((rows + 4, 8)).astype(np.float32)
         weights = rng.standard_normal((5, 8, 8)).astype(np.float32)
         pairs = [(flat[k:k + rows], weights[k]) for k in range(5)]

@@ -84,8 +84,10 @@ _MAX_IM2COL_CHANNELS = 4
 _MIN_WINOGRAD_CHANNELS = 64
 _MIN_WINOGRAD_TILES = 512
 # products of at least this many multiply-adds are added into the sum by BLAS itself (blas.py);
-# for smaller ones the extra microseconds of the direct call cost more than the pass it saves
-_MIN_DIRECT_BLAS_WORK = 2 ** 21
+# for smaller ones the microseconds of the direct call cost more than the pass it saves (with
+# blas.shifted_matmuls' few microseconds per term, 2**16 rather than 2**21: batch-1 step pair ratios
+# 0.971, 0.986, 0.979; standard step 0.971)
+_MIN_DIRECT_BLAS_WORK = 2 ** 16
 
 
 def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
@@ -93,7 +95,7 @@ def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
 
     NumPy's matmul can only *write* its result (BLAS's C = A @ B + beta * C with beta = 0). So on
     NumPy every term after the first is added by BLAS itself, beta = 1 (tinyunet/blas.py: 10-25%
-    faster for the U-Net's shifted products), where a product has at least 2**21 multiply-adds;
+    faster for the U-Net's shifted products), where a product has at least 2**16 multiply-adds;
     for smaller ones, on CuPy, and with a NumPy whose BLAS we cannot call, each term goes through one
     out-sized buffer (not one temporary per term) and is added.
     """
