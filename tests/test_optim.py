@@ -177,3 +177,40 @@ def test_lr_is_restored_from_state():
     other = SGD([Parameter(W0.copy())], lr=1.0, momentum=0.5)
     other.load_state_dict(opt.state_dict())
     assert other.lr == 0.05 and math.isclose(float(opt.state_dict()["lr"]), 0.05)
+
+
+def test_parameter_groups_cover_every_parameter_once_and_balance_sizes():
+    sizes = [300_000, 5, 120_000, 120_000, 60_000, 60_000, 16, 300_000, 1]
+    params = [Parameter(np.zeros(n, np.float32)) for n in sizes]
+    groups = Adam(params)._groups()
+    assert sorted(i for group in groups for i in group) == list(range(len(sizes)))
+    totals = sorted(sum(sizes[i] for i in group) for group in groups)
+    assert totals[-1] <= max(sizes) + totals[0]                   # greedy: within one parameter of even
+
+
+@pytest.mark.parametrize("factory", [lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: Adam(ps, lr=1e-3)])
+def test_steps_on_two_threads_equal_steps_on_one(factory):
+    """Parameters big enough for the update to run in groups on the threads: bit-identical results."""
+    from tinyunet import optim, parallel
+    rng = np.random.default_rng(7)
+    data = [rng.standard_normal(n).astype(np.float32) for n in (400_000, 400_000, 300_000, 300_000, 7)]
+    grads = [[rng.standard_normal(d.shape).astype(np.float32) for d in data] for _ in range(3)]
+    before = parallel.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            parallel.set_num_threads(threads)
+            params = [Parameter(d.copy()) for d in data]
+            opt = factory(params)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad[...] = g
+                opt.step()
+            results.append([p.data.copy() for p in params])
+    finally:
+        parallel.set_num_threads(before)
+    groups = factory([Parameter(d) for d in data])._groups()
+    largest = max(sum(data[i].size for i in group) for group in groups)
+    assert len(parallel.row_blocks(len(groups), largest * optim._UPDATE_PASSES * parallel.ELEMENTWISE_WORK)) > 1   # really split
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
