@@ -55,6 +55,8 @@ class Optimizer:
         return self._param_groups
 
     def update(self, i: int, p: Parameter) -> None:
+        """Update parameter i (``p``) from its gradient. Called for the parameters in groups on
+        several threads at once: touch only parameter i's arrays and state."""
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, np.ndarray]:

@@ -409,7 +409,8 @@ class Conv2d(Module):
         ho, wo = hp - kh + 1, wp - kw + 1
         flat = self._padded_rows(x)                              # (N*Hp*Wp, Cin)
         length = flat.shape[0] - (kh - 1) * wp - (kw - 1)      # rows whose whole window is in flat
-        w_ij = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0)).reshape(kh * kw, c, -1)  # (kh*kw, Cin, Cout)
+        # the kernel as a stack of (Cin, Cout) matrices, one per offset (i, j): (kh*kw, Cin, Cout)
+        w_ij = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0)).reshape(kh * kw, c, -1)
         offsets = self._offsets(wp)
         out = xp.empty((n * hp * wp, self.out_channels), dtype=x.dtype)
         out[length:] = 0  # the last rows' windows would run off the end: not computed, and dropped below
@@ -526,6 +527,7 @@ class Conv2d(Module):
         #     dxflat[r] = sum_{i,j} dflat[r - off] @ w[i, j]^T        (dflat = 0 outside [0, L))
         # the same sum of shifted products as forward, shifted the other way (a convolution with the
         # flipped kernel). Each block owns its rows of dx: blocks never write the same memory.
+        # (kh*kw, Cout, Cin): each offset's matrix transposed
         w_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1)).reshape(kh * kw, self.out_channels, c)
         total = n * hp * wp
         dxflat = xp.empty((total, c), dtype=dout.dtype)          # gradient of the padded input
