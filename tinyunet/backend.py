@@ -55,7 +55,9 @@ class _ArrayModule:
     forwarded to whichever module is active, so switching backends needs no re-import. The active
     module's public names are copied onto this object (:func:`use_module`), so ``xp.empty`` is a
     plain attribute lookup; ``__getattr__`` forwarding each lookup cost ~0.6 us, ~4500 times per
-    training step, each with the GIL held.
+    training step, each with the GIL held. (So a module attribute replaced after ``use_module`` is not
+    seen until ``use_module`` runs again; names the module creates lazily still go through
+    ``__getattr__``.)
     """
 
     def __init__(self) -> None:
