@@ -218,9 +218,9 @@ def transposed_matmul(a: Any, b: Any) -> Any:
     """a.T @ b, a sum over the shared rows M. a: (M, K), b: (M, N) -> (K, N).
 
     A tall a (M >= K, e.g. a weight gradient summed over many pixels): one partial sum per block of
-    rows, then added. A wide one (the 8x8 bottleneck's im2row weight gradient: 64 rows per image,
-    K = 2304): blocks of a's columns, each writing its own rows of the result, since partial sums
-    there would be several result-sized arrays (at batch 1, 4 x 2.4 MB: the step's memory peak).
+    rows, then added. A wide one (e.g. an 8x8 image's im2row matrix: 64 rows per image, K = 2304):
+    blocks of a's columns, each writing its own rows of the result, since partial sums there would be
+    several result-sized arrays (at batch 1, 4 x 2.4 MB: once the step's memory peak).
     """
     m, k = a.shape
     work = m * b.shape[1]  # multiply-adds per column of a (per row of the result)
