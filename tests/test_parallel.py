@@ -104,6 +104,9 @@ def test_transposed_matmul_in_both_splittings(shape, threads):
     for count in (1, 2):
         threads(count)
         np.testing.assert_allclose(parallel.transposed_matmul(a, b), a.T @ b, rtol=1e-12, atol=1e-10)
+        for forced in (True, False):           # either splitting chosen by the caller, whatever the shape
+            np.testing.assert_allclose(parallel.transposed_matmul(a, b, partial_sums=forced), a.T @ b,
+                                       rtol=1e-12, atol=1e-10)
 
 
 def _slow_thread_name(start, stop):

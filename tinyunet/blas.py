@@ -93,18 +93,25 @@ def _pointer(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _gemm_into(out: Any) -> Optional[Tuple[Any, int]]:
+    """(the BLAS function, out's leading dimension) where BLAS can write into out directly, else None:
+    a NumPy array of a dtype we have a gemm for, non-empty, whose rows are contiguous (BLAS writes C
+    row by row here)."""
+    function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
+    lc = _layout(out) if function is not None and out.shape[0] and out.shape[1] else None
+    return (function, lc[1]) if lc is not None and lc[0] == _NO_TRANS else None
+
+
 def add_matmuls(out: Any, pairs: List[Tuple[Any, Any]]) -> None:
     """out += sum of a @ b over (a, b) in pairs. out: (M, N); each a: (M, K), b: (K, N), one float
     dtype. The checks are made once per call, not per product (each costs microseconds, and a thread
     holds the GIL meanwhile)."""
-    function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
-    m, n = out.shape
-    lc = _layout(out) if function is not None and m and n else None
-    if lc is None or lc[0] != _NO_TRANS:  # BLAS writes C row by row here: out's rows must be contiguous
+    direct = _gemm_into(out)
+    if direct is None:
         for a, b in pairs:
             out += a @ b
         return
-    ldc, c = lc[1], _pointer(out)
+    (function, ldc), (m, n), c = direct, out.shape, _pointer(out)
     for a, b in pairs:
         k = a.shape[1]
         la = _layout(a) if isinstance(a, np.ndarray) and a.dtype == out.dtype else None
@@ -130,18 +137,18 @@ def shifted_matmuls(out: Any, a: Any, starts: Sequence[int], b: Any) -> bool:
     the layouts are checked once and each term's pointers are computed, where a view and its checks
     per term cost ~5 us more while the thread holds the GIL (~950 products per U-Net training step).
     """
-    function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
-    if function is None or not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) \
+    direct = _gemm_into(out)
+    if direct is None or not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) \
             or a.dtype != out.dtype or b.dtype != out.dtype or b.ndim != 3 or not len(starts):
         return False
-    (m, n), k = out.shape, a.shape[1]
-    lc, la, lb = _layout(out), _layout(a), _layout(b[0])
-    if lc is None or lc[0] != _NO_TRANS or la is None or lb is None or not (m and n and k) \
-            or min(starts) < 0 or max(starts) + m > a.shape[0] or b.shape[1:] != (k, n):
+    (function, ldc), (m, n), k = direct, out.shape, a.shape[1]
+    la, lb = _layout(a), _layout(b[0])
+    if la is None or lb is None or not k or min(starts) < 0 or max(starts) + m > a.shape[0] \
+            or b.shape[1:] != (k, n):
         return False
     pa, pb, c = _pointer(a), _pointer(b), _pointer(out)
     row, term = a.strides[0], b.strides[0]          # bytes from one row of a, one term of b, to the next
     for t, start in enumerate(starts):
         function(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, pa + start * row, la[1], pb + t * term, lb[1],
-                 1.0 if t else 0.0, c, lc[1])
+                 1.0 if t else 0.0, c, ldc)
     return True

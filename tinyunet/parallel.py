@@ -214,17 +214,18 @@ def matmul(a: Any, b: Any) -> Any:
     return out
 
 
-def transposed_matmul(a: Any, b: Any) -> Any:
+def transposed_matmul(a: Any, b: Any, partial_sums: Optional[bool] = None) -> Any:
     """a.T @ b, a sum over the shared rows M. a: (M, K), b: (M, N) -> (K, N).
 
     A tall a (M >= K, e.g. a weight gradient summed over many pixels): one partial sum per block of
     rows, then added. A wide one (e.g. an 8x8 image's im2row matrix: 64 rows per image, K = 2304):
     blocks of a's columns, each writing its own rows of the result, since partial sums there would be
     several result-sized arrays (at batch 1, 4 x 2.4 MB: once the step's memory peak).
+    ``partial_sums`` True or False picks one of the two whatever the shape.
     """
     m, k = a.shape
     work = m * b.shape[1]  # multiply-adds per column of a (per row of the result)
-    if m >= k:
+    if partial_sums if partial_sums is not None else m >= k:
         return sum(map_row_blocks(lambda start, stop: backend.xp.matmul(a[start:stop].T, b[start:stop]), m,
                                   k * b.shape[1]))
     out = backend.xp.empty((k, b.shape[1]), dtype=a.dtype)
