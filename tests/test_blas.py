@@ -1,4 +1,4 @@
-"""out += a @ b through NumPy's own BLAS (tinyunet/blas.py), and its fallback."""
+"""Sums of matrix products added in place by NumPy's own BLAS (tinyunet/blas.py), and the fallback."""
 import numpy as np
 import pytest
 
@@ -22,64 +22,56 @@ def _operands(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_add_matmul_adds_the_product_in_every_layout(dtype):
+def test_shifted_matmuls_take_every_blas_layout_and_decline_the_others(dtype):
+    """One term (starts = [0]) in the memory layouts the convolutions hand over: BLAS writes the
+    product where the layout fits it (row- or column-major, a leading dimension wider than the
+    matrix); where it does not (every other column, reversed rows), nothing is written, and
+    conv.sum_of_shifted_products' fallback gives the same product."""
     rng = np.random.default_rng(0)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for name, out, a, b in _operands(dtype, rng):
-        expected = out.astype(np.float64) + a.astype(np.float64) @ b.astype(np.float64)
-        blas.add_matmul(out, a, b)
-        np.testing.assert_allclose(out, expected, rtol=tol, atol=tol, err_msg=name)
-
-
-def test_add_matmuls_sums_several_terms_into_a_row_slice():
-    """As the shifted products use it: out is a block of rows of a bigger array, the a's are
-    overlapping row slices of one array."""
-    rng = np.random.default_rng(1)
-    flat = rng.standard_normal((50, 4)).astype(np.float32)
-    weights = rng.standard_normal((3, 4, 6)).astype(np.float32)
-    whole = np.zeros((30, 6), np.float32)
-    out = whole[5:25]
-    pairs = [(flat[k + 5:k + 25], weights[k]) for k in range(3)]
-    blas.add_matmuls(out, pairs)
-    expected = sum(a.astype(np.float64) @ b for a, b in pairs)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    assert not whole[:5].any() and not whole[25:].any()    # nothing outside the slice written
+        expected = a.astype(np.float64) @ b.astype(np.float64)
+        before = out.copy()
+        took = blas.shifted_matmuls(out, a, [0], b[None])
+        assert took == (name not in ("every other column (no BLAS layout)", "reversed rows", "K = 0")), name
+        if took:
+            np.testing.assert_allclose(out, expected, rtol=tol, atol=tol, err_msg=name)
+        else:
+            np.testing.assert_array_equal(out, before, err_msg=name)
+        got = conv_module.sum_of_shifted_products(np.empty_like(out), a, [0], np.ascontiguousarray(b)[None])
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol, err_msg=name)
 
 
 def test_numpys_blas_is_found_here():
     """The NumPy wheels of these machines ship OpenBLAS with cblas_sgemm/dgemm: the direct path is
-    what the tests above exercise (otherwise they would only test the fallback)."""
+    what the tests here exercise (otherwise they would only test the fallback)."""
     assert blas.available(np.float32) and blas.available(np.float64)
     assert not blas.available(np.int64)
 
 
-def test_without_a_callable_blas_it_falls_back_to_numpy(monkeypatch):
+def test_without_a_callable_blas_it_declines_and_the_buffer_sums(monkeypatch):
     monkeypatch.setattr(blas, "_functions", {})
     rng = np.random.default_rng(2)
-    out, a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 5)), rng.standard_normal((5, 3))
-    expected = out + a @ b
-    blas.add_matmul(out, a, b)
-    np.testing.assert_allclose(out, expected, rtol=1e-12)
-    ints = np.ones((2, 2), np.int64)
-    blas.add_matmul(ints, np.ones((2, 3), np.int64), np.ones((3, 2), np.int64))
-    assert (ints == 4).all()
+    a, b = rng.standard_normal((40, 5)), rng.standard_normal((3, 5, 3))
+    out = np.full((30, 3), 7.0)
+    assert not blas.shifted_matmuls(out, a, [0, 1, 10], b)
+    assert (out == 7.0).all()
+    monkeypatch.setattr(conv_module, "_MIN_DIRECT_BLAS_WORK", 0)
+    conv_module.sum_of_shifted_products(out, a, [0, 1, 10], b)
+    np.testing.assert_allclose(out, sum(a[s:s + 30] @ b[t] for t, s in enumerate([0, 1, 10])), rtol=1e-12)
 
 
-def test_sum_of_products_is_the_same_with_and_without_direct_blas(monkeypatch):
-    """Both paths of conv.sum_of_products (BLAS adding into out; a buffer added by NumPy) give the
-    sum of the products, for products above and below the size limit."""
+def test_sum_of_products_adds_every_term_through_one_buffer():
+    """The portable path (CuPy, small products): out is written, not added to (it starts as
+    garbage), and the sum is right for one term and for several."""
     rng = np.random.default_rng(3)
-    for rows in (8, 40000):                  # 8 * 8 * 8 < 2**16 <= 40000 * 8 * 8: both paths
-        flat = rng.standard_normal((rows + 4, 8)).astype(np.float32)
-        weights = rng.standard_normal((5, 8, 8)).astype(np.float32)
-        pairs = [(flat[k:k + rows], weights[k]) for k in range(5)]
+    flat = rng.standard_normal((12, 8)).astype(np.float32)
+    weights = rng.standard_normal((5, 8, 6)).astype(np.float32)
+    for terms in (1, 5):
+        pairs = [(flat[k:k + 8], weights[k]) for k in range(terms)]
+        got = conv_module.sum_of_products(np.full((8, 6), np.nan, np.float32), pairs)
         expected = sum(a.astype(np.float64) @ b for a, b in pairs)
-        results = []
-        for limit in (0, 10 ** 18):
-            monkeypatch.setattr(conv_module, "_MIN_DIRECT_BLAS_WORK", limit)
-            results.append(conv_module.sum_of_products(np.empty((rows, 8), np.float32), pairs))
-        for got in results:
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -122,8 +114,8 @@ def test_shifted_matmuls_decline_what_blas_cannot_take():
 
 
 def test_sum_of_shifted_products_is_the_same_on_every_path(monkeypatch):
-    """conv.sum_of_shifted_products: BLAS straight from the memory, or views and sum_of_products
-    (direct BLAS adding, or a buffer added by NumPy), for products above and below the size limit."""
+    """conv.sum_of_shifted_products: BLAS straight from the memory, or views and sum_of_products'
+    buffer (BLAS declined, or products below the size limit), for products above and below it."""
     rng = np.random.default_rng(6)
     for rows in (8, 40000):
         flat = rng.standard_normal((rows + 30, 8)).astype(np.float32)
@@ -139,4 +131,3 @@ def test_sum_of_shifted_products_is_the_same_on_every_path(monkeypatch):
             monkeypatch.undo()
         for got in results:
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(results[0], results[1])   # the same BLAS calls, the same sums

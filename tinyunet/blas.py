@@ -1,4 +1,5 @@
-"""``out += a @ b`` in place: the one feature of BLAS that NumPy's matmul does not expose.
+"""A sum of matrix products added in place by BLAS: the one feature of BLAS that NumPy's matmul
+does not expose.
 
 BLAS's matrix product is ``C = alpha * A @ B + beta * C``; NumPy always calls it with beta = 0, so a
 sum of products (a convolution's nine shifted terms, conv.py) had to write each term into a buffer
@@ -7,26 +8,26 @@ each term into the output itself, while the output's tile is in its registers. M
 nine shifted products of a 3x3 convolution over a batch of 8 at 128x128 (blocks of rows on 2
 cores): 16 -> 16 channels 6.2 -> 5.2 ms, 16 -> 32 13.1 -> 9.9 ms, 64 -> 32 36.7 -> 30.4 ms.
 
-So on NumPy :func:`add_matmul` (:func:`add_matmuls` for several terms) calls ``cblas_sgemm`` /
-``cblas_dgemm`` of the BLAS library NumPy itself loaded, through ``ctypes`` (no new dependency; ctypes lets go of the GIL during the call, so
-threads run their products at the same time, unlike SciPy's wrappers, which hold it). Where that
-library or its symbols are not found (another NumPy build, CuPy arrays), or an array's memory does
-not fit BLAS (a stride that is not a row or column step), it falls back to ``out += a @ b``.
-
-:func:`shifted_matmuls` is the same call specialised for the convolution's pattern, row slices of one
-matrix times a stack of weights: one check of the layouts and pointer arithmetic per term instead
-of a view and its checks (~5 us each, with the GIL held): the shifted layers' forward 4-7% faster
-(16 -> 16 at 128x128, batch 8, 2 cores: 10.1 -> 9.2 ms; 64 -> 32 at 64x64: 10.8 -> 10.2 ms).
+So on NumPy :func:`shifted_matmuls` calls ``cblas_sgemm`` / ``cblas_dgemm`` of the BLAS library
+NumPy itself loaded, through ``ctypes`` (no new dependency; ctypes lets go of the GIL during the
+call, so threads run their products at the same time, unlike SciPy's wrappers, which hold it).
+It is specialised for the convolution's pattern, row slices of one matrix times a stack of weights:
+one check of the layouts and pointer arithmetic per term instead of a view and its checks (~5 us
+each, with the GIL held): the shifted layers' forward 4-7% faster than with a general
+``out += a @ b`` per term (16 -> 16 at 128x128, batch 8, 2 cores: 10.1 -> 9.2 ms; 64 -> 32 at
+64x64: 10.8 -> 10.2 ms). Where that library or its symbols are not found (another NumPy build,
+CuPy arrays), or an array's memory does not fit BLAS (a stride that is not a row or column step),
+it declines and the caller sums the products through a buffer (conv.sum_of_products).
 """
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["add_matmul", "add_matmuls", "shifted_matmuls", "available"]
+__all__ = ["shifted_matmuls", "available"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # the CBLAS enums
 _functions: Optional[Dict[Any, Any]] = None      # dtype -> ctypes function, filled on first use
@@ -71,7 +72,7 @@ def _load() -> Dict[Any, Any]:
 
 
 def available(dtype: Any) -> bool:
-    """Whether :func:`add_matmul` calls BLAS directly for NumPy arrays of this dtype."""
+    """Whether :func:`shifted_matmuls` can call BLAS directly for NumPy arrays of this dtype."""
     global _functions
     if _functions is None:
         _functions = _load()
@@ -100,31 +101,6 @@ def _gemm_into(out: Any) -> Optional[Tuple[Any, int]]:
     function = _functions.get(out.dtype) if isinstance(out, np.ndarray) and available(out.dtype) else None
     lc = _layout(out) if function is not None and out.shape[0] and out.shape[1] else None
     return (function, lc[1]) if lc is not None and lc[0] == _NO_TRANS else None
-
-
-def add_matmuls(out: Any, pairs: List[Tuple[Any, Any]]) -> None:
-    """out += sum of a @ b over (a, b) in pairs. out: (M, N); each a: (M, K), b: (K, N), one float
-    dtype. The checks are made once per call, not per product (each costs microseconds, and a thread
-    holds the GIL meanwhile)."""
-    direct = _gemm_into(out)
-    if direct is None:
-        for a, b in pairs:
-            out += a @ b
-        return
-    (function, ldc), (m, n), c = direct, out.shape, _pointer(out)
-    for a, b in pairs:
-        k = a.shape[1]
-        la = _layout(a) if isinstance(a, np.ndarray) and a.dtype == out.dtype else None
-        lb = _layout(b) if isinstance(b, np.ndarray) and b.dtype == out.dtype else None
-        if la is None or lb is None or not k:
-            out += a @ b
-            continue
-        function(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, _pointer(a), la[1], _pointer(b), lb[1], 1.0, c, ldc)
-
-
-def add_matmul(out: Any, a: Any, b: Any) -> None:
-    """out += a @ b. out: (M, N), a: (M, K), b: (K, N), the same float dtype."""
-    add_matmuls(out, [(a, b)])
 
 
 def shifted_matmuls(out: Any, a: Any, starts: Sequence[int], b: Any) -> bool:

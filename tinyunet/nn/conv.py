@@ -93,18 +93,11 @@ _MIN_DIRECT_BLAS_WORK = 2 ** 16
 def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
     """out[...] = sum of a @ b over (a, b) in pairs. out: (M, N); each a: (M, K), b: (K, N).
 
-    NumPy's matmul can only *write* its result (BLAS's C = A @ B + beta * C with beta = 0). So on
-    NumPy every term after the first is added by BLAS itself, beta = 1 (tinyunet/blas.py: 10-25%
-    faster for the U-Net's shifted products), where a product has at least 2**16 multiply-adds;
-    for smaller ones, on CuPy, and with a NumPy whose BLAS we cannot call, each term goes through one
-    out-sized buffer (not one temporary per term) and is added.
+    NumPy's matmul can only *write* its result (BLAS's C = A @ B + beta * C with beta = 0), so every
+    term after the first goes through one out-sized buffer (not one temporary per term) and is
+    added. This is the portable version (CuPy, small products, a NumPy whose BLAS we cannot call);
+    :func:`sum_of_shifted_products` lets BLAS add the terms itself where it can.
     """
-    a, b = pairs[0]
-    if backend.name() == "numpy" and a.shape[0] * a.shape[1] * b.shape[1] >= _MIN_DIRECT_BLAS_WORK \
-            and blas.available(out.dtype):
-        xp.matmul(*pairs[0], out=out)
-        blas.add_matmuls(out, pairs[1:])
-        return out
     buf = None
     for k, (a, b) in enumerate(pairs):
         if k == 0:
@@ -120,8 +113,9 @@ def sum_of_products(out: Any, pairs: List[Tuple[Any, Any]]) -> Any:
 def sum_of_shifted_products(out: Any, a: Any, starts: List[int], b: Any) -> Any:
     """out[...] = sum over t of a[starts[t] : starts[t] + M] @ b[t]: :func:`sum_of_products` of row
     slices of one matrix with a stack of weights, the convolution's shifted products. out: (M, N),
-    a: (R, K), b: (T, K, N). On NumPy with big enough products BLAS runs them straight from a's and
-    b's memory (tinyunet/blas.py), without a view per term."""
+    a: (R, K), b: (T, K, N). On NumPy with products of at least 2**16 multiply-adds BLAS runs them
+    straight from a's and b's memory and adds each term into out itself (tinyunet/blas.py: 10-25%
+    faster for the U-Net's shifted products than the buffer), without a view per term."""
     m = out.shape[0]
     if not (backend.name() == "numpy" and m * a.shape[1] * out.shape[1] >= _MIN_DIRECT_BLAS_WORK
             and blas.shifted_matmuls(out, a, starts, b)):
