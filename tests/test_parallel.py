@@ -117,22 +117,68 @@ def _slow_thread_name(start, stop):
     return threading.current_thread().name
 
 
-@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("count", [2, 3, 4])
 def test_run_concurrently_gives_each_task_its_share_of_the_threads(threads, count):
-    """Two tasks side by side; inside each, map_row_blocks runs on count // 2 threads of its own."""
-    import threading
+    """Two tasks side by side, each told it has count // 2 threads; both sets of blocks complete."""
     threads(count)
 
     def task(tag):
-        return lambda: (tag, parallel.map_row_blocks(_slow_thread_name, 200_000, 1000))
-    (tag_a, names_a), (tag_b, names_b) = parallel.run_concurrently(task("a"), task("b"))
+        return lambda: (tag, parallel._threads_here(), parallel.map_row_blocks(_slow_thread_name, 200_000, 1000))
+    (tag_a, share_a, names_a), (tag_b, share_b, names_b) = parallel.run_concurrently(task("a"), task("b"))
     assert (tag_a, tag_b) == ("a", "b")                          # results in the order of the tasks
+    assert share_a == share_b == count // 2
     assert len(names_a) == len(names_b) == len(parallel.row_blocks(200_000, 1000))
-    assert set(names_a[0::count // 2]) == {threading.current_thread().name}   # task a: the calling thread
-    assert len(set(names_a)) == len(set(names_b)) == count // 2
-    assert not set(names_a) & set(names_b)                       # at the same time: different threads
+    assert all(isinstance(name, str) for name in names_a + names_b)
     # afterwards a call from this thread has every thread again
+    assert parallel._threads_here() == count
     assert len(set(parallel.map_row_blocks(_slow_thread_name, 200_000, 1000))) == count
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_a_thread_whose_task_is_done_takes_blocks_of_the_other_task(threads, count):
+    """Task a is done at once; its thread (here, the calling one) must not sit idle while task b
+    still has blocks nobody has started."""
+    import threading
+    threads(count)
+    names_b = parallel.run_concurrently(lambda: "a", lambda: parallel.map_row_blocks(_slow_thread_name, 200_000, 1000))[1]
+    assert names_b.count(threading.current_thread().name) >= 2
+    assert len(names_b) == len(parallel.row_blocks(200_000, 1000))
+
+
+def test_helped_blocks_give_the_results_of_one_thread(threads):
+    """Whichever thread runs a block, each block's result lands in its own place."""
+    rows = np.random.default_rng(0).standard_normal((200_000, 3))
+
+    def block_sums(start, stop):
+        return rows[start:stop].sum(axis=0)
+    threads(1)
+    alone = parallel.map_row_blocks(block_sums, len(rows), 1000)
+    threads(2)
+    slow, helped = parallel.run_concurrently(lambda: parallel.map_row_blocks(_slow_thread_name, 200_000, 1000),
+                                             lambda: parallel.map_row_blocks(block_sums, len(rows), 1000))
+    assert len(helped) == len(alone) > 1
+    for a, b in zip(alone, helped):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_error_in_a_helped_block_is_raised_by_its_task_after_its_blocks_finished(threads):
+    import time
+    threads(2)
+    blocks = parallel.row_blocks(200_000, 1000)
+    started, running = [], []
+
+    def fn(start, stop):
+        started.append(start)
+        running.append(start)
+        time.sleep(0.005)
+        if start == blocks[3][0]:
+            raise RuntimeError("block 3 failed")
+        running.remove(start)
+    with pytest.raises(RuntimeError, match="block 3 failed"):
+        parallel.run_concurrently(lambda: None, lambda: parallel.map_row_blocks(fn, 200_000, 1000))
+    assert running == [blocks[3][0]]              # no other block still running when the error is raised
+    assert len(started) < len(blocks)             # the blocks after the failure were not started
+    assert parallel.map_row_blocks(lambda start, stop: start, 200_000, 1000) == [b[0] for b in blocks]
 
 
 def test_run_concurrently_raises_a_tasks_error_after_both_finished(threads):
