@@ -145,6 +145,14 @@ def test_a_thread_whose_task_is_done_takes_blocks_of_the_other_task(threads, cou
     assert len(names_b) == len(parallel.row_blocks(200_000, 1000))
 
 
+def test_a_call_that_is_not_helped_runs_on_its_tasks_threads_only(threads):
+    import threading
+    threads(2)
+    names_b = parallel.run_concurrently(
+        lambda: "a", lambda: parallel.map_row_blocks(_slow_thread_name, 200_000, 1000, helped=False))[1]
+    assert threading.current_thread().name not in names_b and len(set(names_b)) == 1
+
+
 def test_helped_blocks_give_the_results_of_one_thread(threads):
     """Whichever thread runs a block, each block's result lands in its own place."""
     rows = np.random.default_rng(0).standard_normal((200_000, 3))

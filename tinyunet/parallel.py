@@ -221,20 +221,24 @@ class _Helpers:
             call.work()
 
 
-def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1) -> List[Any]:
+def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1,
+                   helped: bool = True) -> List[Any]:
     """[fn(start, stop) for each block of row_blocks(length, row_work)], in parallel on NumPy.
 
     ``row_work``: multiply-adds per row (e.g. K * N for a product (M, K) @ (K, N)), to leave small
     calls whole.
     ``fn`` must only write rows [start, stop) of shared outputs (or return its own partial result),
     so that blocks never touch the same memory.
+    ``helped=False``: inside run_concurrently, only this task's own threads run the blocks - for
+    blocks with big temporaries of their own, where a helping thread would mean two blocks' worth
+    of them at once.
     """
     if backend.name() != "numpy":  # CuPy: one block, the GPU parallelises inside each kernel
         return [fn(0, length)]
     _limit_blas_threads()  # also with 1 thread: then the user asked for one core
     blocks = row_blocks(length, row_work)
     threads = min(_threads_here(), len(blocks))
-    helpers = getattr(_share, "helpers", None) if len(blocks) > 1 else None
+    helpers = getattr(_share, "helpers", None) if len(blocks) > 1 and helped else None
     if helpers is not None:  # inside run_concurrently: threads whose task is done may take blocks too
         return _map_with_helpers(fn, blocks, threads, helpers)
     if threads == 1:

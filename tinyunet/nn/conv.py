@@ -480,7 +480,10 @@ class Conv2d(Module):
                 for i, j, off in offsets:  # (Cin, rows) @ (rows, Cout)
                     xp.matmul(flat[off + start_in:off + stop_in].T, dflat[start:stop], out=part[i, j])
                 return part
-            return sum(map_row_blocks(rows, length, kh * kw * c * self.out_channels))
+            # not helped by the input gradient's thread when joined: each block copies ~3 MB of joined
+            # rows, and a helper's second copy lands at the step's peak (16 -> 16 at 128x128: peak RSS
+            # 179.1 -> 181.8 MB helped), for no gain in time there (backward 24.70 vs 24.73 ms)
+            return sum(map_row_blocks(rows, length, kh * kw * c * self.out_channels, helped=not joined))
         flat = self._padded_rows(x)
         dw = xp.empty((kh, kw, c, self.out_channels), dtype=x.dtype)
 
