@@ -209,13 +209,15 @@ class _Helpers:
             self.pending -= 1
             self.changed.notify_all()
 
+    def _unstarted_call(self) -> Optional[_Blocks]:
+        return next((c for c in self.calls if c.unclaimed()), None)
+
     def help(self) -> None:
         while True:
             with self.changed:
-                call = next((c for c in self.calls if c.unclaimed()), None)
-                while call is None and self.pending:
+                while self._unstarted_call() is None and self.pending:
                     self.changed.wait()
-                    call = next((c for c in self.calls if c.unclaimed()), None)
+                call = self._unstarted_call()
                 if call is None:
                     return
             call.work()
