@@ -220,3 +220,33 @@ def test_run_concurrently_on_a_device_runs_the_tasks_in_order_here(threads, fake
     import threading
     threads(2)
     assert _thread_names_of_two_tasks() == [threading.current_thread().name] * 2
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("outer", ["map_row_blocks", "run_concurrently"])
+def test_a_block_that_splits_its_own_rows_runs_them_in_its_thread(threads, count, outer):
+    """A block function that calls map_row_blocks (or run_concurrently) again: the inner call must
+    not wait for pool threads that are all busy running outer blocks (a deadlock); it runs serially
+    in the block's thread, with the same results."""
+    import threading
+    threads(count)
+    rows = np.arange(200_000.0)
+
+    def inner(start, stop):
+        here = threading.current_thread().name
+        names = parallel.map_row_blocks(lambda a, b: threading.current_thread().name, stop - start, 1000)
+        nested = parallel.run_concurrently(lambda: threading.current_thread().name, lambda: rows[start:stop].sum())
+        return set(names) | {nested[0]} == {here}, nested[1]
+
+    def outer_call():
+        if outer == "map_row_blocks":
+            return parallel.map_row_blocks(inner, len(rows), 2 ** 20)
+        return sum(parallel.run_concurrently(lambda: parallel.map_row_blocks(inner, len(rows), 2 ** 20),
+                                             lambda: parallel.map_row_blocks(inner, len(rows), 2 ** 20)), [])
+    done = []
+    worker = threading.Thread(target=lambda: done.append(outer_call()), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert done, "nested map_row_blocks deadlocked"
+    assert all(same_thread for same_thread, _ in done[0])
+    assert sum(total for _, total in done[0]) == rows.sum() * (1 if outer == "map_row_blocks" else 2)

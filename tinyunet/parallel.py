@@ -43,7 +43,8 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from tinyunet import backend
 
@@ -64,7 +65,7 @@ _threads: Optional[int] = None
 _pool: Optional[ThreadPoolExecutor] = None
 _blas_limited = False
 # .threads: how many threads the task running in this thread may use; .helpers: inside run_concurrently,
-# the _Helpers its tasks share
+# the _Helpers its tasks share; .in_block: this thread is running blocks of a map_row_blocks call
 _share = threading.local()
 
 
@@ -126,8 +127,22 @@ def _get_pool() -> ThreadPoolExecutor:
 
 
 def _threads_here() -> int:
-    """Threads a call from this thread may use: a task's share inside run_concurrently, else all."""
+    """Threads a call from this thread may use: a task's share inside run_concurrently, else all;
+    1 inside a block. A block that splits its own rows again runs them itself: the pool threads may
+    all be running this call's other blocks, and waiting for them would wait forever."""
+    if getattr(_share, "in_block", False):
+        return 1
     return getattr(_share, "threads", None) or get_num_threads()
+
+
+@contextmanager
+def _running_blocks() -> Iterator[None]:
+    """Around running blocks in a thread: calls made from inside them get 1 thread (_threads_here)."""
+    before, _share.in_block = getattr(_share, "in_block", False), True
+    try:
+        yield
+    finally:
+        _share.in_block = before
 
 
 def _run_here_and_on_pool(here: Callable[[], Any], others: List[Any]) -> Any:
@@ -160,6 +175,10 @@ class _Blocks:
 
     def work(self) -> None:
         """Run unclaimed blocks until there are none; an error is kept for the caller of wait()."""
+        with _running_blocks():
+            self._work()
+
+    def _work(self) -> None:
         while True:
             with self.changed:
                 if not self.unclaimed():
@@ -230,7 +249,8 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
     ``row_work``: multiply-adds per row (e.g. K * N for a product (M, K) @ (K, N)), to leave small
     calls whole.
     ``fn`` must only write rows [start, stop) of shared outputs (or return its own partial result),
-    so that blocks never touch the same memory.
+    so that blocks never touch the same memory. If fn splits its rows again (map_row_blocks,
+    run_concurrently), that inner call runs in fn's thread.
     ``helped=False``: inside run_concurrently, only this task's own threads run the blocks - for
     blocks with big temporaries of their own, where a helping thread would mean two blocks' worth
     of them at once.
@@ -249,8 +269,9 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
     results: List[Any] = [None] * len(blocks)
 
     def run(first: int) -> None:  # blocks first, first + threads, ...: one task per thread, not per block
-        for k in range(first, len(blocks), threads):
-            results[k] = fn(*blocks[k])
+        with _running_blocks():
+            for k in range(first, len(blocks), threads):
+                results[k] = fn(*blocks[k])
     _run_here_and_on_pool(lambda: run(0), [pool.submit(run, first) for first in range(1, threads)])
     return results
 
