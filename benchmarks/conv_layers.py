@@ -136,7 +136,10 @@ def run_torch(args: argparse.Namespace) -> Optional[Dict[Shape, float]]:
     cmd = [python, os.path.abspath(__file__), "--worker", "torch", "--batch-size", str(args.batch_size),
            "--size", str(args.size), "--base-channels", str(args.base_channels), "--depth", str(args.depth),
            "--reps", str(args.reps)] + (["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # glibc keeps freed memory for PyTorch too: by default each step's ~8 MB outputs and gradients
+    # would be fresh mmaps, page-faulted in on every call (tinyunet's side keeps its freed memory)
+    env = dict(os.environ, **train_step.KEEP_FREED_MEMORY)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"--compare-torch: the torch worker failed: {proc.stderr.strip().splitlines()[-1:]}")
         return None

@@ -25,7 +25,9 @@ What is printed, and the conventions behind each number:
 - breakdown: forward and backward time of each layer type, summed over its instances, measured by
   wrapping each layer's forward/backward in this script (the package has no timing code), over
   separate steps after the clean timing; "other" is the rest of the step (the U-Net's skip-gradient
-  additions and Python glue).
+  additions and Python glue). With ``--compare-torch`` PyTorch's layers are timed the same way
+  (module hooks, see ``torch_breakdown``) and printed beside ours; ``--per-conv`` also lists every
+  convolution of the network, in the order the forward pass runs them.
 - peak memory: (a) tracemalloc: the peak of traced allocations during one step above the level just
   before it (NumPy reports its array buffers to tracemalloc), NumPy only; (b) peak RSS: the process's
   resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs where the kernel allows) during
@@ -52,7 +54,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 DEFAULT_TORCH_PYTHON = "/work/torchenv/bin/python"
 
@@ -70,6 +72,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--breakdown-steps", type=int, default=3, help="steps timed with per-layer wrappers (0: skip)")
+    p.add_argument("--per-conv", action="store_true",
+                   help="with the breakdown, also print each convolution's forward and backward")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for tinyunet's row blocks (parallel.set_num_threads), for the reference "
                         "matrix product's BLAS and for torch.set_num_threads; default: every usable core")
@@ -274,6 +278,8 @@ def breakdown(h: Harness, steps: int) -> Dict[str, float]:
     for m in h.leaves():
         kind = type(m).__name__
         m.forward, m.backward = timed(m.forward, (kind, "fwd")), timed(m.backward, (kind, "bwd"))
+        if kind == "Conv2d":  # each convolution on its own too, named by the order its forward runs
+            m.forward, m.backward = timed(m.forward, (m, "fwd")), timed(m.backward, (m, "bwd"))
         wrapped.append(m)
     loss, opt = h.loss, h.opt
     loss.forward, loss.backward = timed(loss.forward, ("loss", "fwd")), timed(loss.backward, ("loss", "bwd"))
@@ -288,8 +294,17 @@ def breakdown(h: Harness, steps: int) -> Dict[str, float]:
     for m in wrapped:
         del m.forward, m.backward
     del loss.forward, loss.backward, opt.step, opt.zero_grad
-    out = {f"{k[0]}.{k[1]}": v / steps for k, v in times.items()}
-    out["total"] = total / steps
+    return per_step(times, steps, total)
+
+
+def per_step(times: Dict[Any, float], steps: int, total: float) -> Dict[str, float]:
+    """Seconds per step under "Kind.fwd"/"Kind.bwd" names, and each convolution (times keyed by the
+    module itself; dicts keep the order of first use, the forward order) as "conv k: Cin->Cout @ HxW"."""
+    out: Dict[str, float] = {"total": total / steps}
+    convs = [m for m, _ in times if not isinstance(m, str)]
+    names = {m: f"conv {k:2d}: {m.in_channels}->{m.out_channels}" for k, m in enumerate(dict.fromkeys(convs))}
+    for (key, direction), seconds in times.items():
+        out[f"{names.get(key, key)}.{direction}"] = seconds / steps
     return out
 
 
@@ -404,9 +419,86 @@ def torch_worker(args: argparse.Namespace, memory: bool) -> Dict[str, Any]:
         step()  # allocate optimizer state, first-call caches
         return measure_rss(step)
     ts = time_steps(step, lambda: None, args.warmup, args.steps)
-    return {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
-            "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
-            "params": sum(p.numel() for p in model.parameters())}
+    res = {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
+           "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
+           "params": sum(p.numel() for p in model.parameters())}
+    if args.breakdown_steps:
+        res["breakdown_ms"] = {k: v * 1e3 for k, v in torch_breakdown(model, loss_fn, opt, x, y,
+                                                                      args.breakdown_steps).items()}
+    return res
+
+
+def torch_breakdown(model: Any, loss_fn: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict[str, float]:
+    """Seconds per step in each layer type's forward and backward, as ``breakdown`` for tinyunet.
+
+    Module hooks mark where each layer's forward starts and ends, and where autograd starts and
+    ends its backward (full backward pre-hook and hook; CPU autograd runs the nodes one after
+    another on this thread, each using the intra-op threads). torch.cat is no module: it lands in
+    "other", with the autograd engine's own work. The first convolution's input needs no gradient,
+    so no hook marks the end of its backward: it is the last node of the backward pass, and its
+    time runs to the end of ``loss.backward()``."""
+    import torch
+    from collections import defaultdict
+    times: Dict[str, float] = defaultdict(float)
+    started: Dict[Any, float] = {}
+    handles = []
+
+    def start(key: Any) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            started[key] = time.perf_counter()
+        return hook
+
+    def end(key: Any, name: Any, keep: bool = False) -> Callable[..., None]:
+        def hook(*_: Any) -> None:  # keep: a later hook of the same module pops the start
+            began = started[key] if keep else started.pop(key)
+            times[name] += time.perf_counter() - began
+        return hook
+
+    def end_backward(key: Any, name: Any, keep: bool = False) -> Callable[..., None]:
+        def hook(module: Any, grad_input: Any, grad_output: Any) -> None:
+            if any(g is not None for g in grad_input):  # else: counted at the end of loss.backward()
+                end(key, name, keep)()
+        return hook
+
+    kinds = {torch.nn.Conv2d: "Conv2d", torch.nn.ConvTranspose2d: "ConvTranspose2d",
+             torch.nn.BatchNorm2d: "BatchNorm2d", torch.nn.ReLU: "ReLU", torch.nn.MaxPool2d: "MaxPool2d",
+             torch.nn.CrossEntropyLoss: "loss"}
+    for m in list(model.modules()) + [loss_fn]:
+        kind = kinds.get(type(m))
+        if kind is None:
+            continue
+        handles += [m.register_forward_pre_hook(start((m, "fwd"))), m.register_full_backward_pre_hook(start((m, "bwd")))]
+        if type(m) is torch.nn.Conv2d:  # each convolution on its own too, as for tinyunet (hooks run in order)
+            handles += [m.register_forward_hook(end((m, "fwd"), (m, "fwd"), keep=True)),
+                        m.register_full_backward_hook(end_backward((m, "bwd"), (m, "bwd"), keep=True))]
+        handles += [m.register_forward_hook(end((m, "fwd"), (kind, "fwd"))),
+                    m.register_full_backward_hook(end_backward((m, "bwd"), (kind, "bwd")))]
+
+    def step() -> None:
+        t = time.perf_counter()
+        opt.zero_grad()
+        times["optimizer", "zero_grad"] += time.perf_counter() - t
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        done = time.perf_counter()
+        for (module, _), began in list(started.items()):  # backward passes no hook has ended
+            times[kinds[type(module)], "bwd"] += done - began
+            if type(module) is torch.nn.Conv2d:
+                times[module, "bwd"] += done - began
+        started.clear()
+        t = time.perf_counter()
+        opt.step()
+        times["optimizer", "step"] += time.perf_counter() - t
+
+    step()  # warm the hooks
+    times.clear()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    total = time.perf_counter() - t
+    for h in handles:
+        h.remove()
+    return per_step(times, steps, total)
 
 
 def torch_importable() -> bool:
@@ -431,7 +523,9 @@ def spawn(args: argparse.Namespace, worker: str, python: str) -> Optional[Dict[s
            "--batch-size", str(args.batch_size), "--size", str(args.size),
            "--base-channels", str(args.base_channels), "--depth", str(args.depth),
            "--classes", str(args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--backend", args.backend]
+           "--breakdown-steps", str(args.breakdown_steps), "--backend", args.backend]
+    if args.per_conv:
+        cmd += ["--per-conv"]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     if args.no_memory:
@@ -499,20 +593,7 @@ def print_result(args: argparse.Namespace, res: Dict[str, Any], machine: float,
     print(f"  effective         {eff:8.1f} GFLOP/s   = {100 * eff / machine:.0f}% of this machine's "
           f"{machine:.1f} GFLOP/s (float32 2048^3 matmul)")
     if "breakdown_ms" in res:
-        b = res["breakdown_ms"]
-        total = b.pop("total")
-        print(f"  breakdown over {args.breakdown_steps} wrapped steps ({total:.1f} ms/step with wrappers):")
-        print(f"    {'':16s} {'forward':>9s} {'backward':>9s} {'total':>9s} {'share':>6s}")
-        rows = [(t, b.get(f"{t}.fwd", 0.0), b.get(f"{t}.bwd", 0.0)) for t in TYPES]
-        rows += [("loss", b.get("loss.fwd", 0.0), b.get("loss.bwd", 0.0)),
-                 ("optimizer", b.get("optimizer.zero_grad", 0.0), b.get("optimizer.step", 0.0))]
-        accounted = sum(f + bw for _, f, bw in rows)
-        for name, f, bw in rows:
-            print(f"    {name:16s} {f:8.1f}  {bw:8.1f}  {f + bw:8.1f}  {100 * (f + bw) / total:5.1f}%")
-        other = total - accounted
-        print(f"    {'other':16s} {'':9s} {'':9s} {other:8.1f}  {100 * other / total:5.1f}%   "
-              "(skip-gradient adds, Python glue)")
-        print("    (optimizer: 'forward' column = zero_grad, 'backward' column = step)")
+        print_breakdown(args, res["breakdown_ms"], (torch_res or {}).get("breakdown_ms"))
     if "tracemalloc_peak_mb" in res:
         print(f"  peak memory       {res['tracemalloc_peak_mb']:8.1f} MB tracemalloc peak during one step (NumPy buffers)")
     if res.get("rss_peak_delta_mb") is not None:
@@ -527,6 +608,46 @@ def print_result(args: argparse.Namespace, res: Dict[str, Any], machine: float,
         if torch_res.get("rss_peak_delta_mb") is not None and res.get("rss_peak_delta_mb") is not None:
             print(f"  peak RSS delta    {torch_res['rss_peak_delta_mb']:8.1f} MB torch vs "
                   f"{res['rss_peak_delta_mb']:.1f} MB tinyunet ({res['rss_peak_delta_mb'] / max(torch_res['rss_peak_delta_mb'], 1e-9):.2f}x)")
+
+
+def breakdown_rows(b: Dict[str, float]) -> List[Any]:
+    """(name, forward ms, backward ms) per layer type, loss, optimizer, and "other" (the rest of the step)."""
+    rows = [(t, b.get(f"{t}.fwd", 0.0), b.get(f"{t}.bwd", 0.0)) for t in TYPES]
+    rows += [("loss", b.get("loss.fwd", 0.0), b.get("loss.bwd", 0.0)),
+             ("optimizer", b.get("optimizer.zero_grad", 0.0), b.get("optimizer.step", 0.0))]
+    return rows + [("other", 0.0, b["total"] - sum(f + bw for _, f, bw in rows))]
+
+
+def conv_rows(b: Dict[str, float]) -> List[Any]:
+    """(name, forward ms, backward ms) of each convolution, in forward order."""
+    names = [k[:-4] for k in b if k.startswith("conv ") and k.endswith(".fwd")]
+    return [(name, b[name + ".fwd"], b.get(name + ".bwd", 0.0)) for name in names]
+
+
+def print_breakdown(args: argparse.Namespace, ours: Dict[str, float], theirs: Optional[Dict[str, float]]) -> None:
+    """The per-layer table; with PyTorch's breakdown from the same run beside it."""
+    head = f"  breakdown over {args.breakdown_steps} wrapped steps ({ours['total']:.1f} ms/step with wrappers"
+    print(head + (f"; PyTorch {theirs['total']:.1f} ms/step with hooks):" if theirs else "):"))
+    cols = f"{'forward':>9s} {'backward':>9s} {'total':>9s} {'share':>6s}"
+    print(f"    {'':18s} {cols}" + (f"   | PyTorch {cols}   tinyunet/PyTorch" if theirs else ""))
+
+    def print_rows(rows: List[Any], their_rows: Optional[List[Any]]) -> None:
+        for k, (name, f, bw) in enumerate(rows):
+            def cells(fwd: float, bwd: float, total: float) -> str:  # "other" is one number, no fwd/bwd split
+                parts = f"{'':9s} {'':9s}" if name == "other" else f"{fwd:8.1f}  {bwd:8.1f} "
+                return f"{parts} {fwd + bwd:8.1f}  {100 * (fwd + bwd) / total:5.1f}%"
+            line = f"    {name:18s} {cells(f, bw, ours['total'])}"
+            if their_rows and k < len(their_rows):
+                _, tf, tb = their_rows[k]
+                ratio = f"{(f + bw) / (tf + tb):8.2f}x" if tf + tb > 0.05 else f"{'-':>9s}"
+                line += f"   |         {cells(tf, tb, theirs['total'])}   {ratio}"
+            print(line)
+    print_rows(breakdown_rows(ours), breakdown_rows(theirs) if theirs else None)
+    print("    (optimizer: 'forward' column = zero_grad, 'backward' column = step; other: skip-gradient adds, "
+          "Python glue" + ("; PyTorch's torch.cat is no module: in its other" if theirs else "") + ")")
+    if args.per_conv:
+        print("  each convolution, in the order of the forward pass (Cin->Cout):")
+        print_rows(conv_rows(ours), conv_rows(theirs) if theirs else None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -554,7 +675,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # other processes make any single GEMM measurement low: keep the best one seen in this run
         machine = max(machine, gemm_gflops(np, threads))
         print_result(c, res, machine, torch_res)
-        rounds.append([(res["ms_median"], torch_res["ms_median"] if torch_res else None)])
+        rounds.append([round_result(res, torch_res)])
         if args.json:
             print(json.dumps({"config": {k: getattr(c, k) for k in ("batch_size", "size", "base_channels", "depth")},
                               "machine_gflops": machine, "tinyunet": res, "torch": torch_res}))
@@ -564,31 +685,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def round_result(res: Dict[str, Any], torch_res: Optional[Dict[str, Any]]) -> Tuple[float, Optional[float], Any, Any]:
+    """What a round keeps: both step times and both breakdowns (None where not measured)."""
+    return (res["ms_median"], torch_res["ms_median"] if torch_res else None,
+            res.get("breakdown_ms"), (torch_res or {}).get("breakdown_ms"))
+
+
+def median_breakdown(breakdowns: List[Optional[Dict[str, float]]]) -> Optional[Dict[str, float]]:
+    """Per name, the median over the rounds that measured it."""
+    import statistics
+    measured = [b for b in breakdowns if b]
+    return {k: statistics.median(b[k] for b in measured if k in b) for k in measured[0]} if measured else None
+
+
 def repeat_rounds(args: argparse.Namespace, configs: List[argparse.Namespace], rounds: List[List[Any]],
                   machine: float) -> None:
     """Time each configuration again, tinyunet and PyTorch one after the other, and summarise.
 
     This machine's speed drifts over minutes (other tenants): a single run can be 10-20% off for
     both frameworks. Repeating the pair and reading the median of the per-round ratios is steadier
-    than one run's ratio."""
+    than one run's ratio. The breakdowns are measured again each round too (a few steps each) and
+    printed as medians over the rounds."""
     import statistics
     for _ in range(args.rounds - 1):
         for c, per_round in zip(configs, rounds):
             quick = argparse.Namespace(**vars(c))
-            quick.breakdown_steps, quick.no_memory = 0, True
+            quick.no_memory = True
             res = run_numpy(quick)
             torch_res = run_torch(quick) if c.compare_torch and c.arch == "unet" else None
-            per_round.append((res["ms_median"], torch_res["ms_median"] if torch_res else None))
+            per_round.append(round_result(res, torch_res))
     print(f"\n== {args.rounds} rounds (median step of each round; machine {machine:.1f} GFLOP/s, the best seen)")
     for c, per_round in zip(configs, rounds):
-        ours = [ms for ms, _ in per_round]
+        ours = [r[0] for r in per_round]
         line = (f"  batch {c.batch_size}, base {c.base_channels}: tinyunet "
                 + " ".join(f"{ms:.0f}" for ms in ours) + f" ms (median {statistics.median(ours):.0f})")
-        ratios = [ms / t for ms, t in per_round if t]
+        ratios = [ms / t for ms, t, _, _ in per_round if t]
         if ratios:
-            line += ("; PyTorch " + " ".join(f"{t:.0f}" for _, t in per_round) + " ms; ratio median "
+            line += ("; PyTorch " + " ".join(f"{r[1]:.0f}" for r in per_round) + " ms; ratio median "
                      f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
         print(line)
+    for c, per_round in zip(configs, rounds):
+        ours_b = median_breakdown([r[2] for r in per_round])
+        if ours_b:
+            print(f"\n== batch {c.batch_size}, base {c.base_channels}: breakdown, median of {args.rounds} rounds")
+            print_breakdown(c, ours_b, median_breakdown([r[3] for r in per_round]))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def unet_forward_flops(n: int, size: int, base: int, depth: int, in_ch: int = 3,
 def test_train_step_benchmark_reports_consistent_figures():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--size", "32", "--base-channels", "4", "--depth", "2",
                            "--batch-size", "2", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1",
-                           "--json", "--rounds", "2"], capture_output=True, text=True, timeout=300)
+                           "--per-conv", "--json", "--rounds", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     ours = result["tinyunet"]
@@ -40,12 +40,21 @@ def test_train_step_benchmark_reports_consistent_figures():
     assert 0 < ours["ms_min"] <= ours["ms_median"]
     for layer in ("Conv2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "MaxPool2d"):
         assert ours["breakdown_ms"][f"{layer}.fwd"] > 0 and ours["breakdown_ms"][f"{layer}.bwd"] > 0
+    # --per-conv: the 11 convolutions of a depth-2 U-Net in forward order, summing to the Conv2d rows
+    convs = [k[:-4] for k in ours["breakdown_ms"] if k.startswith("conv ") and k.endswith(".fwd")]
+    widths = ["3->4", "4->4", "4->8", "8->8", "8->16", "16->16", "16->8", "8->8", "8->4", "4->4", "4->3"]
+    assert convs == [f"conv {k:2d}: {w}" for k, w in enumerate(widths)]
+    for direction in ("fwd", "bwd"):
+        per_conv = sum(ours["breakdown_ms"][f"{name}.{direction}"] for name in convs)
+        assert per_conv == pytest.approx(ours["breakdown_ms"][f"Conv2d.{direction}"], rel=0.05)
+    assert "each convolution, in the order of the forward pass" in proc.stdout
     assert ours["tracemalloc_peak_mb"] > 0
     assert ours["rss_peak_delta_mb"] >= 0  # tiny arrays come from the heap: RSS may not grow at all
     assert result["machine_gflops"] > 0
     assert "freed memory kept for reuse" in proc.stdout
     summary = proc.stdout.split("== 2 rounds")[1].splitlines()[1]
     assert summary.startswith("  batch 2, base 4: tinyunet ") and len(summary.split("ms")[0].split()) == 7
+    assert "== batch 2, base 4: breakdown, median of 2 rounds" in proc.stdout
 
 
 @pytest.mark.slow
@@ -80,3 +89,23 @@ def test_conv_layers_lists_every_unet_conv_shape_and_method():
         assert all(ms > 0 for ms in layer["ms"].values())
         assert layer["default"] in layer["ms"]
     assert layers[0]["default"] == "im2col" and layers[3]["default"] == "im2row"
+
+
+def test_torch_breakdown_times_every_layer_type_and_convolution():
+    """Only where torch is installed (an optional extra; CI has none): PyTorch's hooks-based
+    breakdown has the same names as ours, and its per-convolution rows add up to its Conv2d row."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(SCRIPT.parent))
+    import train_step
+    args = train_step.parse_args(["--size", "32", "--base-channels", "4", "--depth", "2", "--batch-size", "2",
+                                  "--steps", "1", "--warmup", "1", "--breakdown-steps", "2"])
+    b = train_step.torch_worker(args, memory=False)["breakdown_ms"]
+    for layer in ("Conv2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "MaxPool2d", "loss"):
+        assert b[f"{layer}.fwd"] > 0 and b[f"{layer}.bwd"] > 0
+    convs = [k[:-4] for k in b if k.startswith("conv ") and k.endswith(".fwd")]
+    assert [name.split(": ")[1] for name in convs] == ["3->4", "4->4", "4->8", "8->8", "8->16", "16->16",
+                                                       "16->8", "8->8", "8->4", "4->4", "4->3"]
+    for direction in ("fwd", "bwd"):
+        assert sum(b[f"{name}.{direction}"] for name in convs) == pytest.approx(b[f"Conv2d.{direction}"], rel=0.05)
+    parts = sum(v for k, v in b.items() if k != "total" and not k.startswith("conv "))
+    assert 0 < parts < b["total"]
