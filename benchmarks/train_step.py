@@ -299,7 +299,7 @@ def breakdown(h: Harness, steps: int) -> Dict[str, float]:
 
 def per_step(times: Dict[Any, float], steps: int, total: float) -> Dict[str, float]:
     """Seconds per step under "Kind.fwd"/"Kind.bwd" names, and each convolution (times keyed by the
-    module itself; dicts keep the order of first use, the forward order) as "conv k: Cin->Cout @ HxW"."""
+    module itself; dicts keep the order of first use, the forward order) as "conv k: Cin->Cout"."""
     out: Dict[str, float] = {"total": total / steps}
     convs = [m for m, _ in times if not isinstance(m, str)]
     names = {m: f"conv {k:2d}: {m.in_channels}->{m.out_channels}" for k, m in enumerate(dict.fromkeys(convs))}
@@ -439,7 +439,7 @@ def torch_breakdown(model: Any, loss_fn: Any, opt: Any, x: Any, y: Any, steps: i
     time runs to the end of ``loss.backward()``."""
     import torch
     from collections import defaultdict
-    times: Dict[str, float] = defaultdict(float)
+    times: Dict[Any, float] = defaultdict(float)
     started: Dict[Any, float] = {}
     handles = []
 
