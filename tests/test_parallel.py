@@ -223,24 +223,32 @@ def test_run_concurrently_on_a_device_runs_the_tasks_in_order_here(threads, fake
 
 
 @pytest.mark.parametrize("count", [2, 3])
-@pytest.mark.parametrize("outer", ["map_row_blocks", "run_concurrently"])
+@pytest.mark.parametrize("outer", ["map_row_blocks", "run_concurrently", "one block, helped"])
 def test_a_block_that_splits_its_own_rows_runs_them_in_its_thread(threads, count, outer):
     """A block function that calls map_row_blocks (or run_concurrently) again: the inner call must
     not wait for pool threads that are all busy running outer blocks (a deadlock); it runs serially
-    in the block's thread, with the same results."""
+    in the block's thread, with the same results - also where a thread whose task is done would
+    take blocks ("one block, helped": the outer call is one block, the first task ends at once and
+    its thread looks for blocks to take while the inner ones run, slowly)."""
+    import time
     import threading
     threads(count)
     rows = np.arange(200_000.0)
 
     def inner(start, stop):
         here = threading.current_thread().name
-        names = parallel.map_row_blocks(lambda a, b: threading.current_thread().name, stop - start, 1000)
+        def name(a, b):
+            time.sleep(0.001)
+            return threading.current_thread().name
+        names = parallel.map_row_blocks(name, stop - start, 2 ** 12)  # several inner blocks
         nested = parallel.run_concurrently(lambda: threading.current_thread().name, lambda: rows[start:stop].sum())
         return set(names) | {nested[0]} == {here}, nested[1]
 
     def outer_call():
         if outer == "map_row_blocks":
             return parallel.map_row_blocks(inner, len(rows), 2 ** 20)
+        if outer == "one block, helped":
+            return parallel.run_concurrently(lambda: None, lambda: parallel.map_row_blocks(inner, len(rows), 1))[1]
         return sum(parallel.run_concurrently(lambda: parallel.map_row_blocks(inner, len(rows), 2 ** 20),
                                              lambda: parallel.map_row_blocks(inner, len(rows), 2 ** 20)), [])
     done = []
@@ -249,4 +257,4 @@ def test_a_block_that_splits_its_own_rows_runs_them_in_its_thread(threads, count
     worker.join(timeout=20)
     assert done, "nested map_row_blocks deadlocked"
     assert all(same_thread for same_thread, _ in done[0])
-    assert sum(total for _, total in done[0]) == rows.sum() * (1 if outer == "map_row_blocks" else 2)
+    assert sum(total for _, total in done[0]) == rows.sum() * (2 if outer == "run_concurrently" else 1)

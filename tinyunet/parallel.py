@@ -43,8 +43,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from tinyunet import backend
 
@@ -135,14 +134,16 @@ def _threads_here() -> int:
     return getattr(_share, "threads", None) or get_num_threads()
 
 
-@contextmanager
-def _running_blocks() -> Iterator[None]:
-    """Around running blocks in a thread: calls made from inside them get 1 thread (_threads_here)."""
-    before, _share.in_block = getattr(_share, "in_block", False), True
-    try:
-        yield
-    finally:
-        _share.in_block = before
+class _RunningBlocks:
+    """``with _RunningBlocks():`` around running blocks in this thread: calls made from inside them
+    run in this thread too (_threads_here). A class, not @contextmanager: it wraps every small call."""
+    __slots__ = ("before",)
+
+    def __enter__(self) -> None:
+        self.before, _share.in_block = getattr(_share, "in_block", False), True
+
+    def __exit__(self, *exc: Any) -> None:
+        _share.in_block = self.before
 
 
 def _run_here_and_on_pool(here: Callable[[], Any], others: List[Any]) -> Any:
@@ -175,7 +176,7 @@ class _Blocks:
 
     def work(self) -> None:
         """Run unclaimed blocks until there are none; an error is kept for the caller of wait()."""
-        with _running_blocks():
+        with _RunningBlocks():
             self._work()
 
     def _work(self) -> None:
@@ -261,15 +262,16 @@ def map_row_blocks(fn: Callable[[int, int], Any], length: int, row_work: int = 1
     blocks = row_blocks(length, row_work)
     threads = min(_threads_here(), len(blocks))
     helpers = getattr(_share, "helpers", None) if len(blocks) > 1 and helped else None
+    if getattr(_share, "in_block", False) or (threads == 1 and helpers is None):  # all in this thread
+        with _RunningBlocks():
+            return [fn(start, stop) for start, stop in blocks]
     if helpers is not None:  # inside run_concurrently: threads whose task is done may take blocks too
         return _map_with_helpers(fn, blocks, threads, helpers)
-    if threads == 1:
-        return [fn(start, stop) for start, stop in blocks]
     pool = _get_pool()
     results: List[Any] = [None] * len(blocks)
 
     def run(first: int) -> None:  # blocks first, first + threads, ...: one task per thread, not per block
-        with _running_blocks():
+        with _RunningBlocks():
             for k in range(first, len(blocks), threads):
                 results[k] = fn(*blocks[k])
     _run_here_and_on_pool(lambda: run(0), [pool.submit(run, first) for first in range(1, threads)])
