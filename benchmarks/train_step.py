@@ -631,16 +631,17 @@ def print_breakdown(args: argparse.Namespace, ours: Dict[str, float], theirs: Op
     cols = f"{'forward':>9s} {'backward':>9s} {'total':>9s} {'share':>6s}"
     print(f"    {'':18s} {cols}" + (f"   | PyTorch {cols}   tinyunet/PyTorch" if theirs else ""))
 
+    def cells(name: str, fwd: float, bwd: float, total: float) -> str:  # "other" is one number, no fwd/bwd split
+        parts = f"{'':9s} {'':9s}" if name == "other" else f"{fwd:8.1f}  {bwd:8.1f} "
+        return f"{parts} {fwd + bwd:8.1f}  {100 * (fwd + bwd) / total:5.1f}%"
+
     def print_rows(rows: List[Any], their_rows: Optional[List[Any]]) -> None:
         for k, (name, f, bw) in enumerate(rows):
-            def cells(fwd: float, bwd: float, total: float) -> str:  # "other" is one number, no fwd/bwd split
-                parts = f"{'':9s} {'':9s}" if name == "other" else f"{fwd:8.1f}  {bwd:8.1f} "
-                return f"{parts} {fwd + bwd:8.1f}  {100 * (fwd + bwd) / total:5.1f}%"
-            line = f"    {name:18s} {cells(f, bw, ours['total'])}"
+            line = f"    {name:18s} {cells(name, f, bw, ours['total'])}"
             if their_rows and k < len(their_rows):
                 _, tf, tb = their_rows[k]
                 ratio = f"{(f + bw) / (tf + tb):8.2f}x" if tf + tb > 0.05 else f"{'-':>9s}"
-                line += f"   |         {cells(tf, tb, theirs['total'])}   {ratio}"
+                line += f"   |         {cells(name, tf, tb, theirs['total'])}   {ratio}"
             print(line)
     print_rows(breakdown_rows(ours), breakdown_rows(theirs) if theirs else None)
     print("    (optimizer: 'forward' column = zero_grad, 'backward' column = step; other: skip-gradient adds, "
