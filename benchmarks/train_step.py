@@ -79,6 +79,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "matrix product's BLAS and for torch.set_num_threads; default: every usable core")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--numpy-only", action="store_true",
+                   help="BatchNorm and ReLU on their NumPy passes even where Numba is installed (tinyunet/kernels.py)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--default-malloc", action="store_true",
                    help="time with glibc's default allocator settings (freed memory returned to the OS)")
@@ -334,7 +336,9 @@ def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
     import statistics
     import numpy as np
     h = Harness(args, keep_freed_memory=not args.default_malloc)
-    res: Dict[str, Any] = {"framework": "tinyunet/" + args.backend, "numpy": np.__version__}
+    from tinyunet import kernels
+    res: Dict[str, Any] = {"framework": "tinyunet/" + args.backend, "numpy": np.__version__,
+                           "loops": loops_description(kernels.available())}
     fwd = forward_flops(h)
     res["forward_gflop"] = fwd / 1e9
     res["train_gflop"] = 3 * fwd / 1e9
@@ -572,6 +576,14 @@ def load_average() -> str:
         return "?"
 
 
+def loops_description(compiled: bool) -> str:
+    """How BatchNorm and ReLU run (tinyunet/kernels.py)."""
+    if not compiled:
+        return "BatchNorm/ReLU as NumPy passes"
+    import numba
+    return f"BatchNorm/ReLU as Numba {numba.__version__} loops"
+
+
 def describe(args: argparse.Namespace) -> str:
     name = {"unet": "UNet", "resunet": "ResUNet", "attunet": "AttentionUNet"}[args.arch]
     return (f"{name}(base_channels={args.base_channels}, depth={args.depth}, batchnorm=True), "
@@ -584,7 +596,7 @@ def print_result(args: argparse.Namespace, res: Dict[str, Any], machine: float,
     eff = res["train_gflop"] / (ms / 1e3)
     print(f"\n== {describe(args)}")
     print(f"tinyunet ({res['framework']}, numpy {res['numpy']}, {res['threads']} threads for row blocks, "
-          f"BLAS {res['blas_threads']} thread(s) per call), "
+          f"BLAS {res['blas_threads']} thread(s) per call, {res['loops']}), "
           f"{res['steps']} steps after {args.warmup} warm-up, "
           f"{'glibc malloc defaults' if args.default_malloc else 'freed memory kept for reuse'}:")
     print(f"  step time         {ms:8.1f} ms median   ({res['ms_min']:.1f} min)")
@@ -654,6 +666,10 @@ def print_breakdown(args: argparse.Namespace, ours: Dict[str, float], theirs: Op
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
+    if args.numpy_only:
+        os.environ["TINYUNET_KERNELS"] = "numpy"   # for the worker processes too
+        from tinyunet import kernels
+        kernels.set_enabled(False)
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0

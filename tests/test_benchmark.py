@@ -55,6 +55,22 @@ def test_train_step_benchmark_reports_consistent_figures():
     summary = proc.stdout.split("== 2 rounds")[1].splitlines()[1]
     assert summary.startswith("  batch 2, base 4: tinyunet ") and len(summary.split("ms")[0].split()) == 7
     assert "== batch 2, base 4: breakdown, median of 2 rounds" in proc.stdout
+    from tinyunet import kernels
+    if kernels.available():                        # Numba installed: the benchmark says it runs the loops
+        assert ours["loops"].startswith("BatchNorm/ReLU as Numba ") and ours["loops"].endswith(" loops")
+    else:
+        assert ours["loops"] == "BatchNorm/ReLU as NumPy passes"
+
+
+@pytest.mark.slow
+def test_numpy_only_runs_batchnorm_and_relu_as_numpy_passes():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--size", "16", "--base-channels", "2", "--depth", "1",
+                           "--batch-size", "1", "--steps", "1", "--warmup", "0", "--breakdown-steps", "0",
+                           "--no-memory", "--numpy-only", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["tinyunet"]["loops"] == "BatchNorm/ReLU as NumPy passes"
+    assert "BatchNorm/ReLU as NumPy passes" in proc.stdout
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from tinyunet import backend
+from tinyunet import backend, kernels
 from tinyunet.backend import to_device, to_host
 from tinyunet.checkpoint import load_checkpoint, restore, save_checkpoint
 from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
@@ -231,7 +231,9 @@ class Trainer:
                                 f"images): raise --val-fraction or use more data")
         self._prepare_run_dir()
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
-                 f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}")
+                 f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}"
+                 + (f" (BatchNorm/ReLU: {'compiled loops' if kernels.available() else 'NumPy passes'})"
+                    if backend.name() == "numpy" else ""))
         steps_per_epoch = max(len(train) // config.batch_size, 1)
         total_steps = steps_per_epoch * config.epochs
         rows = self._read_metrics()

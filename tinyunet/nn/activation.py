@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tinyunet import kernels
 from tinyunet.backend import xp
 from tinyunet.nn.module import Module
 from tinyunet.parallel import map_batch_blocks
@@ -14,9 +15,12 @@ class ReLU(Module):
 
     def forward(self, x: Any) -> Any:
         """x: any shape -> same shape (and same memory layout)."""
-        out = xp.empty_like(x)
-        # blocks of images in parallel on the CPU (tinyunet/parallel.py); one call on a GPU
-        map_batch_blocks(lambda start, stop: xp.maximum(x[start:stop], 0, out=out[start:stop]), x, passes=2)
+        if kernels.usable(x):   # channels-last batches, Numba installed: the compiled loop (kernels.py)
+            out = kernels.relu(x)
+        else:
+            out = xp.empty_like(x)
+            # blocks of images in parallel on the CPU (tinyunet/parallel.py); one call on a GPU
+            map_batch_blocks(lambda start, stop: xp.maximum(x[start:stop], 0, out=out[start:stop]), x, passes=2)
         # Keep the *output*, not a mask of x > 0: out > 0 is the same mask, and the next layer (a
         # conv or a pool) keeps this very array for its own backward anyway, so storing it here costs
         # no memory at all - where a separate boolean mask would add 1/4 of the input (PyTorch's trick).
@@ -26,6 +30,8 @@ class ReLU(Module):
     def backward(self, dout: Any) -> Any:
         """dout: same shape as the output -> dx (0 where the output was 0)."""
         out, self.out = self.out, None
+        if kernels.usable(dout, out):   # one pass instead of two (kernels.py)
+            return kernels.relu_backward(dout, out)
         dx = xp.empty_like(dout)
 
         def images(start: int, stop: int) -> None:

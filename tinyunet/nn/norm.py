@@ -19,11 +19,18 @@ fastest axis has only C = 16 numbers makes NumPy loop over 16-number pieces, ~5x
 long contiguous runs. So each array is viewed as ``(N, H, W*C)`` rows of one image line each and the
 per-channel vectors are tiled W times to match a row; NCHW-memory inputs keep the plain
 ``(1, C, 1, 1)`` broadcast. Both views are free reshapes; the formulas are the same.
+
+Compiled loops. The NumPy passes read or write the activation ~8 times in forward and ~7 in backward.
+Where Numba is installed, channels-last batches (what the convolutions hand over) run the same
+formulas as two compiled loops each way instead, the per-channel sums and then the elementwise
+formula (``_forward_compiled`` / ``_backward_compiled``, tinyunet/kernels.py: standard training
+step, all BatchNorms 58 -> 31 ms). The NumPy passes stay the reference, and are what CuPy runs.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from tinyunet import kernels
 from tinyunet.backend import xp
 from tinyunet.nn.module import Module, Parameter
 from tinyunet.parallel import map_batch_blocks
@@ -92,6 +99,8 @@ class BatchNorm2d(Module):
     def forward(self, x: Any) -> Any:
         """x: (N, C, H, W) -> (N, C, H, W) (same memory layout as x)."""
         layout = _Layout(x)
+        if layout.channels_last and kernels.usable(x):
+            return self._forward_compiled(x, layout)
         pc = layout.per_channel
         # each pass below runs on blocks of images in parallel on the CPU (tinyunet/parallel.py); the
         # per-channel sums come back one per block and are added up
@@ -109,10 +118,7 @@ class BatchNorm2d(Module):
                 return layout.dot(c, c)
             var = sum(blocks(center_and_sum_squares)) / m   # biased: what normalises this batch
             inv_std = 1.0 / xp.sqrt(var + self.eps)
-            mom = self.momentum
-            self.running_mean = (1 - mom) * self.running_mean + mom * mean
-            # the running variance is the unbiased estimate, as in PyTorch
-            self.running_var = (1 - mom) * self.running_var + mom * var * (m / max(m - 1, 1))
+            self._update_running_stats(mean, var, m)
             shift = None                                        # centered holds x - mean already
         else:
             inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
@@ -134,6 +140,8 @@ class BatchNorm2d(Module):
         """dout: (N, C, H, W) -> dx: (N, C, H, W); accumulates weight/bias grads."""
         centered, inv_std, training, layout = self.cache   # xhat = centered * inv_std
         self.cache = None
+        if layout.channels_last and kernels.usable(dout):
+            return self._backward_compiled(dout, centered, inv_std, training, layout)
         pc = layout.per_channel
         blocks = lambda fn: map_batch_blocks(fn, dout, passes=3)  # noqa: E731
 
@@ -160,6 +168,42 @@ class BatchNorm2d(Module):
             d *= scale
         blocks(input_grad)
         return layout.unview(dx)
+
+    def _update_running_stats(self, mean: Any, var: Any, m: int) -> None:
+        """Running averages of the batch statistics of m values per channel (used in eval mode)."""
+        mom = self.momentum
+        self.running_mean = (1 - mom) * self.running_mean + mom * mean
+        # the running variance is the unbiased estimate, as in PyTorch
+        self.running_var = (1 - mom) * self.running_var + mom * var * (m / max(m - 1, 1))
+
+    # --- the same maths as compiled loops (tinyunet/kernels.py, optional Numba): two passes each way -----
+    def _forward_compiled(self, x: Any, layout: _Layout) -> Any:
+        """x: (N, C, H, W), channels-last memory -> (N, C, H, W), channels-last: the per-channel sums
+        in one pass, then centered = x - mean and out = centered * gamma/std + beta in another."""
+        if self.training:
+            mean, var = (v.astype(x.dtype) for v in kernels.channel_mean_var(x))
+            self._update_running_stats(mean, var, x.size // x.shape[1])
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = 1.0 / xp.sqrt(var + self.eps)
+        centered, out = kernels.normalise(x, mean, inv_std * self.weight.data, self.bias.data)
+        self.cache = (centered.reshape(layout.view_shape), inv_std, self.training, layout)
+        return out.transpose(0, 3, 1, 2)
+
+    def _backward_compiled(self, dout: Any, centered: Any, inv_std: Any, training: bool, layout: _Layout) -> Any:
+        """dout: (N, C, H, W), channels-last memory -> dx: the sums of dout and dout * centered in one
+        pass, then dx = gamma/std * (dout - dbeta/m - xhat * dgamma/m) in another (in eval mode, where
+        the statistics are constants, dx = gamma/std * dout)."""
+        n, c, h, w = layout.shape
+        centered = centered.reshape(n, h, w, c)
+        dbeta, dout_dot_centered = (v.astype(dout.dtype) for v in kernels.grad_sums(dout, centered))
+        dgamma = dout_dot_centered * inv_std                  # sum(dout * xhat)
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        scale, m = self.weight.data * inv_std, n * h * w
+        if not training:
+            dgamma, dbeta = xp.zeros_like(dgamma), xp.zeros_like(dbeta)
+        return kernels.affine_grad(dout, centered, scale, -scale * dgamma * inv_std / m, -scale * dbeta / m)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
