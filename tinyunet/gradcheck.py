@@ -63,7 +63,10 @@ def check_module(module: Any, *inputs: Any, seed: int = 0, h: float = 1e-6) -> D
     """
     rng = np.random.default_rng(seed)
     out = module.forward(*inputs)
-    g = xp.asarray(rng.standard_normal(out.shape))
+    # the upstream gradient in the output's memory layout, as the next layer would send it (so that a
+    # channels-last output gets a channels-last gradient: the compiled loops run backward too)
+    g = xp.empty_like(out)
+    g[...] = xp.asarray(rng.standard_normal(out.shape))
 
     def f() -> float:
         return float((module.forward(*inputs) * g).sum())
@@ -171,6 +174,11 @@ def run_all(seed: int = 0, tolerance: float = 1e-6, model_tolerance: float = 1e-
         v = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
         return xp.asarray(v)
 
+    def channels_last(a: Any) -> Any:
+        # the memory layout the convolutions hand over: where Numba is installed, BatchNorm and ReLU
+        # then run their compiled loops (tinyunet/kernels.py) instead of their NumPy passes
+        return xp.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
     def distinct(*shape: int) -> Any:
         # max-pool is not differentiable at ties: a shuffled grid of values 0.01 apart has none
         v = rng.permutation(np.prod(shape)).reshape(shape) * 0.01
@@ -191,6 +199,9 @@ def run_all(seed: int = 0, tolerance: float = 1e-6, model_tolerance: float = 1e-
         ("ReLU", ReLU(), (away_from_zero(2, 3, 4, 5),)),
         ("BatchNorm2d(train)", BatchNorm2d(3).double(), (randn(4, 3, 3, 2),)),
         ("BatchNorm2d(eval)", BatchNorm2d(3).double().eval(), (randn(2, 3, 3, 2),)),
+        ("ReLU(channels-last)", ReLU(), (channels_last(away_from_zero(2, 3, 4, 5)),)),
+        ("BatchNorm2d(train,channels-last)", BatchNorm2d(3).double(), (channels_last(randn(4, 3, 3, 2)),)),
+        ("BatchNorm2d(eval,channels-last)", BatchNorm2d(3).double().eval(), (channels_last(randn(2, 3, 3, 2)),)),
         ("Sigmoid", Sigmoid(), (3 * randn(2, 3, 4, 5),)),
         ("Add(broadcast)", Add(), (randn(2, 3, 4, 5), randn(3, 1, 1))),
         ("Multiply(broadcast)", Multiply(), (randn(2, 3, 4, 5), randn(2, 1, 4, 5))),
