@@ -62,19 +62,20 @@ def _compile() -> dict:
 
     # Each loop handles images [start, stop) of x: (N, Hb, Wb, C), its first h rows and w columns.
     @jit
-    def sums_from_pivot(x, h, w, pivot, out, start, stop):
-        """out[0] = sum(x - pivot), out[1] = sum((x - pivot)**2) per channel, in float64. Shifting by
-        a value of each channel (its first pixel) keeps var = E[(x-p)^2] - E[x-p]^2 exact when the
-        mean is far from 0, where E[x^2] - E[x]^2 would cancel."""
-        c = x.shape[3]
+    def sums(a, pa, b, pb, h, w, out, start, stop):
+        """out[0] = sum(a - pa), out[1] = sum((a - pa) * (b - pb)) per channel, in float64 (pa, pb:
+        one value per channel). BatchNorm's statistics with a = b = x and pa = pb = a value of each
+        channel (its first pixel): var = E[(x-p)^2] - E[x-p]^2 stays exact when the mean is far from
+        0, where E[x^2] - E[x]^2 would cancel. Its backward's with a = dout, b = x - mean, no shift."""
+        c = a.shape[3]
         s, q = np.zeros(c), np.zeros(c)
         for n in range(start, stop):
             for i in range(h):
                 for j in range(w):
                     for k in range(c):
-                        v = np.float64(x[n, i, j, k]) - pivot[k]
+                        v = np.float64(a[n, i, j, k]) - pa[k]
                         s[k] += v
-                        q[k] += v * v
+                        q[k] += v * (b[n, i, j, k] - pb[k])
         out[0], out[1] = s, q
 
     @jit
@@ -88,20 +89,6 @@ def _compile() -> dict:
                         v = x[n, i, j, k] - mean[k]
                         centered[n, i, j, k] = v
                         out[n, i, j, k] = v * scale[k] + beta[k]
-
-    @jit
-    def sums_of_grad(d, h, w, centered, out, start, stop):
-        """out[0] = sum(d), out[1] = sum(d * centered) per channel, in float64."""
-        c = d.shape[3]
-        s, q = np.zeros(c), np.zeros(c)
-        for n in range(start, stop):
-            for i in range(h):
-                for j in range(w):
-                    for k in range(c):
-                        v = np.float64(d[n, i, j, k])
-                        s[k] += v
-                        q[k] += v * centered[n, i, j, k]
-        out[0], out[1] = s, q
 
     @jit
     def affine_of_grad(d, h, w, centered, a, b, shift, dx, start, stop):
@@ -132,8 +119,7 @@ def _compile() -> dict:
                     for k in range(y.shape[3]):
                         dx[n, i, j, k] = d[n, i, j, k] if y[n, i, j, k] > 0 else 0
 
-    return {f.__name__: f for f in (sums_from_pivot, centre_scale_shift, sums_of_grad, affine_of_grad,
-                                    positive_part, grad_where_positive)}
+    return {f.__name__: f for f in (sums, centre_scale_shift, affine_of_grad, positive_part, grad_where_positive)}
 
 
 def available() -> bool:
@@ -190,16 +176,17 @@ def _run(loop: str, first: Any, passes: int, args: Callable[[int, int], Tuple]) 
     map_batch_blocks(lambda start, stop: fn(*args(start, stop)), first, passes=passes)
 
 
-def _sums(loop: str, first: Any, passes: int, args: Callable[[Any, int, int], Tuple]) -> Tuple[Any, Any]:
-    """Run a loop that writes two per-channel sums into a (2, C) array on blocks of images in parallel,
-    and add the blocks' sums up, in block order (so the bits do not depend on the number of threads)."""
-    fn = _loops[loop]
+def _sums(a: Any, pa: Any, b: Any, pb: Any) -> Tuple[Any, Any]:
+    """Per-channel sum(a - pa) and sum((a - pa) * (b - pb)), float64, over blocks of images in
+    parallel, the blocks' sums added in block order (so the bits do not depend on the number of
+    threads). a: (N, C, H, W); b: its (N, Hb, Wb, C) pixels; pa, pb: (C,)."""
+    fn, pixels, (_, c, h, w) = _loops["sums"], _pixels(a), a.shape
 
     def block(start: int, stop: int) -> Any:
-        out = np.empty((2, first.shape[1]))
-        fn(*args(out, start, stop))
+        out = np.empty((2, c))
+        fn(pixels, pa, b, pb, h, w, out, start, stop)
         return out
-    total = sum(map_batch_blocks(block, first, passes=passes))
+    total = sum(map_batch_blocks(block, a, passes=2))
     return total[0], total[1]
 
 
@@ -215,9 +202,9 @@ def _nchw(a: Any) -> Any:
 
 def channel_mean_var(x: Any) -> Tuple[Any, Any]:
     """Per-channel mean and (biased) variance of x over N, H and W, as float64. x: (N, C, H, W) -> (C,), (C,)."""
-    px, (n, _, h, w) = _pixels(x), x.shape
+    n, _, h, w = x.shape
     pivot = x[0, :, 0, 0].astype(np.float64)
-    s, q = _sums("sums_from_pivot", x, 1, lambda out, start, stop: (px, h, w, pivot, out, start, stop))
+    s, q = _sums(x, pivot, _pixels(x), pivot)
     m = n * h * w
     return pivot + s / m, np.maximum(q / m - (s / m) ** 2, 0.0)
 
@@ -234,8 +221,8 @@ def normalise(x: Any, mean: Any, scale: Any, beta: Any) -> Tuple[Any, Any]:
 
 def grad_sums(dout: Any, centered: Any) -> Tuple[Any, Any]:
     """dout: (N, C, H, W), centered: (N, H, W, C) -> per-channel sum(dout) and sum(dout * centered), float64."""
-    pd, (_, _, h, w) = _pixels(dout), dout.shape
-    return _sums("sums_of_grad", dout, 2, lambda out, start, stop: (pd, h, w, centered, out, start, stop))
+    zero = np.zeros(dout.shape[1])
+    return _sums(dout, zero, centered, zero)
 
 
 def affine_grad(dout: Any, centered: Any, a: Any, b: Any, shift: Any) -> Any:
