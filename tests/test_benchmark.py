@@ -125,3 +125,20 @@ def test_torch_breakdown_times_every_layer_type_and_convolution():
         assert sum(b[f"{name}.{direction}"] for name in convs) == pytest.approx(b[f"Conv2d.{direction}"], rel=0.05)
     parts = sum(v for k, v in b.items() if k != "total" and not k.startswith("conv "))
     assert 0 < parts < b["total"]
+
+
+@pytest.mark.slow
+def test_compiled_loops_benchmark_alternates_and_reports_every_layer():
+    pytest.importorskip("numba")
+    script = SCRIPT.parent / "compiled_loops.py"
+    proc = subprocess.run([sys.executable, str(script), "--pairs", "2", "--size", "16", "--base-channels", "2",
+                           "--depth", "1", "--batch-size", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("== UNet(base_channels=2, depth=1") and "2 pairs of steps" in lines[0]
+    names = [line.split("  ")[1].strip() for line in lines[1:5]]
+    assert names == ["BatchNorm2d backward", "BatchNorm2d forward", "ReLU backward", "ReLU forward"]
+    for line in lines[1:7]:                       # "<name>  a ms  ->  b ms": two positive times
+        times = [float(word) for word in line.replace("->", " ").split() if word.replace(".", "").isdigit()]
+        assert len(times) == 2 and all(t > 0 for t in times), line
+    assert 0 < float(lines[7].split()[-1]) < 10

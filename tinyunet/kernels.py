@@ -12,9 +12,9 @@ tinyunet/parallel.py). The loops read like the maths, one pixel at a time: the n
 fast one are the same code here.
 
 Measured in the standard training step (2 cores, Zen 4, steps alternating with the loops on and off
-in one process, 30 pairs): BatchNorm + ReLU 89.4 -> 56.9 ms per step, the step 6% faster (pair ratio
-0.938); in another run's breakdown BatchNorm took 1.11x PyTorch's time, ReLU 1.51x (with NumPy
-passes 1.56x and 1.79x). The convolutions, ~70% of the step, are unchanged.
+in one process, 30 pairs: benchmarks/compiled_loops.py): BatchNorm + ReLU 108.3 -> 62.7 ms per step,
+the step 8% faster (pair ratio 0.919; other runs 0.914, 0.938); in the benchmark's breakdown
+BatchNorm took 1.09x PyTorch's time, ReLU 1.29x (with NumPy passes 1.79x and 1.98x). The convolutions, ~70% of the step, are unchanged.
 
 Where the loops need care: they vectorise over the channel axis only if the compiler knows its
 stride. A strided view of a padded buffer, passed as it is, compiles to scalar code (ReLU's backward

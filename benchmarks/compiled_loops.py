@@ -1,0 +1,88 @@
+"""What do the compiled loops of tinyunet/kernels.py buy inside a training step?
+
+    python benchmarks/compiled_loops.py                 # standard configuration, 30 pairs of steps
+    python benchmarks/compiled_loops.py --pairs 40 --batch-size 1
+
+One process, one model: steps alternate between BatchNorm/ReLU as NumPy passes and as Numba loops
+(``kernels.set_enabled``), in the order A B, B A, A B, ... so that a machine getting slower or faster
+weighs on both alike. Each BatchNorm and ReLU call is timed inside the steps. Printed: the median
+per step of each layer type and direction, their total, the step medians, and the median of the
+per-pair ratios loops / NumPy (the figure to quote: on shared machines the step time itself swings
+by 20-40% within minutes). Takes the options of train_step.py for the configuration.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # noqa: E402  (the same Harness as the step benchmark)
+
+
+def timed_layers(acc: Dict[str, float]) -> None:
+    """Wrap BatchNorm2d's and ReLU's forward and backward (the classes) to add their time to acc."""
+    from tinyunet.nn import BatchNorm2d, ReLU
+
+    def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(self: Any, *args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(self, *args)
+            finally:
+                acc[name] += time.perf_counter() - start
+        return timed
+    for cls in (BatchNorm2d, ReLU):
+        cls.forward = wrap(f"{cls.__name__} forward", cls.forward)
+        cls.backward = wrap(f"{cls.__name__} backward", cls.backward)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs = 30
+    if "--pairs" in argv:
+        i = argv.index("--pairs")
+        pairs = int(argv[i + 1])
+        del argv[i:i + 2]
+    args = train_step.parse_args(argv)
+    from tinyunet import kernels
+    if not kernels.available():
+        print("Numba is not installed (pip install -e '.[fast]'): both sides would run the NumPy passes")
+        return 1
+    acc: Dict[str, float] = collections.defaultdict(float)
+    timed_layers(acc)
+    h = train_step.Harness(args, keep_freed_memory=True)
+    for loops in (False, True, False, True):          # warm-up: compile the loops, allocate, fill caches
+        kernels.set_enabled(loops)
+        h.step()
+    steps: Dict[bool, List[float]] = {False: [], True: []}
+    layers: Dict[bool, Dict[str, List[float]]] = {False: collections.defaultdict(list),
+                                                  True: collections.defaultdict(list)}
+    for i in range(pairs):
+        for loops in ((False, True) if i % 2 == 0 else (True, False)):
+            kernels.set_enabled(loops)
+            acc.clear()
+            start = time.perf_counter()
+            h.step()
+            h.sync()
+            steps[loops].append(time.perf_counter() - start)
+            for name, seconds in acc.items():
+                layers[loops][name].append(seconds)
+    kernels.set_enabled(True)
+    ms = lambda values: statistics.median(values) * 1e3  # noqa: E731
+    print(f"== {train_step.describe(args)}: {pairs} pairs of steps, NumPy passes / compiled loops alternating")
+    for name in sorted(layers[False]):
+        print(f"  {name:22s} {ms(layers[False][name]):7.1f} ms  ->  {ms(layers[True][name]):7.1f} ms per step")
+    totals = {loops: [sum(step) for step in zip(*layers[loops].values())] for loops in (False, True)}
+    print(f"  {'all of them':22s} {ms(totals[False]):7.1f} ms  ->  {ms(totals[True]):7.1f} ms per step")
+    print(f"  {'step (median)':22s} {ms(steps[False]):7.1f} ms  ->  {ms(steps[True]):7.1f} ms")
+    ratios = [with_loops / without for without, with_loops in zip(steps[False], steps[True])]
+    print(f"  step pair ratio, loops / NumPy passes: median {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
