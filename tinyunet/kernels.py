@@ -23,7 +23,8 @@ arrays at once does not vectorise either (Numba cannot promise the compiler that
 overlap, and the compiler gives up checking): Winograd's input transform as such a loop (16 reads, 16
 writes per element) ran 1.6x slower than its NumPy passes, so the convolutions stay with NumPy and BLAS.
 
-Optional: ``pip install -e '.[fast]'`` installs Numba. Without it, on CuPy (a GPU runs NumPy-style
+Optional: ``pip install -e '.[fast]'`` installs Numba. The first use compiles the loops (about 4 s
+here, once: Numba caches the machine code on disk, next to this file or in its user cache). Without it, on CuPy (a GPU runs NumPy-style
 code as fused kernels of its own), for NCHW memory, or with ``TINYUNET_KERNELS=numpy`` in the
 environment, the layers run their NumPy passes - the code the lessons teach. Both give the same
 numbers up to rounding (tests/test_kernels.py); these loops sum in float64, so their statistics are
