@@ -17,27 +17,10 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (the same Harness as the step benchmark)
-
-
-def timed_layers(acc: Dict[str, float]) -> None:
-    """Wrap BatchNorm2d's and ReLU's forward and backward (the classes) to add their time to acc."""
-    from tinyunet.nn import BatchNorm2d, ReLU
-
-    def wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(self: Any, *args: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return method(self, *args)
-            finally:
-                acc[name] += time.perf_counter() - start
-        return timed
-    for cls in (BatchNorm2d, ReLU):
-        cls.forward = wrap(f"{cls.__name__} forward", cls.forward)
-        cls.backward = wrap(f"{cls.__name__} backward", cls.backward)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -53,8 +36,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("Numba is not installed (pip install -e '.[fast]'): both sides would run the NumPy passes")
         return 1
     acc: Dict[str, float] = collections.defaultdict(float)
-    timed_layers(acc)
     h = train_step.Harness(args, keep_freed_memory=True)
+    for m in h.leaves():                              # time each BatchNorm and ReLU call inside the steps
+        kind = type(m).__name__
+        if kind in ("BatchNorm2d", "ReLU"):
+            m.forward = train_step.timed_call(m.forward, acc, f"{kind} forward", h.sync)
+            m.backward = train_step.timed_call(m.backward, acc, f"{kind} backward", h.sync)
     for loops in (False, True, False, True):          # warm-up: compile the loops, allocate, fill caches
         kernels.set_enabled(loops)
         h.step()

@@ -261,20 +261,27 @@ def forward_flops(h: Harness) -> int:
     return total
 
 
+def timed_call(fn: Callable[..., Any], times: Dict[Any, float], key: Any,
+               sync: Callable[[], None]) -> Callable[..., Any]:
+    """fn, adding the seconds of each call to times[key] (synchronised before and after: on a GPU the
+    work is queued, not done, when fn returns)."""
+    def wrapper(*a: Any) -> Any:
+        sync()
+        t = time.perf_counter()
+        out = fn(*a)
+        sync()
+        times[key] += time.perf_counter() - t
+        return out
+    return wrapper
+
+
 def breakdown(h: Harness, steps: int) -> Dict[str, float]:
     """Seconds per step spent in each layer type's forward and backward, loss and optimizer."""
     from collections import defaultdict
     times: Dict[str, float] = defaultdict(float)
 
     def timed(fn, key):
-        def wrapper(*a):
-            h.sync()
-            t = time.perf_counter()
-            out = fn(*a)
-            h.sync()
-            times[key] += time.perf_counter() - t
-            return out
-        return wrapper
+        return timed_call(fn, times, key, h.sync)
 
     wrapped = []
     for m in h.leaves():

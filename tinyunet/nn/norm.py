@@ -201,9 +201,11 @@ class BatchNorm2d(Module):
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         scale, m = self.weight.data * inv_std, n * h * w
-        if not training:
-            dgamma, dbeta = xp.zeros_like(dgamma), xp.zeros_like(dbeta)
-        return kernels.affine_grad(dout, centered, scale, -scale * dgamma * inv_std / m, -scale * dbeta / m)
+        if training:   # the statistics depend on x: the two correction terms
+            b, shift = -scale * dgamma * inv_std / m, -scale * dbeta / m
+        else:          # the statistics are constants
+            b = shift = xp.zeros_like(scale)
+        return kernels.affine_grad(dout, centered, scale, b, shift)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
