@@ -99,13 +99,36 @@ def test_lesson_shape(path: Path) -> None:
         assert f"({following[0].name})" in lines[-1], f"{path.name} must end with a link to {following[0].name}"
 
 
-@pytest.mark.parametrize("path", LESSONS + [LESSONS_DIR / "README.md"], ids=lambda p: p.stem)
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped, spaces
+    to hyphens ("## U-Net variants compared" -> "u-net-variants-compared"). Fenced code is skipped
+    (a "# comment" there is no heading)."""
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def test_heading_anchors_follow_github() -> None:
+    assert heading_anchors("# A title\n## U-Net variants compared, 2×\n```\n# not a heading\n```\n") == \
+        {"a-title", "u-net-variants-compared-2"}
+
+
+DOCS = LESSONS + [LESSONS_DIR / "README.md", REPO / "README.md", REPO / "benchmarks" / "README.md"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_resolve(path: Path) -> None:
+    """Every link to a file of the repository points to one that exists, and an #anchor to one of
+    its headings."""
     for target in _LINK.findall(path.read_text(encoding="utf-8")):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
-            continue  # web links and in-page anchors
-        file = (path.parent / target.split("#")[0]).resolve()
+        if re.match(r"[a-z]+:", target):
+            continue  # web links
+        name, _, anchor = target.partition("#")
+        file = (path.parent / name).resolve() if name else path
         assert file.exists(), f"{path.name} links to {target}, which does not exist"
+        if anchor and file.suffix == ".md":
+            assert anchor in heading_anchors(file.read_text(encoding="utf-8")), \
+                f"{path.name} links to {target}: {file.name} has no such heading"
 
 
 def test_readme_lists_every_lesson() -> None:
