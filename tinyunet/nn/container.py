@@ -1,7 +1,7 @@
 """Sequential: run modules one after the other; backward runs them in reverse."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, Tuple
 
 from tinyunet.nn.module import Module
 
@@ -10,7 +10,7 @@ class Sequential(Module):
     def __init__(self, *layers: Module) -> None:
         self.layers = list(layers)
 
-    def named_children(self):
+    def named_children(self) -> Iterator[Tuple[str, Module]]:
         # PyTorch names Sequential children "0", "1", ... (no attribute name in front)
         for i, layer in enumerate(self.layers):
             yield str(i), layer

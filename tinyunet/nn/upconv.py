@@ -17,7 +17,7 @@ both as in PyTorch. Input and output are NCHW-shaped; the output has channels-la
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from tinyunet.nn.module import Module, Parameter
 from tinyunet.parallel import copy_images, matmul, transposed_matmul
 
 
-def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias, stride: int = 1,
+def conv_transpose2d_naive(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], stride: int = 1,
                            padding: int = 0) -> np.ndarray:
     """Reference with explicit loops: every input pixel adds weight[c] * x[n, c, y, x] onto the output.
 
