@@ -21,9 +21,10 @@ class ReLU(Module):
             out = xp.empty_like(x)
             # blocks of images in parallel on the CPU (tinyunet/parallel.py); one call on a GPU
             map_batch_blocks(lambda start, stop: xp.maximum(x[start:stop], 0, out=out[start:stop]), x, passes=2)
-        # Keep the *output*, not a mask of x > 0: out > 0 is the same mask, and the next layer (a
-        # conv or a pool) keeps this very array for its own backward anyway, so storing it here costs
-        # no memory at all - where a separate boolean mask would add 1/4 of the input (PyTorch's trick).
+        # Keep the *output*, not a mask of x > 0: out > 0 is the same mask, and where the next layer is
+        # a conv it keeps this very array for its own backward anyway, so storing it here costs no
+        # memory - where a separate boolean mask would add 1/4 of the input (PyTorch's trick). Before a
+        # max-pool (which keeps only its argmax) it costs 4x a mask: accepted, to keep one rule.
         self.out = out
         return out
 
