@@ -9,6 +9,7 @@ import functools
 import hashlib
 import importlib.util
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -356,3 +357,31 @@ def test_gradcheck_real_run(gradcheck_child):
     for name in ("Conv2d", "MaxPool2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "CrossEntropyLoss", "UNet"):
         assert any(row.startswith(name) for row in rows), name
     assert lines[-1] == f"{len(rows)} passed, 0 failed"
+
+
+def test_relative_data_path_is_stored_absolute(run_cli, make_pets_root, tmp_path, monkeypatch):
+    """A run trained with a relative --data must still find its data from another directory: resume
+    and evaluate read the path back from config.json."""
+    root = make_pets_root(n_trainval=10, n_test=2)
+    monkeypatch.chdir(root.parent)
+    out = tmp_path / "runs" / "rel"
+    code, _, err = run_cli("train", "--data", root.name, "--out", str(out), *TINY_PETS)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["data"] == str(root.resolve())
+    monkeypatch.chdir(tmp_path)                      # elsewhere: the relative name no longer resolves
+    code, out_text, err = run_cli("evaluate", "--checkpoint", str(out / "best.npz"), "--split", "test", "--json")
+    assert code == 0, err
+    assert json.loads(out_text)["num_images"] == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["summary", "--size", "50"], "divisible by 2**4"),
+    (["summary", "--depth", "0"], "--depth must be at least 1"),
+    (["summary", "--size", "0"], "--size must be at least 1"),
+    (["evaluate", "--checkpoint", "missing.npz", "--limit", "0"], "--limit must be at least 1"),
+    (["evaluate", "--checkpoint", "missing.npz", "--limit", "-3"], "--limit must be at least 1"),
+])
+def test_bad_summary_and_evaluate_values_are_one_line_errors(run_cli, args, needle):
+    code, _, err = run_cli(*args)
+    assert code == 2
+    assert_one_line_error(err, needle)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -105,7 +106,9 @@ def _train(args: argparse.Namespace) -> None:
 
     shapes = args.dataset == "shapes"
     config = TrainConfig(
-        dataset=args.dataset, data=args.data, arch=args.arch,
+        # the data folder as an absolute path: the run's config must still find it when --resume or
+        # evaluate runs from another directory
+        dataset=args.dataset, data=os.path.abspath(args.data) if args.data else args.data, arch=args.arch,
         size=args.size if args.size is not None else (64 if shapes else 128),  # not `or`: 0 is an error,
         epochs=args.epochs if args.epochs is not None else (3 if shapes else 10),  # not a default
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -131,6 +134,8 @@ def _json_safe(value):
 def _evaluate(args: argparse.Namespace) -> None:
     from tinyunet.evaluate import evaluate_checkpoint, format_report
 
+    if args.limit is not None and args.limit < 1:
+        raise TinyUNetError(f"--limit must be at least 1, got {args.limit}")
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size,
                                  progress=not args.json, limit=args.limit)
     if args.json:
@@ -161,11 +166,18 @@ def _summary(args: argparse.Namespace) -> None:
     from tinyunet.models import create_model
     from tinyunet.summary import format_summary, summarize
 
-    model = create_model(args.arch, in_channels=3, num_classes=3, base_channels=args.base_channels,
-                         depth=args.depth, batchnorm=args.batchnorm)
-    shape = (args.batch_size, 3, args.size, args.size)
+    for name in ("size", "batch_size", "base_channels", "depth"):
+        if getattr(args, name) < 1:
+            raise TinyUNetError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    try:  # a size the network cannot take: one line for the user, like train's checks
+        model = create_model(args.arch, in_channels=3, num_classes=3, base_channels=args.base_channels,
+                             depth=args.depth, batchnorm=args.batchnorm)
+        shape = (args.batch_size, 3, args.size, args.size)
+        table = format_summary(summarize(model, shape))
+    except ValueError as exc:
+        raise TinyUNetError(str(exc)) from exc
     print(f"{args.arch}: input {shape}, float32")
-    print(format_summary(summarize(model, shape)))
+    print(table)
 
 
 def _gradcheck(args: argparse.Namespace) -> int:
