@@ -385,3 +385,15 @@ def test_bad_summary_and_evaluate_values_are_one_line_errors(run_cli, args, need
     code, _, err = run_cli(*args)
     assert code == 2
     assert_one_line_error(err, needle)
+
+
+def test_resume_says_what_it_resumes(run_cli, tmp_path):
+    """--resume on a folder without a checkpoint (a typo in --out, or killed before epoch 1 ended)
+    says that it starts a new run; on a real run, that the run's saved configuration is used."""
+    out = tmp_path / "runs" / "typo"
+    code, text, err = run_cli("train", *TINY_SHAPES, "--epochs", "1", "--out", str(out), "--resume")
+    assert code == 0, err
+    assert f"nothing to resume in {out}" in text
+    code, text, err = run_cli("train", *TINY_SHAPES, "--epochs", "2", "--out", str(out), "--resume", "--lr", "5")
+    assert code == 0, err
+    assert "after epoch 1 with its saved configuration" in text

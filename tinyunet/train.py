@@ -186,7 +186,10 @@ class Trainer:
             meta = restore(self.model, self.optimizer, last)
             self.start_epoch = int(meta["epoch"])
             self.best_miou = float(meta.get("best_miou", -1.0))
-            self.log(f"resuming {self.run_dir} after epoch {self.start_epoch}")
+            self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} with its saved configuration "
+                     f"(config.json; only --epochs can extend it)")
+        elif resume:  # e.g. killed before its first checkpoint, or a typo in --out: say so
+            self.log(f"nothing to resume in {self.run_dir} (no last.npz): starting a new run")
 
     def _prepare_run_dir(self) -> None:
         """Create (or, with --force, recreate) the run folder and write config.json."""
