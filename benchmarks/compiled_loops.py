@@ -62,9 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ms = lambda values: statistics.median(values) * 1e3  # noqa: E731
     print(f"== {train_step.describe(args)}: {pairs} pairs of steps, NumPy passes / compiled loops alternating")
     for name in sorted(layers[False]):
-        print(f"  {name:22s} {ms(layers[False][name]):7.1f} ms  ->  {ms(layers[True][name]):7.1f} ms per step")
+        print(f"  {name:22s} {ms(layers[False][name]):7.2f} ms  ->  {ms(layers[True][name]):7.2f} ms per step")
     totals = {loops: [sum(step) for step in zip(*layers[loops].values())] for loops in (False, True)}
-    print(f"  {'all of them':22s} {ms(totals[False]):7.1f} ms  ->  {ms(totals[True]):7.1f} ms per step")
+    print(f"  {'all of them':22s} {ms(totals[False]):7.2f} ms  ->  {ms(totals[True]):7.2f} ms per step")
     print(f"  {'step (median)':22s} {ms(steps[False]):7.1f} ms  ->  {ms(steps[True]):7.1f} ms")
     ratios = [with_loops / without for without, with_loops in zip(steps[False], steps[True])]
     print(f"  step pair ratio, loops / NumPy passes: median {statistics.median(ratios):.3f}")
