@@ -375,7 +375,7 @@ def test_relative_data_path_is_stored_absolute(run_cli, make_pets_root, tmp_path
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["summary", "--size", "50"], "divisible by 2**4"),
+    (["summary", "--size", "50"], "not divisible by 2**depth = 16"),
     (["summary", "--depth", "0"], "--depth must be at least 1"),
     (["summary", "--size", "0"], "--size must be at least 1"),
     (["evaluate", "--checkpoint", "missing.npz", "--limit", "0"], "--limit must be at least 1"),

@@ -165,11 +165,12 @@ def _download(args: argparse.Namespace) -> None:
 def _summary(args: argparse.Namespace) -> None:
     from tinyunet.models import create_model
     from tinyunet.summary import format_summary, summarize
+    from tinyunet.train import TrainConfig
 
-    for name in ("size", "batch_size", "base_channels", "depth"):
-        if getattr(args, name) < 1:
-            raise TinyUNetError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    try:  # a size the network cannot take: one line for the user, like train's checks
+    # the same checks as train's (sizes >= 1, the size divisible by 2**depth): one line, no traceback
+    TrainConfig(arch=args.arch, size=args.size, batch_size=args.batch_size, base_channels=args.base_channels,
+                depth=args.depth, batchnorm=args.batchnorm).validate()
+    try:  # what only the network itself can tell (an unknown --arch, ...)
         model = create_model(args.arch, in_channels=3, num_classes=3, base_channels=args.base_channels,
                              depth=args.depth, batchnorm=args.batchnorm)
         shape = (args.batch_size, 3, args.size, args.size)
