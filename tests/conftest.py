@@ -16,6 +16,16 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_data_cache(tmp_path_factory):
+    """Decoded pets never land in the user's cache (~/.cache/tinyunet/cache or $TINYUNET_CACHE): the
+    session gets its own, which tests that need one of their own override."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TINYUNET_CACHE", str(tmp_path_factory.mktemp("tinyunet-cache")))
+    yield
+    patch.undo()
+
+
 def write_pet_example(root: Path, name: str, width: int = 40, height: int = 30, seed: int = 0) -> None:
     """Write ``images/<name>.jpg`` (random RGB) and its trimap: an ellipse pet with a 2 px outline band."""
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ User errors must end with exit status 2 and ONE line on stderr (no traceback).
 """
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import importlib.util
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import warnings
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -394,6 +396,66 @@ def test_resume_says_what_it_resumes(run_cli, tmp_path):
     code, text, err = run_cli("train", *TINY_SHAPES, "--epochs", "1", "--out", str(out), "--resume")
     assert code == 0, err
     assert f"nothing to resume in {out}" in text
-    code, text, err = run_cli("train", *TINY_SHAPES, "--epochs", "2", "--out", str(out), "--resume", "--lr", "5")
+    with pytest.warns(UserWarning, match="ignored: lr 5.0"):
+        code, text, err = run_cli("train", *TINY_SHAPES, "--epochs", "2", "--out", str(out), "--resume", "--lr", "5")
     assert code == 0, err
     assert "after epoch 1 with its saved configuration" in text
+
+
+def test_resume_warns_about_the_options_it_ignores(run_cli, tmp_path):
+    """A resumed run keeps its saved configuration: options given with --resume that differ from it
+    are named in one warning; options not given, or given with the saved value, are not."""
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY_SHAPES, "--epochs", "2", "--out", str(out))[0] == 0
+    with pytest.warns(UserWarning) as record:  # in-process, pytest catches what the CLI prints as "warning: ..."
+        code, text, err = run_cli("train", "--out", str(out), "--resume", "--lr", "5", "--no-batchnorm",
+                                  "--size", "32", "--epochs", "1")
+    assert code == 0, err
+    assert len(record) == 1, [str(w.message) for w in record]
+    message = str(record[0].message)
+    for needle in ("lr 5.0 (the run's: 0.001)", "batchnorm False (the run's: True)", "epochs 1 (the run's: 2)"):
+        assert needle in message
+    assert "size" not in message  # given, but equal to the saved value
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.001
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing given: nothing to warn about
+        code, text, err = run_cli("train", "--out", str(out), "--resume")
+    assert code == 0, err
+
+
+def test_resume_with_more_epochs_says_where_the_cosine_schedule_continues(run_cli, tmp_path):
+    """A finished cosine run has decayed its learning rate to 0; extending it from 2 to 4 epochs
+    continues at lr * (1 + cos(pi * 2/4)) / 2 = lr / 2, and the log says so."""
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY_SHAPES, "--epochs", "2", "--lr", "0.01", "--out", str(out))[0] == 0
+    code, text, err = run_cli("train", "--out", str(out), "--resume", "--epochs", "4")
+    assert code == 0, err
+    assert "from 2 to 4 epochs" in text and "continues at 0.005 (it was 0 after epoch 2)" in text
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    # the learning rate after each epoch, to 6 significant digits: 0.01 * (1 + cos(pi * e/4)) / 2 from epoch 3
+    assert [r["lr"] for r in rows] == ["0.005", "0.0", "0.00146447", "0.0"]
+
+
+def test_resume_reads_moved_data_from_the_new_data_folder(run_cli, make_pets_root, tmp_path):
+    """--data is the one setting besides --epochs that --resume takes: the data folder may move."""
+    root = make_pets_root(n_trainval=10, n_test=2)
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", str(root), "--out", str(out), *TINY_PETS)[0] == 0
+    moved = root.rename(tmp_path / "moved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, text, err = run_cli("train", "--data", str(moved), "--out", str(out), "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert f"reading the data from {moved}" in text
+    assert json.loads((out / "config.json").read_text())["data"] == str(moved)
+
+
+def test_train_help_names_every_default(run_cli, capsys):
+    """Every train option that takes a value says its default in --help."""
+    from tinyunet.cli import _parser
+
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.option_strings and action.nargs is None and action.dest not in ("out", "help"):
+            assert "default" in (action.help or ""), action.option_strings

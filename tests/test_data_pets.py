@@ -69,7 +69,26 @@ def test_load_shapes_dtypes_and_labels(make_pets_root, tmp_path):
     assert data.labels[:, 12, 12].tolist() == [0] * 6 and data.labels[:, 0, 0].tolist() == [1] * 6
     test = load(root, tmp_path, split="test", size=24)
     assert test.names == ["dog_0", "dog_1", "dog_2"]
-    assert len(load(root, tmp_path, size=24, limit=2)) == 2
+    # --limit spreads its pick over the split (sorted by breed): Cat_0 and Cat_3 of Cat_0..5, not the first two
+    assert load(root, tmp_path, size=24, limit=2).names == ["Cat_0", "Cat_3"]
+    assert load(root, tmp_path, size=24, limit=3).names == ["Cat_0", "Cat_2", "Cat_4"]
+    assert load(root, tmp_path, size=24, limit=99).names == data.names
+
+
+def test_spread_subset_is_evenly_spaced_and_distinct():
+    from tinyunet.data.pets import spread_subset
+
+    names = [f"n{i}" for i in range(10)]
+    assert spread_subset(names, 5) == ["n0", "n2", "n4", "n6", "n8"]
+    assert spread_subset(names, 1) == ["n0"] and spread_subset(names, 10) == names
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 300))
+        limit = int(rng.integers(1, n + 1))
+        picked = [int(x[1:]) for x in spread_subset([f"n{i}" for i in range(n)], limit)]
+        assert len(picked) == limit and picked == sorted(set(picked))  # distinct, in split order
+        gaps = np.diff(picked)
+        assert gaps.size == 0 or gaps.max() - gaps.min() <= 1  # as even as whole numbers allow
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA"])

@@ -256,3 +256,57 @@ def test_shapes_checkpoint_split_and_data(trained, tmp_path, monkeypatch, capsys
     assert "no --split trainval" in err and "--data" in err and len(err.strip().splitlines()) == 1
     assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(root), "--split", "test", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == len(TEST_NAMES)
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint(trained, capsys, tmp_path):
+    """--checkpoint <run folder> uses its best.npz (the file train's log points to); a folder with
+    no checkpoint is a one-line error."""
+    root, checkpoint = trained
+    run = checkpoint.parent
+    capsys.readouterr()
+    outputs = []
+    for given in (run / "best.npz", run):
+        assert main(["evaluate", "--checkpoint", str(given), "--data", str(root), "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["evaluate", "--checkpoint", str(empty), "--data", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "without best.npz or last.npz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_skips_unreadable_images_with_one_warning(trained, capsys, tmp_path):
+    _, checkpoint = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as record:  # what the CLI prints as one "warning: ..." line
+        assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out)]) == 0
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "skipped 2 of 3 images" in message and "broken.jpg" in message and "empty.png" in message
+    assert sorted(p.name for p in out.iterdir()) == ["good_mask.png", "good_overlay.png"]
+    # --strict: the first unreadable image is the error; none readable: an error without --strict too
+    assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(tmp_path / "o2"),
+                 "--strict"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    (folder / "good.png").unlink()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(tmp_path / "o3")]) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if "%|" not in line]  # no progress bar
+    assert len(lines) == 1 and "none of the 2 images could be read" in lines[0]
+
+
+def test_predict_out_that_is_a_file_is_a_one_line_error(trained, capsys, tmp_path):
+    _, checkpoint = trained
+    photo, taken = tmp_path / "photo.png", tmp_path / "taken.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+    taken.write_bytes(b"somebody's file")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(photo), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken} is a file" in err and len(err.strip().splitlines()) == 1
+    assert taken.read_bytes() == b"somebody's file"

@@ -30,6 +30,19 @@ def test_unet_totals_and_cleanup():
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+def test_unet_rows_follow_the_forward_pass():
+    """Rows in the order data flows: each encoder block and its pool, the bottleneck, then per level
+    up-convolution, concat and decoder block, the head last (not the registration order)."""
+    rows = summarize(UNet(base_channels=4, depth=2), (1, 3, 16, 16))
+    blocks = []
+    for r in rows:
+        block = r.name.rsplit(".", 1)[0] if r.name.startswith(("down.", "up_conv.", "bottleneck")) else r.name
+        if not blocks or blocks[-1] != block:
+            blocks.append(block)
+    assert blocks == ["down.0", "pool.0", "down.1", "pool.1", "bottleneck", "up.0", "concat.0", "up_conv.0",
+                      "up.1", "concat.1", "up_conv.1", "head"]
+
+
 def test_cli_summary(capsys):
     assert main(["summary", "--size", "32", "--batch-size", "2", "--base-channels", "4", "--depth", "2"]) == 0
     out = capsys.readouterr().out

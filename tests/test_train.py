@@ -302,3 +302,16 @@ def test_resume_of_a_finished_run_changes_nothing_unless_epochs_grow(run_cli, tm
     assert status == 0, err
     assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2, 3]
     assert meta_of(run / "last.npz")["config"]["epochs"] == 3
+
+
+def test_predictions_png_shows_validation_images_spread_over_the_set(run_cli, tmp_path, monkeypatch):
+    """The preview's 4 images are spread over the validation set (the first 4 of a sorted pets split
+    would be one breed): of the 8 validation shapes, numbers 0, 2, 4 and 6."""
+    import tinyunet.viz
+
+    shown = []
+    monkeypatch.setattr(tinyunet.viz, "plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr(tinyunet.viz, "plot_predictions", lambda *a, names=None, **k: shown.append(list(names)))
+    status, _, err = run_cli(*train_args(tmp_path / "run", 1))
+    assert status == 0, err
+    assert shown == [[f"shapes_{i:05d}" for i in (0, 2, 4, 6)]]

@@ -71,6 +71,18 @@ def test_plot_curves(tmp_path):
     assert width > height  # two panels side by side
 
 
+def test_plot_curves_ticks_whole_epochs(tmp_path, monkeypatch):
+    """Two epochs: matplotlib's default ticks would be 1.0, 1.2, ..., 2.0; epochs are whole numbers."""
+    from matplotlib.figure import Figure
+
+    ticks = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: ticks.extend(
+        [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]] for ax in fig.axes))
+    plot_curves([{"epoch": e, "train_loss": 1.0, "val_loss": 1.0, "val_miou": 0.5, "val_pixel_accuracy": 0.5}
+                 for e in (1, 2)], tmp_path / "curves.png")
+    assert len(ticks) == 2 and all(t == [1.0, 2.0] for t in ticks), ticks
+
+
 def test_plot_predictions(tmp_path):
     rng = np.random.default_rng(2)
     n, h, w = 3, 16, 20

@@ -40,58 +40,76 @@ def _parser() -> argparse.ArgumentParser:
     _add_backend(p)
 
     p = sub.add_parser("train", help="train a U-Net (on Oxford-IIIT Pet or synthetic shapes)")
-    p.add_argument("--dataset", choices=["pets", "shapes"], default=d.dataset)
+    # Training options default to None: _train fills in TrainConfig's defaults, and --resume can tell
+    # which options were given (and warn that the saved run ignores them).
+    p.add_argument("--dataset", choices=["pets", "shapes"], default=None, help=f"default: {d.dataset}")
     p.add_argument("--data", default=None, help="Oxford-IIIT Pet folder (default: $TINYUNET_DATA, else the "
                                                 "folder `tinyunet download` fills)")
     p.add_argument("--out", required=True, help="run folder for config, metrics, checkpoints and figures")
-    p.add_argument("--arch", default=d.arch, choices=list(ARCHITECTURES),
+    p.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
                    help="model architecture: unet, resunet (residual blocks) or attunet (attention gates on the "
-                        "skip connections) (default: %(default)s)")
-    p.add_argument("--size", type=int, default=None, help="square training size (default 128 for pets, 64 for shapes)")
-    p.add_argument("--epochs", type=int, default=None, help="default 10 for pets, 3 for shapes")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule)
-    p.add_argument("--base-channels", type=int, default=d.base_channels)
-    p.add_argument("--depth", type=int, default=d.depth)
-    p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N trainval images")
-    p.add_argument("--num-shapes", type=int, default=d.num_shapes, help="synthetic training images (shapes)")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+                        f"skip connections) (default: {d.arch})")
+    p.add_argument("--size", type=int, default=None, help="square training size (default: 128 for pets, 64 for shapes)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: 10 for pets, 3 for shapes; with --resume, a larger number extends the run")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default: {d.batch_size}")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate (default: {d.lr:g})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"L2 penalty (default: {d.weight_decay:g})")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default=None,
+                   help=f"learning rate: cosine decay to 0 over the run, per step, or constant (default: {d.schedule})")
+    p.add_argument("--base-channels", type=int, default=None,
+                   help=f"channels of the first level, doubled at each level down (default: {d.base_channels})")
+    p.add_argument("--depth", type=int, default=None, help=f"number of down-sampling levels (default: {d.depth})")
+    p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false", default=None,
+                   help="convolution blocks without BatchNorm2d")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no random horizontal flips")
+    p.add_argument("--seed", type=int, default=None, help=f"weights, shuffling and flips (default: {d.seed})")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of trainval held out for validation, pets only (default: {d.val_fraction:g}; "
+                        "shapes draw their own num-shapes/8 validation images)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only N trainval images, evenly spaced over the split (quick runs; default: all)")
+    p.add_argument("--num-shapes", type=int, default=None,
+                   help=f"synthetic training images, shapes only (default: {d.num_shapes})")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="stop at the first bad image instead of skipping it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its saved configuration "
+                        "(only a larger --epochs and a moved --data change it)")
     p.add_argument("--force", action="store_true", help="delete an existing run folder and start again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_backend(p)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default=None)
+    p.add_argument("--checkpoint", required=True, help="a .npz checkpoint, or a run folder (its best.npz)")
+    p.add_argument("--data", default=None,
+                   help="Oxford-IIIT Pet folder (default: the folder the checkpoint was trained on)")
     p.add_argument("--split", choices=["test", "trainval"], default=None,
                    help="Oxford-IIIT Pet split (default test); shapes checkpoints use their own held-out images")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate only N images, evenly spaced over the split (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_backend(p)
 
     p = sub.add_parser("predict", help="write mask and overlay PNGs for images")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", required=True, help="a .npz checkpoint, or a run folder (its best.npz)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them")
+    p.add_argument("--out", required=True, help="folder for <name>_mask.png and <name>_overlay.png")
     p.add_argument("--attention", action="store_true",
                    help="also write <name>_attention.png, the attention gates' coefficients over the photo "
                         "(attunet checkpoints)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image instead of skipping it")
     _add_backend(p)
 
     p = sub.add_parser("summary", help="per-layer table: output shape, parameters, memory kept for backward, FLOPs")
-    p.add_argument("--arch", default=d.arch)
-    p.add_argument("--size", type=int, default=d.size)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--base-channels", type=int, default=d.base_channels)
-    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--arch", default=d.arch, choices=list(ARCHITECTURES), help="default: %(default)s")
+    p.add_argument("--size", type=int, default=d.size, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--base-channels", type=int, default=d.base_channels, help="default: %(default)s")
+    p.add_argument("--depth", type=int, default=d.depth, help="default: %(default)s")
     p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false")
     _add_backend(p)
 
@@ -102,21 +120,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
     from tinyunet.train import TrainConfig, Trainer
 
-    shapes = args.dataset == "shapes"
-    config = TrainConfig(
-        # the data folder as an absolute path: the run's config must still find it when --resume or
-        # evaluate runs from another directory
-        dataset=args.dataset, data=os.path.abspath(args.data) if args.data else args.data, arch=args.arch,
-        size=args.size if args.size is not None else (64 if shapes else 128),  # not `or`: 0 is an error,
-        epochs=args.epochs if args.epochs is not None else (3 if shapes else 10),  # not a default
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-        base_channels=args.base_channels, depth=args.depth, batchnorm=args.batchnorm, seed=args.seed,
-        val_fraction=args.val_fraction, augment=args.augment, limit=args.limit, num_shapes=args.num_shapes,
-        strict=args.strict)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if "data" in given:  # absolute: the run's config must still find it when --resume or evaluate runs
+        given["data"] = os.path.abspath(given["data"])  # from another directory
+    shapes = given.get("dataset", TrainConfig.dataset) == "shapes"
+    config = TrainConfig(**{"size": 64 if shapes else 128, "epochs": 3 if shapes else 10, **given})
     summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet,
-                      extend_epochs=args.epochs is not None).fit()
+                      explicit=given).fit()
     print(f"done: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
 
 
@@ -149,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from tinyunet.predict import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, attention=args.attention)
+    written = predict_files(args.checkpoint, args.inputs, args.out, attention=args.attention, strict=args.strict)
     print(f"wrote {len(written)} files to {args.out}")
 
 
@@ -170,7 +184,7 @@ def _summary(args: argparse.Namespace) -> None:
     # the same checks as train's (sizes >= 1, the size divisible by 2**depth): one line, no traceback
     TrainConfig(arch=args.arch, size=args.size, batch_size=args.batch_size, base_channels=args.base_channels,
                 depth=args.depth, batchnorm=args.batchnorm).validate()
-    try:  # what only the network itself can tell (an unknown --arch, ...)
+    try:  # what only the network itself can tell
         model = create_model(args.arch, in_channels=3, num_classes=3, base_channels=args.base_channels,
                              depth=args.depth, batchnorm=args.batchnorm)
         shape = (args.batch_size, 3, args.size, args.size)

@@ -7,6 +7,7 @@ come out at full resolution with smooth borders instead of blocky nearest-neighb
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, List, Tuple
 
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from tinyunet.backend import to_device, to_host, xp
+from tinyunet.data import DataWarning
 from tinyunet.data.transforms import resize_image, to_input
 from tinyunet.errors import DataError, TinyUNetError
 from tinyunet.train import TrainConfig, load_model
@@ -70,11 +72,17 @@ def attention_images(model: Any, height: int, width: int) -> Tuple[List[np.ndarr
 
 
 def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                  progress: bool = True, attention: bool = False) -> List[Path]:
+                  progress: bool = True, attention: bool = False, strict: bool = False) -> List[Path]:
     """Write ``<name>_mask.png`` (palette PNG of class ids) and ``<name>_overlay.png`` per image, and with
-    ``attention`` also ``<name>_attention.png`` (needs a model with attention gates: arch ``attunet``)."""
+    ``attention`` also ``<name>_attention.png`` (needs a model with attention gates: arch ``attunet``).
+
+    An image that cannot be read is skipped and named in one warning at the end (``strict``: a
+    DataError at the first); if none can be read, DataError. Returns the files written."""
     from tqdm import tqdm
 
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TinyUNetError(f"--out {out} is a file: predictions are written into a folder, choose another --out")
     model, meta = load_model(checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
     if attention and not hasattr(model, "attention_maps"):
@@ -88,11 +96,17 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     if clashes:
         raise DataError(f"images with the same name would write the same output files: {'; '.join(clashes[:3])}; "
                         "rename one or predict them into separate --out folders")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
+    skipped: List[str] = []
     for path in tqdm(images, desc="predict", disable=not progress):
-        image = read_rgb(path)
+        try:
+            image = read_rgb(path)
+        except DataError as exc:
+            if strict:
+                raise
+            skipped.append(str(exc))
+            continue
         labels = predict_image(model, image, size)
         save_mask_png(labels, out / f"{path.stem}_mask.png")
         save_overlay_png(image, labels, out / f"{path.stem}_overlay.png")
@@ -101,4 +115,10 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
             maps, titles = attention_images(model, image.shape[0], image.shape[1])
             plot_attention(image, maps, out / f"{path.stem}_attention.png", titles=titles)
             written.append(out / f"{path.stem}_attention.png")
+    if skipped and not written:
+        raise DataError(f"none of the {len(images)} images could be read: {'; '.join(skipped[:3])}")
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"skipped {len(skipped)} of {len(images)} images: {'; '.join(skipped[:3])}{more}",
+                      DataWarning, stacklevel=2)
     return written

@@ -71,16 +71,18 @@ def layer_flops(module: Module, out_shape: Tuple[int, ...], in_shape: Tuple[int,
 
 
 def summarize(model: Module, input_shape: Tuple[int, ...]) -> List[LayerRow]:
-    """Run one training-mode forward on zeros of ``input_shape`` and describe every leaf layer."""
+    """Run one training-mode forward on zeros of ``input_shape`` and describe every leaf layer, in
+    the order the forward pass first calls them (down.0, pool.0, down.1, ...), not the order they
+    were registered in (all encoder blocks, then all pools, ...)."""
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.named_children())]
-    shapes: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
+    shapes: Dict[int, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}  # insertion order = call order
 
     def recording(module: Module) -> Any:
         original = type(module).forward
 
         def forward(*inputs: Any) -> Any:
             out = original(module, *inputs)
-            shapes[id(module)] = (tuple(inputs[0].shape), tuple(out.shape))
+            shapes.setdefault(id(module), (tuple(inputs[0].shape), tuple(out.shape)))
             return out
         return forward
 
@@ -94,10 +96,9 @@ def summarize(model: Module, input_shape: Tuple[int, ...]) -> List[LayerRow]:
             del m.forward
     rows = []
     counted: Set[int] = set()
-    for name, m in leaves:
-        if id(m) not in shapes:
-            continue
-        in_shape, out_shape = shapes[id(m)]
+    by_id = {id(m): (name, m) for name, m in leaves}
+    for key, (in_shape, out_shape) in shapes.items():
+        name, m = by_id[key]
         params = sum(int(np.prod(p.shape)) for _, p in m.named_parameters())
         method = m._method(out_shape[0], out_shape[2], out_shape[3]) if isinstance(m, Conv2d) else ""
         rows.append(LayerRow(name, type(m).__name__, out_shape, params, saved_bytes(m, counted),

@@ -26,9 +26,10 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -39,7 +40,8 @@ from tinyunet.checkpoint import load_checkpoint, restore, save_checkpoint
 from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
 from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes,
                            split_train_val)
-from tinyunet.errors import TinyUNetError, TrainingError
+from tinyunet.data.pets import spread_subset
+from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
 from tinyunet.losses import CrossEntropyLoss
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
@@ -154,9 +156,12 @@ class Trainer:
     """Runs (or resumes) one training run in ``run_dir``."""
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False,
-                 progress: bool = True, log: Callable[[str], None] = print, extend_epochs: bool = True) -> None:
-        """``extend_epochs``: on resume, ``config.epochs`` may lengthen the run (the CLI passes False when
-        --epochs was not given, so a default never silently extends a finished run)."""
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 explicit: Optional[Iterable[str]] = None) -> None:
+        """``explicit``: the names of the config fields the caller chose (the CLI passes the options
+        given on its command line; None: all of them). On resume they are compared with the run's
+        saved configuration: a larger ``epochs`` extends the run, ``data`` points to moved data, and
+        any other difference is ignored with a warning."""
         self.run_dir = Path(run_dir)
         self.progress, self.log = progress, log
         self.start_epoch = 0
@@ -172,10 +177,9 @@ class Trainer:
         self.force = force and not resume
         self.resuming = resume and last.is_file()
         if self.resuming:
-            saved = json.loads((self.run_dir / "config.json").read_text())
-            # the run's own configuration wins; only the number of epochs may be extended
-            epochs = max(config.epochs, saved["epochs"]) if extend_epochs else saved["epochs"]
-            config = TrainConfig.from_dict({**saved, "epochs": epochs})
+            saved = TrainConfig.from_dict(json.loads((self.run_dir / "config.json").read_text()))
+            names = [f.name for f in fields(TrainConfig)] if explicit is None else list(explicit)
+            config = self._resumed_config(saved, config, names)
         config.validate()
         self.config = config
         backend.seed(config.seed)
@@ -187,9 +191,38 @@ class Trainer:
             self.start_epoch = int(meta["epoch"])
             self.best_miou = float(meta.get("best_miou", -1.0))
             self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} with its saved configuration "
-                     f"(config.json; only --epochs can extend it)")
+                     f"(config.json)")
+            if config.epochs > saved.epochs and config.schedule == "cosine" and self.start_epoch < config.epochs:
+                # the cosine decay is a function of step / total steps: a longer run stretches it
+                was = learning_rate(saved, self.start_epoch, saved.epochs)
+                now = learning_rate(config, self.start_epoch, config.epochs)
+                self.log(f"extending the run from {saved.epochs} to {config.epochs} epochs: the cosine schedule "
+                         f"now decays over {config.epochs} epochs, so the learning rate continues at {now:.3g} "
+                         f"(it was {was:.3g} after epoch {self.start_epoch})")
         elif resume:  # e.g. killed before its first checkpoint, or a typo in --out: say so
             self.log(f"nothing to resume in {self.run_dir} (no last.npz): starting a new run")
+
+    def _resumed_config(self, saved: TrainConfig, asked: TrainConfig, names: List[str]) -> TrainConfig:
+        """The saved configuration, with a larger ``epochs`` and a new ``data`` folder taken from
+        ``asked``; other fields in ``names`` that differ are ignored with a warning (a resumed run
+        with another learning rate or architecture would be neither the old run nor a new one)."""
+        changes: Dict[str, Any] = {}
+        ignored = []
+        for name in names:
+            new, old = getattr(asked, name), getattr(saved, name)
+            if new == old:
+                continue
+            if (name == "epochs" and new > old) or (name == "data" and new is not None):
+                changes[name] = new
+            else:
+                ignored.append(f"{name} {new!r} (the run's: {old!r})")
+        if ignored:
+            warnings.warn(f"resuming {self.run_dir} with its saved configuration, so these are ignored: "
+                          f"{', '.join(ignored)}; to change them, start a new run (another --out, or --force)",
+                          stacklevel=3)
+        if "data" in changes:
+            self.log(f"reading the data from {changes['data']} (the run's was {saved.data})")
+        return replace(saved, **changes)
 
     def _prepare_run_dir(self) -> None:
         """Create (or, with --force, recreate) the run folder and write config.json."""
@@ -240,7 +273,8 @@ class Trainer:
         steps_per_epoch = max(len(train) // config.batch_size, 1)
         total_steps = steps_per_epoch * config.epochs
         rows = self._read_metrics()
-        preview = val.subset(np.arange(min(PREVIEW_IMAGES, len(val))))
+        # spread over the validation set: its first images would all be one breed (sorted split files)
+        preview = val.subset(np.array(spread_subset(list(range(len(val))), PREVIEW_IMAGES)))
         preview_x = next(iterate_batches(preview, len(preview), shuffle=False, rng=None))[0]
         result: Dict[str, Any] = {}
         for epoch in range(self.start_epoch + 1, config.epochs + 1):
@@ -251,7 +285,8 @@ class Trainer:
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(result["loss"], 6),
                    "val_pixel_accuracy": round(result["pixel_accuracy"], 6), "val_miou": round(result["miou"], 6),
                    **{f"val_iou_{name}": round(result["iou"][name], 6) for name in CLASS_NAMES},
-                   "lr": learning_rate(config, epoch * steps_per_epoch, total_steps),
+                   # 6 significant digits, like the other columns: not 0.0009045084971874737
+                   "lr": float(f"{learning_rate(config, epoch * steps_per_epoch, total_steps):.6g}"),
                    "seconds": round(seconds, 1), "images_per_second": round(steps_per_epoch * config.batch_size / seconds, 2)}
             rows.append(row)
             improved = result["miou"] > self.best_miou
@@ -314,8 +349,22 @@ class Trainer:
                          names=preview.names)
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a run folder its ``best.npz`` (else ``last.npz``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("best.npz", "last.npz"):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} is a folder without best.npz or last.npz: pass a run folder of "
+                          "`tinyunet train` or a checkpoint file")
+
+
 def load_model(checkpoint: str | os.PathLike) -> Tuple[Any, Dict[str, Any]]:
-    """A model rebuilt from a checkpoint's configuration, with its weights, in eval mode."""
+    """A model rebuilt from a checkpoint's configuration (a file, or a run folder: its best.npz),
+    with its weights, in eval mode."""
+    checkpoint = checkpoint_file(checkpoint)
     _, _, meta = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
     model = create_model(**config.model_kwargs())

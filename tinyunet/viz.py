@@ -110,6 +110,7 @@ def plot_curves(rows: Sequence[Dict[str, Any]], path: PathLike) -> None:
         path: output PNG.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not rows:
         raise ValueError("no rows to plot: metrics.csv is empty")
@@ -126,6 +127,7 @@ def plot_curves(rows: Sequence[Dict[str, Any]], path: PathLike) -> None:
     score_ax.legend()
     for ax in (loss_ax, score_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no tick at 1.5
     fig.savefig(os.fspath(path), dpi=100)
 
 

@@ -163,7 +163,7 @@ def _fingerprint(root: Path, split: str, names: list[str], size: int) -> str:
 def _cache_prefix(root: Path, split: str, size: int, limit: int | None) -> str:
     # The root's hash keeps caches of different data folders apart in one cache folder.
     root_id = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
-    n = "all" if limit is None else f"first{limit}"
+    n = "all" if limit is None else f"limit{limit}"
     return f"pets-{split}-{size}px-{n}-{root_id}-"
 
 
@@ -223,6 +223,12 @@ def _warn_skipped(root: Path, split: str, total: int, skipped: list[tuple[str, s
                   DataWarning, stacklevel=3)
 
 
+def spread_subset(names: list, limit: int) -> list:
+    """``limit`` of ``names`` (any list), evenly spaced: every (len/limit)-th, starting at the first."""
+    n = len(names)
+    return names if limit >= n else [names[i * n // limit] for i in range(limit)]
+
+
 def load_pets(
     root: str | Path,
     split: str = "trainval",
@@ -246,7 +252,8 @@ def load_pets(
             The cache is used only when its fingerprint matches the current sources.
         strict: raise DataError at the first bad example instead of skipping it.
         progress: show a tqdm bar while decoding.
-        limit: use only the first ``limit`` names of the split (quick runs and tests).
+        limit: use only ``limit`` names of the split, evenly spaced over it (quick runs and tests:
+            the split files are sorted by breed, so the first N names would be a few breeds only).
     Returns:
         SegmentationData: images uint8 (N, S, S, 3), labels uint8 (N, S, S), names, skipped.
     """
@@ -256,7 +263,7 @@ def load_pets(
     check_layout(root, split)
     names = read_split(root, split)
     if limit is not None:
-        names = names[:limit]
+        names = spread_subset(names, limit)
     if not names:
         raise DataError(f"split file {root / 'annotations' / f'{split}.txt'} lists no examples; {_FIX}")
 
@@ -269,7 +276,7 @@ def load_pets(
         _write_cache(cache_path, data, fingerprint)
     if strict and data.skipped:  # a cache built with strict=False may hold skips
         name, reason = data.skipped[0]
-        raise DataError(f"bad example {name} in {root}: {reason}; fix or remove it, or load with strict=False")
+        raise DataError(f"bad example {name} in {root}: {reason}; fix or remove it, or skip it (without --strict; strict=False)")
     _warn_skipped(root, split, len(names), data.skipped)
     if len(data) == 0:
         raise DataError(f"no usable examples among {len(names)} of {split} in {root}: "
@@ -289,7 +296,7 @@ def _decode_all(root: Path, split: str, names: list[str], size: int, strict: boo
         except _BadExample as exc:
             if strict:
                 raise DataError(f"bad example {name} in {root}: {exc}; fix or remove it, "
-                                "or load with strict=False") from None
+                                "or skip it (without --strict; strict=False)") from None
             skipped.append((name, str(exc)))
             continue
         keep.append(i)
