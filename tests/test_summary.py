@@ -1,4 +1,7 @@
 """tinyunet summary: shapes, parameter counts and FLOPs against hand computations."""
+import pytest
+
+from tinyunet import kernels
 from tinyunet.cli import main
 from tinyunet.models import UNet
 from tinyunet.nn import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sequential
@@ -49,13 +52,26 @@ def test_cli_summary(capsys):
     assert "head" in out and "(2, 3, 32, 32)" in out
 
 
-def test_method_column_follows_the_layer_rules():
-    """Standard configuration: the RGB layer im2col, 16-32 channels the shifted products, 64-128
-    channels at 16x16-32x32 Winograd, the 8x8 bottleneck (128 tiles) im2row; other layers none."""
-    rows = {r.name: r for r in summarize(UNet(base_channels=16, depth=4), (8, 3, 128, 128))}
-    assert rows["down.0.0"].method == "im2col"
-    assert rows["down.0.3"].method == rows["down.1.3"].method == rows["up_conv.3.0"].method == "shifted"
-    assert rows["down.2.3"].method == rows["up_conv.0.0"].method == rows["up_conv.1.3"].method == "winograd"
-    assert rows["bottleneck.0"].method == rows["bottleneck.3"].method == "im2row"
-    assert rows["down.0.1"].method == "" and rows["up.0"].method == ""
+@pytest.mark.parametrize("direct", [False, True])
+def test_method_column_follows_the_layer_rules(direct):
+    """Standard configuration. BLAS products (no Numba, or the compiled kernels off): the RGB layer
+    im2col, 16-32 channels the shifted products, 64-128 channels at 16x16-32x32 Winograd, the 8x8
+    bottleneck (128 tiles) im2row. With the direct kernels (direct_conv.py) the shifted products
+    also take the 64-channel layers, 16x16 outputs below 128 channels and the 8x8 bottleneck (512
+    output pixels in the batch), Winograd only 128 channels and up."""
+    if direct:
+        pytest.importorskip("numba")
+    previous = kernels.set_enabled(direct)
+    try:
+        rows = {r.name: r for r in summarize(UNet(base_channels=16, depth=4), (8, 3, 128, 128))}
+    finally:
+        kernels.set_enabled(previous)
+    method = {name: r.method for name, r in rows.items()}
+    assert method["down.0.0"] == "im2col"
+    assert method["down.0.3"] == method["down.1.3"] == method["up_conv.3.0"] == "shifted"
+    assert method["up_conv.0.0"] == method["up_conv.0.3"] == method["down.3.3"] == "winograd"  # 128+ at 16x16
+    assert method["bottleneck.0"] == method["bottleneck.3"] == ("shifted" if direct else "im2row")  # 8x8
+    sixty_four = (method["down.2.3"], method["up_conv.1.3"], method["down.3.0"])  # 64->64 at 32x32, 64->128 at 16x16
+    assert sixty_four == (("shifted", "shifted", "shifted") if direct else ("winograd", "winograd", "winograd"))
+    assert method["down.0.1"] == "" and method["up.0"] == ""
     assert "winograd" in format_summary(list(rows.values()))

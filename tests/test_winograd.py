@@ -116,7 +116,16 @@ def test_conv2d_winograd_forward_and_gradients(bias, winograd_everywhere, chunks
     assert max(errors.values()) < 1e-6, errors
 
 
-def test_conv2d_uses_winograd_only_where_it_was_measured_faster():
+@pytest.fixture
+def blas_products():
+    """The layers' rules with BLAS running the shifted products (no Numba, or the kernels off)."""
+    from tinyunet import kernels
+    before = kernels.set_enabled(False)
+    yield
+    kernels.set_enabled(before)
+
+
+def test_conv2d_uses_winograd_only_where_it_was_measured_faster(blas_products):
     """3x3, stride 1, padding 1, even output sides, >= 64 channels in and out, >= 512 tiles (batch x
     Hout/2 x Wout/2); anything else keeps its method."""
     wide = Conv2d(64, 128, 3, padding=1)
@@ -128,6 +137,24 @@ def test_conv2d_uses_winograd_only_where_it_was_measured_faster():
     assert Conv2d(64, 64, 3, padding=1, stride=2)._method(8, 32, 32) == "im2row"
     assert Conv2d(64, 64, 3, padding=0)._method(8, 32, 32) == "shifted"
     assert Conv2d(64, 64, 5, padding=2)._method(8, 32, 32) == "shifted"
+
+
+def test_with_the_direct_kernels_winograd_needs_128_channels():
+    """With direct_conv's kernels the shifted products beat Winograd up to 64 channels on a side and
+    im2row down to 8x8 at batch 8 (Conv2d._method's measurements); channels that are no multiple of
+    16 keep the BLAS rules."""
+    pytest.importorskip("numba")
+    from tinyunet import kernels
+    before = kernels.set_enabled(True)
+    try:
+        assert Conv2d(64, 128, 3, padding=1)._method(8, 16, 16) == "shifted"
+        assert Conv2d(128, 128, 3, padding=1)._method(8, 16, 16) == "winograd"
+        assert Conv2d(256, 256, 3, padding=1)._method(8, 8, 8) == "shifted"       # 512 outputs
+        assert Conv2d(256, 256, 3, padding=1)._method(1, 16, 16) == "im2row"      # 256 outputs: too few
+        assert Conv2d(72, 72, 3, padding=1)._method(8, 32, 32) == "winograd"      # 72 = 4.5 x 16: BLAS rules
+        assert Conv2d(64, 64, 3, padding=1, stride=2)._method(8, 32, 32) == "im2row"
+    finally:
+        kernels.set_enabled(before)
 
 
 def test_every_method_gives_the_same_convolution_and_gradients():

@@ -61,7 +61,7 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from tinyunet import backend, blas
+from tinyunet import backend, blas, direct_conv
 from tinyunet.backend import host_rng, to_device, xp
 from tinyunet.nn.module import Module, Parameter
 from tinyunet.nn.padding import zero_border, zero_padded
@@ -75,14 +75,22 @@ from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, run_conc
 _ROWS_TO_SPLIT_SUMS = 16384
 # ... and with this many input channels those partial sums come from joined rows (same method)
 _MIN_JOINED_CHANNELS, _MAX_JOINED_CHANNELS = 8, 16
+# the direct weight gradient keeps sums for 16 input channels at a time: with fewer, too few sums
+# are in flight to hide the multiply-adds' latency
+_MIN_DIRECT_GRAD_CHANNELS = 8
 # stride-1 outputs of at most this many pixels use im2row, and inputs of at most this many
 # channels im2col (see Conv2d._method)
 _MAX_IM2ROW_PIXELS = 256
+# ... with the direct kernels (direct_conv.py) running the shifted ones: batches of at most this many
+# output pixels (all images; at batch 8 the shifted kernels win even at 8x8, at batch 1 at 32x32)
+_MAX_IM2ROW_OUTPUTS_DIRECT = 256
 _MAX_IM2COL_CHANNELS = 4
 # padded 3x3 stride-1 convolutions with at least this many input and output channels, and at least
 # this many 2x2 output tiles in the batch, use Winograd's F(2x2, 3x3) (see Conv2d._method)
 _MIN_WINOGRAD_CHANNELS = 64
 _MIN_WINOGRAD_TILES = 512
+# ... and with the direct kernels running the shifted products (direct_conv.py), at least this many
+_MIN_WINOGRAD_CHANNELS_DIRECT = 128
 # products of at least this many multiply-adds are added into the sum by BLAS itself (blas.py);
 # for smaller ones the microseconds of the direct call cost more than the pass it saves (with
 # blas.shifted_matmuls' few microseconds per term, 2**16 rather than 2**21: batch-1 step pair ratios
@@ -353,6 +361,16 @@ class Conv2d(Module):
         at 32x32, 256 tiles: 2.0 -> 2.8 ms). Standard step, alternating in one process: median
         361 -> 338 ms; base 32: 1200 -> 936 ms.
 
+        With the direct kernels (direct_conv.py: Numba installed, float32, channels in multiples of
+        16) the shifted products run at ~100 GFLOP/s per core instead of 25-75, and beat Winograd up
+        to 64 channels on either side: Winograd then needs 128 in and out. Measured, batch 8 on 2
+        cores, forward + backward, shifted (direct) against Winograd: 64 -> 64 at 32x32 11.4 vs 12.4
+        ms, 128 -> 64 at 32x32 22.5 vs 25.2, 64 -> 128 at 16x16 7.0 vs 7.6; 128 -> 128 at 16x16 13.4 vs
+        11.7, 256 -> 128 at 16x16 27.3 vs 22.9 (Winograd's fewer multiplications win there). They
+        compute the real outputs only, not the padding's rows, so they beat im2row at 8x8 too (256 ->
+        256 channels: 12.7 vs 13.8 ms) except in tiny batches (batch 1 at 16x16 and below: 128 ->
+        128 2.8 vs 2.7 ms, 256 -> 256 at 8x8 4.8 vs 3.9).
+
         Few channels: every method that works on channels-last rows moves C-number pieces (12 bytes
         for RGB) and runs products with K = C = 3; the textbook im2col copies whole image rows of the
         NCHW input instead and gives one product with K = Cin*kh*kw = 27 (3 -> 16 channels at 128x128,
@@ -373,12 +391,19 @@ class Conv2d(Module):
             return self.method
         if self.in_channels <= _MAX_IM2COL_CHANNELS:
             return "im2col"
-        if (winograd_fits and min(self.in_channels, self.out_channels) >= _MIN_WINOGRAD_CHANNELS
+        fewest = _MIN_WINOGRAD_CHANNELS_DIRECT if self._direct() else _MIN_WINOGRAD_CHANNELS
+        if (winograd_fits and min(self.in_channels, self.out_channels) >= fewest
                 and n * ho * wo // 4 >= _MIN_WINOGRAD_TILES):
             return "winograd"
-        if self.stride != 1 or ho * wo <= _MAX_IM2ROW_PIXELS:
+        if self.stride != 1 or (n * ho * wo <= _MAX_IM2ROW_OUTPUTS_DIRECT if self._direct()
+                                else ho * wo <= _MAX_IM2ROW_PIXELS):
             return "im2row"
         return "shifted"
+
+    def _direct(self) -> bool:
+        """Whether direct_conv's kernels run this layer's shifted products (forward and input gradient)."""
+        return (direct_conv.runs(self.weight.data) and self.in_channels % 16 == 0
+                and self.out_channels % 16 == 0)
 
     # --- stride 1: shifted 1x1 products ----------------------------------------------------
     def _offsets(self, wp: int):
@@ -409,8 +434,15 @@ class Conv2d(Module):
         out = xp.empty((n * hp * wp, self.out_channels), dtype=x.dtype)
         out[length:] = 0  # the last rows' windows would run off the end: not computed, and dropped below
 
+        direct = direct_conv.usable(out, flat, w_ij)
+
         def rows(start: int, stop: int) -> None:  # output rows [start, stop); every term is a slice
-            sum_of_shifted_products(out[start:stop], flat, [off + start for _, _, off in offsets], w_ij)
+            starts = [off + start for _, _, off in offsets]
+            if direct:  # the real outputs only, sums in registers (direct_conv.py); the padding rows 0
+                direct_conv.shifted_sum(out[start:stop], flat, np.array(starts, dtype=np.int64), w_ij,
+                                        direct_conv.window_segments(start, stop, wp, hp, 0, wo, 0, ho))
+            else:
+                sum_of_shifted_products(out[start:stop], flat, starts, w_ij)
         row_work = kh * kw * c * self.out_channels  # multiply-adds per output row
         map_row_blocks(rows, length, row_work)  # blocks of rows in parallel (tinyunet/parallel.py)
         # keep x itself, not the padded copy: in the U-Net x is a ReLU's output, which the ReLU keeps
@@ -454,8 +486,13 @@ class Conv2d(Module):
         """
         kh, kw = self.kernel_size
         offsets = self._offsets(wp)
-        n, h, _, c = x.shape
+        n, h, w, c = x.shape
         length = dflat.shape[0]
+        hp = h + 2 * self.padding
+        ho, wo = hp - kh + 1, wp - kw + 1
+
+        def segments(start: int, stop: int) -> Any:  # the rows of real outputs: dflat is 0 elsewhere
+            return direct_conv.window_segments(start, stop, wp, hp, 0, wo, 0, ho)
         work = length * c * self.out_channels  # multiply-adds of one offset's product
         if length >= _ROWS_TO_SPLIT_SUMS:
             # narrow layers: products with only 8-16 input rows run far below BLAS speed, so per block
@@ -463,13 +500,18 @@ class Conv2d(Module):
             # one product per kernel row i gives dweight[i, 0..kw-1] together (measured, 16 -> 16 at
             # 128x128, batch 8: backward 18.7 -> 14.0 ms; for 3 input channels the copy costs more, and
             # for 32 too: 32 -> 16 at 128x128 backward 32.0 -> 30.3 ms with the plain products)
-            joined = kw > 1 and _MIN_JOINED_CHANNELS <= c <= _MAX_JOINED_CHANNELS
+            direct = direct_conv.usable(dflat, x) and c >= _MIN_DIRECT_GRAD_CHANNELS
+            joined = not direct and kw > 1 and _MIN_JOINED_CHANNELS <= c <= _MAX_JOINED_CHANNELS
             reach = offsets[-1][2]                                # the farthest row a window reads
 
             def rows(start: int, stop: int) -> Any:
                 first = start // wp
                 flat = self._padded_lines(x, first, min(-(-(stop + reach) // wp), n * (h + 2 * self.padding)))
                 start_in, stop_in = start - first * wp, stop - first * wp   # the block's rows in flat
+                if direct:  # all offsets in one pass over the block's real outputs (direct_conv.py)
+                    starts = np.array([off + start_in for _, _, off in offsets], dtype=np.int64)
+                    return direct_conv.shifted_weight_grad(flat, starts, dflat[start:stop], segments(start, stop)
+                                                           ).reshape(kh, kw, c, self.out_channels)
                 part = xp.empty((kh, kw, c, self.out_channels), dtype=x.dtype)
                 if joined:
                     wide = xp.concatenate([flat[start_in + j:stop_in + (kh - 1) * wp + j] for j in range(kw)], axis=1)
@@ -486,8 +528,14 @@ class Conv2d(Module):
             return sum(map_row_blocks(rows, length, kh * kw * c * self.out_channels, helped=not joined))
         flat = self._padded_rows(x)
         dw = xp.empty((kh, kw, c, self.out_channels), dtype=x.dtype)
+        direct = direct_conv.usable(dflat, flat) and c >= _MIN_DIRECT_GRAD_CHANNELS
 
         def some_offsets(first: int, last: int) -> None:
+            if direct:
+                starts = np.array([off for _, _, off in offsets[first:last]], dtype=np.int64)
+                dw.reshape(kh * kw, c, -1)[first:last] = direct_conv.shifted_weight_grad(
+                    flat, starts, dflat, segments(0, length))
+                return
             for i, j, off in offsets[first:last]:  # (Cin, L) @ (L, Cout)
                 xp.matmul(flat[off:off + length].T, dflat, out=dw[i, j])
         map_row_blocks(some_offsets, len(offsets), work)
@@ -529,8 +577,15 @@ class Conv2d(Module):
         total = n * hp * wp
         dxflat = xp.empty((total, c), dtype=dout.dtype)          # gradient of the padded input
 
+        direct = direct_conv.usable(dxflat, dbig, w_t)
+
         def dx_rows(start: int, stop: int) -> None:
-            sum_of_shifted_products(dxflat[start:stop], dbig, [front - off + start for _, _, off in offsets], w_t)
+            starts = [front - off + start for _, _, off in offsets]
+            if direct:  # only the rows inside the padding, which are kept (direct_conv.py)
+                direct_conv.shifted_sum(dxflat[start:stop], dbig, np.array(starts, dtype=np.int64), w_t,
+                                        direct_conv.window_segments(start, stop, wp, hp, p, w, p, h))
+            else:
+                sum_of_shifted_products(dxflat[start:stop], dbig, starts, w_t)
 
         def input_grad() -> None:
             map_row_blocks(dx_rows, total, kh * kw * c * self.out_channels)
