@@ -80,7 +80,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--numpy-only", action="store_true",
-                   help="BatchNorm and ReLU on their NumPy passes even where Numba is installed (tinyunet/kernels.py)")
+                   help="BatchNorm and ReLU on their NumPy passes and the shifted convolutions on BLAS, even where "
+                        "Numba is installed (tinyunet/kernels.py, tinyunet/direct_conv.py)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--default-malloc", action="store_true",
                    help="time with glibc's default allocator settings (freed memory returned to the OS)")
@@ -584,11 +585,11 @@ def load_average() -> str:
 
 
 def loops_description(compiled: bool) -> str:
-    """How BatchNorm and ReLU run (tinyunet/kernels.py)."""
+    """How BatchNorm, ReLU and the shifted convolutions run (tinyunet/kernels.py, direct_conv.py)."""
     if not compiled:
-        return "BatchNorm/ReLU as NumPy passes"
+        return "BatchNorm/ReLU as NumPy passes, convolutions on BLAS"
     import numba
-    return f"BatchNorm/ReLU as Numba {numba.__version__} loops"
+    return f"BatchNorm/ReLU as Numba {numba.__version__} loops, shifted convolutions as its direct kernels"
 
 
 def describe(args: argparse.Namespace) -> str:

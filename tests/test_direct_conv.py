@@ -55,7 +55,13 @@ def test_kernels_match_float64_products_on_their_segments(k, n, m, t):
     close(out, expected)
     assert not out[~inside].any()
     dw = direct_conv.shifted_weight_grad(a, starts, d, segments)
-    close(dw, np.stack([a[s:s + m][inside].T.astype(np.float64) @ d[inside] for s in starts]))
+    expected_dw = np.stack([a[s:s + m][inside].T.astype(np.float64) @ d[inside] for s in starts])
+    close(dw, expected_dw)
+    if n >= 32:  # a share of the output channels, into a given array: the others stay as they were
+        share = np.full((t, k, n), 7.0, dtype=np.float32)
+        direct_conv.shifted_weight_grad(a, starts, d, segments, out=share, columns=(16, n))
+        close(share[:, :, 16:], expected_dw[:, :, 16:])
+        assert (share[:, :, :16] == 7.0).all()
 
 
 @pytest.mark.parametrize("wp, hp, col0, cols, line0, lines", [(10, 10, 0, 8, 0, 8), (10, 10, 1, 8, 1, 8),
@@ -96,7 +102,8 @@ def conv_step(conv, x, dout, input_grad=True):
 # (Cin, Cout, kernel, padding, N, H, W): the U-Net's 3x3 layers in small, the 1x1 head's dx (its 3
 # outputs stay with BLAS), odd sizes, and enough rows that the layers split them into blocks
 LAYERS = [(16, 16, 3, 1, 2, 9, 7), (32, 16, 3, 1, 1, 12, 12), (16, 48, 3, 1, 2, 5, 6),
-          (64, 64, 3, 1, 3, 8, 8), (16, 3, 1, 0, 2, 7, 9), (16, 32, 3, 1, 2, 70, 66), (16, 16, 3, 0, 1, 6, 11)]
+          (64, 64, 3, 1, 3, 8, 8), (16, 3, 1, 0, 2, 7, 9), (16, 32, 3, 1, 2, 70, 66), (16, 16, 3, 0, 1, 6, 11),
+          (256, 256, 3, 1, 2, 8, 8)]  # the last: the weight gradient's output channels in blocks
 
 
 @pytest.mark.parametrize("cin, cout, k, pad, n, h, w", LAYERS)

@@ -32,7 +32,7 @@ the tests compare these kernels against (tests/test_direct_conv.py).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -128,7 +128,7 @@ def _weight_grad_source(kb: int, v: int) -> str:
     """The weight-gradient kernel: KB input channels x V vectors of sums, over groups of segments of
     about _CHUNK rows (their rows of a and d stay in cache for all terms)."""
     acc = [[f"s{i}_{j}" for j in range(v)] for i in range(kb)]
-    lines = ["def kernel(dw, a, starts, d, segments):",
+    lines = ["def kernel(dw, a, starts, d, segments, n_first, n_last):",
              "    n_out = d.shape[1]",
              "    k_in, terms, count = a.shape[1], starts.shape[0], segments.shape[0]",
              "    g0 = 0",
@@ -139,7 +139,7 @@ def _weight_grad_source(kb: int, v: int) -> str:
              "            g1 += 1",
              "        for t in range(terms):",
              f"            for k0 in range(0, k_in, {kb}):",
-             f"                for n0 in range(0, n_out, {16 * v}):"]
+             f"                for n0 in range(n_first, n_last, {16 * v}):"]
     lines += [f"                    {acc[i][j]} = vzero()" for i in range(kb) for j in range(v)]
     lines += ["                    for g in range(g0, g1):",
               "                        for r in range(segments[g, 0], segments[g, 1]):",
@@ -192,13 +192,18 @@ def shifted_sum(out: Any, a: Any, starts: Any, w: Any, segments: Any) -> None:
     _kernel("sum", rows, v)(out, a, starts, w, segments)
 
 
-def shifted_weight_grad(a: Any, starts: Any, d: Any, segments: Any) -> Any:
+def shifted_weight_grad(a: Any, starts: Any, d: Any, segments: Any, out: Optional[Any] = None,
+                        columns: Optional[Tuple[int, int]] = None) -> Any:
     """dw[t] = sum over the rows r of the segments of a[starts[t] + r]^T d[r], in this thread (rows of
     d outside them must be 0 or not count). a: (R, K), starts: (T,) int64, d: (M, N) (N a multiple
-    of 16), segments: (S, 2) int64 rows of d -> dw: (T, K, N) float32."""
+    of 16), segments: (S, 2) int64 rows of d -> dw: (T, K, N) float32, a new array or ``out``.
+    ``columns`` (first, last), multiples of 16: only dw[:, :, first:last], the rest of ``out`` untouched
+    (threads share out the output channels)."""
     k, n = a.shape[1], d.shape[1]
-    v = _tile(n)
+    first, last = columns or (0, n)
+    v = _tile(last - first)
     kb = next(b for b in (16, 8, 4, 2, 1) if k % b == 0 and b * v <= _budget())
-    dw = np.zeros((starts.shape[0], k, n), dtype=np.float32)
-    _kernel("grad", kb, v)(dw, a, starts, d, segments)
+    dw = np.empty((starts.shape[0], k, n), dtype=np.float32) if out is None else out
+    dw[:, :, first:last] = 0
+    _kernel("grad", kb, v)(dw, a, starts, d, segments, first, last)
     return dw

@@ -14,14 +14,16 @@ fast one are the same code here.
 Measured in the standard training step (2 cores, Zen 4, steps alternating with the loops on and off
 in one process, 30 pairs: benchmarks/compiled_loops.py): BatchNorm + ReLU 108.3 -> 62.7 ms per step,
 the step 8% faster (pair ratio 0.919; other runs 0.914, 0.938); in the benchmark's breakdown
-BatchNorm took 1.09x PyTorch's time, ReLU 1.29x (with NumPy passes 1.79x and 1.98x). The convolutions, ~70% of the step, are unchanged.
+BatchNorm took 1.09x PyTorch's time, ReLU 1.29x (with NumPy passes 1.79x and 1.98x). The convolutions
+have compiled kernels of their own (tinyunet/direct_conv.py); ``set_enabled`` switches both.
 
 Where the loops need care: they vectorise over the channel axis only if the compiler knows its
 stride. A strided view of a padded buffer, passed as it is, compiles to scalar code (ReLU's backward
 was 2x *slower* than NumPy's that way); hence :func:`_pixels`. And a loop that reads and writes many
 arrays at once does not vectorise either (Numba cannot promise the compiler that arrays do not
 overlap, and the compiler gives up checking): Winograd's input transform as such a loop (16 reads, 16
-writes per element) ran 1.6x slower than its NumPy passes, so the convolutions stay with NumPy and BLAS.
+writes per element) ran 1.6x slower than its NumPy passes. (What makes a convolution fast in compiled
+code is something else: sums kept in vector registers, tinyunet/simd.py and direct_conv.py.)
 
 Optional: ``pip install -e '.[fast]'`` installs Numba. The first use compiles the loops (about 4 s
 here, once: Numba caches the machine code on disk, next to this file or in its user cache). Without it, on CuPy (a GPU runs NumPy-style
@@ -134,8 +136,8 @@ def available() -> bool:
 
 
 def set_enabled(enabled: bool) -> bool:
-    """Switch the compiled loops on (where Numba is installed) or off (the NumPy passes everywhere).
-    Returns the previous setting."""
+    """Switch the compiled loops, and direct_conv's kernels, on (where Numba is installed) or off
+    (the NumPy passes and BLAS products everywhere). Returns the previous setting."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous

@@ -530,12 +530,17 @@ class Conv2d(Module):
         dw = xp.empty((kh, kw, c, self.out_channels), dtype=x.dtype)
         direct = direct_conv.usable(dflat, flat) and c >= _MIN_DIRECT_GRAD_CHANNELS
 
+        if direct:  # blocks of output channels, every offset and row each: even shares, no partial sums
+            starts = np.array([off for _, _, off in offsets], dtype=np.int64)
+            rows = segments(0, length)
+
+            def some_channels(first: int, last: int) -> None:  # channels [16 first, 16 last)
+                direct_conv.shifted_weight_grad(flat, starts, dflat, rows, out=dw.reshape(kh * kw, c, -1),
+                                                columns=(16 * first, 16 * last))
+            map_row_blocks(some_channels, self.out_channels // 16, work * 16)
+            return dw
+
         def some_offsets(first: int, last: int) -> None:
-            if direct:
-                starts = np.array([off for _, _, off in offsets[first:last]], dtype=np.int64)
-                dw.reshape(kh * kw, c, -1)[first:last] = direct_conv.shifted_weight_grad(
-                    flat, starts, dflat, segments(0, length))
-                return
             for i, j, off in offsets[first:last]:  # (Cin, L) @ (L, Cout)
                 xp.matmul(flat[off:off + length].T, dflat, out=dw[i, j])
         map_row_blocks(some_offsets, len(offsets), work)
