@@ -57,9 +57,10 @@ def test_train_step_benchmark_reports_consistent_figures():
     assert "== batch 2, base 4: breakdown, median of 2 rounds" in proc.stdout
     from tinyunet import kernels
     if kernels.available():                        # Numba installed: the benchmark says it runs the loops
-        assert ours["loops"].startswith("BatchNorm/ReLU as Numba ") and ours["loops"].endswith(" loops")
+        assert ours["loops"].startswith("BatchNorm/ReLU as Numba ") and ours["loops"].endswith(
+            " loops, shifted convolutions as its direct kernels")
     else:
-        assert ours["loops"] == "BatchNorm/ReLU as NumPy passes"
+        assert ours["loops"] == "BatchNorm/ReLU as NumPy passes, convolutions on BLAS"
 
 
 @pytest.mark.slow
@@ -69,8 +70,8 @@ def test_numpy_only_runs_batchnorm_and_relu_as_numpy_passes():
                            "--no-memory", "--numpy-only", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert result["tinyunet"]["loops"] == "BatchNorm/ReLU as NumPy passes"
-    assert "BatchNorm/ReLU as NumPy passes" in proc.stdout
+    assert result["tinyunet"]["loops"] == "BatchNorm/ReLU as NumPy passes, convolutions on BLAS"
+    assert "BatchNorm/ReLU as NumPy passes, convolutions on BLAS" in proc.stdout
 
 
 @pytest.mark.slow
@@ -146,3 +147,19 @@ def test_compiled_loops_benchmark_alternates_and_reports_every_layer():
     # a tiny layer may round to 0.00 ms; the step (last line of the six) and the sum of the layers may not
     assert all(t > 0 for t in columns[-1]) and all(sum(c[k] for c in columns[:4]) > 0 for k in (0, 1))
     assert 0 < float(lines[7].split()[-1]) < 10
+
+
+def test_compiled_loops_benchmark_times_the_convolutions_with_and_without_the_direct_kernels():
+    pytest.importorskip("numba")
+    script = SCRIPT.parent / "compiled_loops.py"
+    proc = subprocess.run([sys.executable, str(script), "--convolutions", "--pairs", "2", "--size", "16",
+                           "--base-channels", "16", "--depth", "1", "--batch-size", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "BLAS products / direct kernels alternating" in lines[0]
+    assert [line.split("  ")[1].strip() for line in lines[1:3]] == ["Conv2d backward", "Conv2d forward"]
+    for line in lines[1:5]:
+        times = [float(word) for word in line.replace("->", " ").split() if word.replace(".", "").isdigit()]
+        assert len(times) == 2 and all(t > 0 for t in times), line
+    assert "direct kernels / BLAS" in lines[5] and 0 < float(lines[5].split()[-1]) < 10

@@ -89,6 +89,12 @@ def test_usable_only_for_what_the_kernels_take():
     assert not direct_conv.usable(np.zeros((30, 64), np.float32)[:, :32], a, w)  # not contiguous
     with compiled(False):
         assert not direct_conv.usable(out, a, w)
+    before = direct_conv.set_enabled(False)  # the kernels alone off: BatchNorm's loops stay on
+    try:
+        assert not direct_conv.usable(out, a, w) and kernels.available()
+    finally:
+        direct_conv.set_enabled(before)
+    assert direct_conv.usable(out, a, w)
 
 
 def conv_step(conv, x, dout, input_grad=True):

@@ -38,11 +38,20 @@ import numpy as np
 
 from tinyunet import backend, kernels
 
-__all__ = ["runs", "usable", "window_segments", "shifted_sum", "shifted_weight_grad"]
+__all__ = ["set_enabled", "runs", "usable", "window_segments", "shifted_sum", "shifted_weight_grad"]
 
 _CHUNK = 256  # rows per pass of the weight gradient: a's and d's rows stay in L2 for all terms
 _compiled: Dict[Tuple[str, int, int], Callable] = {}
 _vector_budget: int = 0
+_enabled = True  # and kernels.available(): Numba installed, TINYUNET_KERNELS not "numpy"
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Switch these kernels on or off (BLAS's products instead), leaving BatchNorm's and ReLU's loops
+    as they are (kernels.set_enabled switches all compiled code). Returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
 
 
 def _budget() -> int:
@@ -59,8 +68,8 @@ def _budget() -> int:
 
 def runs(array: Any) -> bool:
     """Whether the kernels can run on arrays like this one: a float32 NumPy array on the NumPy
-    backend, Numba installed and the compiled kernels switched on (kernels.set_enabled)."""
-    return (backend.name() == "numpy" and isinstance(array, np.ndarray) and array.dtype == np.float32
+    backend, Numba installed and the kernels switched on (:func:`set_enabled`, kernels.set_enabled)."""
+    return (_enabled and backend.name() == "numpy" and isinstance(array, np.ndarray) and array.dtype == np.float32
             and kernels.available())
 
 
