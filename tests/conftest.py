@@ -8,12 +8,26 @@ import os
 # slow a step down tenfold. Set before NumPy is first imported, so NumPy's OpenBLAS reads it.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+@contextlib.contextmanager
+def compiled_code(on: bool):
+    """Inside: the compiled loops and kernels (tinyunet/kernels.py, direct_conv.py) on where Numba is
+    installed, or off (NumPy passes and BLAS products only); as before afterwards."""
+    from tinyunet import kernels
+
+    before = kernels.set_enabled(on)
+    try:
+        yield
+    finally:
+        kernels.set_enabled(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,25 +1,15 @@
 """The register-blocked kernels of tinyunet/direct_conv.py (Numba): against float64 products, the
 rows they compute, and Conv2d with them against Conv2d with BLAS's products (the reference)."""
-import contextlib
-
 import numpy as np
 import pytest
 
 pytest.importorskip("numba")
 
+from conftest import compiled_code as compiled  # noqa: E402
 from tinyunet import direct_conv, kernels, parallel  # noqa: E402
 from tinyunet.nn import Conv2d  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
-
-
-@contextlib.contextmanager
-def compiled(on):
-    before = kernels.set_enabled(on)
-    try:
-        yield
-    finally:
-        kernels.set_enabled(before)
 
 
 def close(a, b, rtol=1e-5):

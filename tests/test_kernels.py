@@ -1,6 +1,5 @@
 """The compiled loops of tinyunet/kernels.py (Numba): each against NumPy formulas, the layers that use
 them against their NumPy passes, gradients by finite differences, and when they are (not) used."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -10,21 +9,12 @@ import pytest
 
 pytest.importorskip("numba")
 
+from conftest import compiled_code as compiled_loops  # noqa: E402
 from tinyunet import kernels, parallel  # noqa: E402
 from tinyunet.gradcheck import numerical_gradient, relative_error  # noqa: E402
 from tinyunet.nn import BatchNorm2d, ReLU  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
-
-
-@contextlib.contextmanager
-def compiled_loops(on):
-    """Inside: the layers use the loops (on) or only their NumPy passes (off); as before afterwards."""
-    before = kernels.set_enabled(on)
-    try:
-        yield
-    finally:
-        kernels.set_enabled(before)
 
 
 def channels_last(x):
