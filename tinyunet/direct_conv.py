@@ -23,6 +23,10 @@ channel n, is the formula above; the fast version computes P rows x 16V output c
             for p: x = a[starts[t] + r + p, k] (in every lane);  acc[p][v] += x * w_v
         out[r + p, tile + 16v : ...] = acc[p][v]
 
+Only the rows that are real outputs are computed (:func:`window_segments`): the BLAS form also
+computes the rows of the padding and throws them away, 3% of the rows at 128x128 but 36% at 8x8.
+The weight gradient keeps KB input channels x V vectors of sums over chunks of rows instead.
+
 The kernels are generated for each block shape (P, V) from that template (a loop cannot name
 P x V separate variables, and separate variables are what the compiler keeps in registers), and
 compiled on first use (about 0.5 s each, a few per process; Numba cannot cache generated code).
