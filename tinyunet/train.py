@@ -268,8 +268,8 @@ class Trainer:
         self._prepare_run_dir()
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}"
-                 + (f" (BatchNorm/ReLU: {'compiled loops' if kernels.available() else 'NumPy passes'})"
-                    if backend.name() == "numpy" else ""))
+                 + ((" (compiled BatchNorm/ReLU loops and convolution kernels)" if kernels.available()
+                     else " (NumPy passes and BLAS products)") if backend.name() == "numpy" else ""))
         steps_per_epoch = max(len(train) // config.batch_size, 1)
         total_steps = steps_per_epoch * config.epochs
         rows = self._read_metrics()
