@@ -75,8 +75,8 @@ from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, run_conc
 _ROWS_TO_SPLIT_SUMS = 16384
 # ... and with this many input channels those partial sums come from joined rows (same method)
 _MIN_JOINED_CHANNELS, _MAX_JOINED_CHANNELS = 8, 16
-# the direct weight gradient keeps sums for 16 input channels at a time: with fewer, too few sums
-# are in flight to hide the multiply-adds' latency
+# the direct weight gradient keeps sums for up to 16 input channels at a time (direct_conv.py): with
+# fewer than 8, too few sums are in flight to hide the multiply-adds' latency (the RGB layer: BLAS)
 _MIN_DIRECT_GRAD_CHANNELS = 8
 # stride-1 outputs of at most this many pixels use im2row, and inputs of at most this many
 # channels im2col (see Conv2d._method)
@@ -500,7 +500,7 @@ class Conv2d(Module):
             # one product per kernel row i gives dweight[i, 0..kw-1] together (measured, 16 -> 16 at
             # 128x128, batch 8: backward 18.7 -> 14.0 ms; for 3 input channels the copy costs more, and
             # for 32 too: 32 -> 16 at 128x128 backward 32.0 -> 30.3 ms with the plain products)
-            direct = direct_conv.usable(dflat, x) and c >= _MIN_DIRECT_GRAD_CHANNELS
+            direct = direct_conv.usable(dflat) and c >= _MIN_DIRECT_GRAD_CHANNELS  # flat: padded blocks below
             joined = not direct and kw > 1 and _MIN_JOINED_CHANNELS <= c <= _MAX_JOINED_CHANNELS
             reach = offsets[-1][2]                                # the farthest row a window reads
 
