@@ -44,6 +44,15 @@ def test_kernels_match_float64_products_on_their_segments(k, n, m, t):
     direct_conv.shifted_sum(out, a, starts, w, segments)
     close(out, expected)
     assert not out[~inside].any()
+    # the weights as a view with other strides (a (K, T, N) array's transpose, as weight_layout gives
+    # them), and a share of the output channels: the same numbers, the other columns untouched
+    w_view = np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
+    share = np.full((m, n), 7.0, dtype=np.float32)
+    assert direct_conv.usable(share, a, w_view)
+    direct_conv.shifted_sum(share, a, starts, w_view, segments, columns=(0, n - 16) if n >= 32 else None)
+    last = n - 16 if n >= 32 else n
+    np.testing.assert_array_equal(share[:, :last], out[:, :last])
+    assert (share[:, last:] == 7.0).all()
     dw = direct_conv.shifted_weight_grad(a, starts, d, segments)
     expected_dw = np.stack([a[s:s + m][inside].T.astype(np.float64) @ d[inside] for s in starts])
     close(dw, expected_dw)
@@ -123,12 +132,14 @@ def test_conv2d_with_the_kernels_matches_conv2d_with_blas(cin, cout, k, pad, n, 
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_the_number_of_threads(threads):
-    """Blocks of rows depend on the sizes only, and each block's sums run in a fixed order."""
+@pytest.mark.parametrize("cin, cout, size", [(16, 32, 70), (256, 256, 8)])
+def test_results_do_not_depend_on_the_number_of_threads(threads, cin, cout, size):
+    """Blocks of rows (wide images) or of output channels (the deep layers: more weights than rows)
+    depend on the sizes only, and each output's sum runs in a fixed order."""
     rng = np.random.default_rng(0)
-    conv = Conv2d(16, 32, 3, padding=1, method="shifted")
-    x = np.ascontiguousarray(rng.standard_normal((2, 70, 66, 16), dtype=np.float32)).transpose(0, 3, 1, 2)
-    dout = rng.standard_normal((2, 32, 70, 66), dtype=np.float32)
+    conv = Conv2d(cin, cout, 3, padding=1, method="shifted")
+    x = np.ascontiguousarray(rng.standard_normal((2, size, size - 4, cin), dtype=np.float32)).transpose(0, 3, 1, 2)
+    dout = rng.standard_normal((2, cout, size, size - 4), dtype=np.float32)
     before = parallel.get_num_threads()
     try:
         parallel.set_num_threads(1)

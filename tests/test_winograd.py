@@ -81,6 +81,16 @@ def test_kernel_gradient_transform_is_the_adjoint_of_the_weight_transform():
     assert np.sum(winograd_weights(g) * du) == pytest.approx(np.sum(g * winograd_weight_grad_to_kernel(du)), rel=1e-12)
 
 
+def test_flipped_weights_are_the_weights_of_the_flipped_kernel():
+    """The input gradient's U: the kernel flipped in both directions and its channel axes swapped,
+    computed from the weight as it lies in memory (GG's columns reversed)."""
+    rng = np.random.default_rng(8)
+    g = rng.standard_normal((4, 3, 3, 3))
+    flipped = winograd_weights(g, flipped=True)
+    assert flipped.shape == (16, 4, 3) and flipped.flags.c_contiguous
+    np.testing.assert_allclose(flipped, winograd_weights(g[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)), rtol=1e-13, atol=1e-13)
+
+
 def test_float32_error_stays_near_float32_rounding():
     """64 channels in float32 against the float64 convolution: the transforms lose little."""
     rng = np.random.default_rng(5)
@@ -141,8 +151,8 @@ def test_conv2d_uses_winograd_only_where_it_was_measured_faster(blas_products):
 
 def test_with_the_direct_kernels_winograd_needs_128_channels():
     """With direct_conv's kernels the shifted products beat Winograd up to 64 channels on a side and
-    im2row down to 8x8 at batch 8 (Conv2d._method's measurements); channels that are no multiple of
-    16 keep the BLAS rules."""
+    im2row for every layer big enough to share between threads (2**24 multiply-adds; Conv2d._method's
+    measurements); channels that are no multiple of 16 keep the BLAS rules."""
     pytest.importorskip("numba")
     from tinyunet import kernels
     before = kernels.set_enabled(True)
@@ -150,7 +160,8 @@ def test_with_the_direct_kernels_winograd_needs_128_channels():
         assert Conv2d(64, 128, 3, padding=1)._method(8, 16, 16) == "shifted"
         assert Conv2d(128, 128, 3, padding=1)._method(8, 16, 16) == "winograd"
         assert Conv2d(256, 256, 3, padding=1)._method(8, 8, 8) == "shifted"       # 512 outputs
-        assert Conv2d(256, 256, 3, padding=1)._method(1, 16, 16) == "im2row"      # 256 outputs: too few
+        assert Conv2d(256, 256, 3, padding=1)._method(1, 8, 8) == "shifted"       # 64 outputs, 37.7M multiply-adds
+        assert Conv2d(128, 128, 3, padding=1)._method(1, 8, 8) == "im2row"        # 9.4M: too small to share
         assert Conv2d(72, 72, 3, padding=1)._method(8, 32, 32) == "winograd"      # 72 = 4.5 x 16: BLAS rules
         assert Conv2d(64, 64, 3, padding=1, stride=2)._method(8, 32, 32) == "im2row"
     finally:

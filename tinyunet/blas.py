@@ -27,10 +27,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["shifted_matmuls", "available"]
+from tinyunet import backend
+
+__all__ = ["shifted_matmuls", "available", "transposed"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # the CBLAS enums
-_functions: Optional[Dict[Any, Any]] = None      # dtype -> ctypes function, filled on first use
+_functions: Optional[Dict[Any, Any]] = None      # dtype (gemm) or ("omatcopy", dtype) -> ctypes function
 
 
 def _numpy_blas_path() -> Optional[str]:
@@ -46,37 +48,60 @@ def _numpy_blas_path() -> Optional[str]:
     return None
 
 
-def _load() -> Dict[Any, Any]:
-    functions: Dict[Any, Any] = {}
+def _library() -> Optional[ctypes.CDLL]:
     path = _numpy_blas_path()
     if path is None:
-        return functions
+        return None
     try:
-        lib = ctypes.CDLL(path)
+        return ctypes.CDLL(path)
     except OSError:
-        return functions
+        return None
+
+
+def _symbol(lib: Optional[ctypes.CDLL], routine: str) -> Tuple[Any, Any]:
+    """(function, its integer type) of a CBLAS routine such as "sgemm" in the library, or (None, None).
+    NumPy's wheels ship OpenBLAS with 64-bit integers and prefixed, suffixed names."""
+    for name, integer in ((f"scipy_cblas_{routine}64_", ctypes.c_int64), (f"cblas_{routine}64_", ctypes.c_int64),
+                          (f"scipy_cblas_{routine}", ctypes.c_int32), (f"cblas_{routine}", ctypes.c_int32)):
+        function = getattr(lib, name, None) if lib is not None else None
+        if function is not None:
+            return function, integer
+    return None, None
+
+
+def _load() -> Dict[Any, Any]:
+    """dtype -> cblas_?gemm of NumPy's BLAS, and ("omatcopy", dtype) -> cblas_?omatcopy (an OpenBLAS
+    extension) where the library has it."""
+    functions: Dict[Any, Any] = {}
+    lib = _library()
     for dtype, letter, scalar in ((np.dtype(np.float32), "s", ctypes.c_float),
                                   (np.dtype(np.float64), "d", ctypes.c_double)):
-        # NumPy's wheels ship OpenBLAS with 64-bit integers and prefixed, suffixed names
-        for name, integer in ((f"scipy_cblas_{letter}gemm64_", ctypes.c_int64), (f"cblas_{letter}gemm64_", ctypes.c_int64),
-                              (f"scipy_cblas_{letter}gemm", ctypes.c_int32), (f"cblas_{letter}gemm", ctypes.c_int32)):
-            function = getattr(lib, name, None)
-            if function is not None:
-                function.restype = None
-                function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, scalar,
-                                     ctypes.c_void_p, integer, ctypes.c_void_p, integer, scalar,
-                                     ctypes.c_void_p, integer]
-                functions[dtype] = function
-                break
+        function, integer = _symbol(lib, f"{letter}gemm")
+        if function is not None:   # order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc
+            function.restype = None
+            function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, scalar,
+                                 ctypes.c_void_p, integer, ctypes.c_void_p, integer, scalar,
+                                 ctypes.c_void_p, integer]
+            functions[dtype] = function
+        function, integer = _symbol(lib, f"{letter}omatcopy")
+        if function is not None:   # order, trans, rows, cols, alpha, A, lda, B, ldb
+            function.restype = None
+            function.argtypes = [ctypes.c_int, ctypes.c_int, integer, integer, scalar, ctypes.c_void_p, integer,
+                                 ctypes.c_void_p, integer]
+            functions["omatcopy", dtype] = function
     return functions
+
+
+def _loaded() -> Dict[Any, Any]:
+    global _functions
+    if _functions is None:
+        _functions = _load()
+    return _functions
 
 
 def available(dtype: Any) -> bool:
     """Whether :func:`shifted_matmuls` can call BLAS directly for NumPy arrays of this dtype."""
-    global _functions
-    if _functions is None:
-        _functions = _load()
-    return np.dtype(dtype) in _functions
+    return np.dtype(dtype) in _loaded()
 
 
 def _layout(a: np.ndarray) -> Optional[tuple]:
@@ -128,3 +153,22 @@ def shifted_matmuls(out: Any, a: Any, starts: Sequence[int], b: Any) -> bool:
         function(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, pa + start * row, la[1], pb + t * term, lb[1],
                  1.0 if t else 0.0, c, ldc)
     return True
+
+
+def transposed(a: Any) -> Any:
+    """a.T as a new C-contiguous array: a: (M, N) -> (N, M), on any backend.
+
+    The layers turn a weight from PyTorch's layout into the one their products read, and its
+    gradient back, at every step (conv.py). NumPy copies a transposed view number by number, each
+    read from another cache line; OpenBLAS's ``cblas_somatcopy`` moves it in blocks that stay in
+    cache: a 256 x 2304 float32 matrix (the U-Net's 256 -> 256 convolution) in 0.12 ms instead of
+    0.49. Used where NumPy's BLAS has it (an OpenBLAS extension), for C-contiguous NumPy arrays;
+    elsewhere (CuPy, another BLAS) the plain copy of the view.
+    """
+    function = _loaded().get(("omatcopy", a.dtype)) if isinstance(a, np.ndarray) and a.ndim == 2 else None
+    if function is None or not a.flags.c_contiguous or not a.size:
+        return backend.xp.ascontiguousarray(a.T)
+    rows, cols = a.shape
+    out = np.empty((cols, rows), dtype=a.dtype)
+    function(_ROW_MAJOR, _TRANS, rows, cols, 1.0, _pointer(a), cols, _pointer(out), rows)
+    return out

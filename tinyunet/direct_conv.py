@@ -78,10 +78,15 @@ def runs(array: Any) -> bool:
 
 
 def usable(*arrays: Any) -> bool:
-    """Whether the kernels take these arrays (:func:`runs`, C-contiguous), the first one's last axis
-    (the output channels) a multiple of 16."""
-    return (runs(arrays[0]) and all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous
-                                    for a in arrays) and arrays[0].shape[-1] % 16 == 0)
+    """Whether the kernels take these arrays (:func:`runs`): float32, matrices of rows C-contiguous,
+    stacks of matrices (3-D) with contiguous rows; the first one's last axis (the output channels) a
+    multiple of 16."""
+    def fits(a: Any) -> bool:
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float32):
+            return False
+        return a.flags.c_contiguous or (a.ndim == 3 and a.strides[2] == a.itemsize and min(a.strides) > 0
+                                        and not any(s % a.itemsize for s in a.strides))
+    return runs(arrays[0]) and all(fits(a) for a in arrays) and arrays[0].shape[-1] % 16 == 0
 
 
 def _tile(n: int) -> int:
@@ -101,15 +106,16 @@ def _compile(source: str) -> Callable:
 
 def _sum_source(p: int, v: int) -> str:
     """The forward/dx kernel for blocks of P rows x V vectors, over the rows of each segment (a tail
-    loop takes its last rows); rows outside the segments are set to 0."""
+    loop takes its last rows); rows outside the segments are set to 0. It computes the output
+    channels [n_first, n_last) and reads w[t, k, n] at t * w_term + k * w_k + n."""
     def block(rows: int, indent: str) -> list:
         acc = [[f"s{i}_{j}" for j in range(v)] for i in range(rows)]
         lines = [f"{indent}{acc[i][j]} = vzero()" for i in range(rows) for j in range(v)]
         lines += [f"{indent}for t in range(terms):",
                   f"{indent}    src = (starts[t] + r) * k_in",
-                  f"{indent}    wt = t * k_in * n_out + n0",
+                  f"{indent}    wt = t * w_term + n0",
                   f"{indent}    for k in range(k_in):"]
-        lines += [f"{indent}        w{j} = vload(w, wt + k * n_out + {16 * j})" for j in range(v)]
+        lines += [f"{indent}        w{j} = vload(w, wt + k * w_k + {16 * j})" for j in range(v)]
         for i in range(rows):
             lines.append(f"{indent}        x = vbroadcast(a, src + {i} * k_in + k)")
             lines += [f"{indent}        {acc[i][j]} = vfma(x, w{j}, {acc[i][j]})" for j in range(v)]
@@ -120,10 +126,10 @@ def _sum_source(p: int, v: int) -> str:
     def zeros(first: str, last: str, indent: str) -> list:
         return [f"{indent}for r in range({first}, {last}):"] + [
             f"{indent}    vstore(out, r * n_out + n0 + {16 * j}, vzero())" for j in range(v)]
-    return "\n".join(["def kernel(out, a, starts, w, segments):",
+    return "\n".join(["def kernel(out, a, starts, w, w_term, w_k, segments, n_first, n_last):",
                       "    m, n_out = out.shape",
                       "    k_in, terms = a.shape[1], starts.shape[0]",
-                      f"    for n0 in range(0, n_out, {16 * v}):",
+                      f"    for n0 in range(n_first, n_last, {16 * v}):",
                       "        done = 0",
                       "        for s in range(segments.shape[0]):",
                       "            s0, s1 = segments[s, 0], segments[s, 1]",
@@ -192,17 +198,28 @@ def _kernel(kind: str, first: int, v: int) -> Callable:
     return _compiled[key]
 
 
-def shifted_sum(out: Any, a: Any, starts: Any, w: Any, segments: Any) -> None:
+def _steps(w: Any) -> Tuple[int, int]:
+    """(term, row) steps in elements of a stack of matrices w: (T, K, N) whose last axis is contiguous."""
+    if w.ndim != 3 or w.strides[2] != w.itemsize or min(w.strides) < 0 or any(s % w.itemsize for s in w.strides):
+        raise ValueError(f"the kernels read a stack of matrices (T, K, N) with contiguous rows, got strides {w.strides}")
+    return w.strides[0] // w.itemsize, w.strides[1] // w.itemsize
+
+
+def shifted_sum(out: Any, a: Any, starts: Any, w: Any, segments: Any,
+                columns: Optional[Tuple[int, int]] = None) -> None:
     """out[r] = sum_t a[starts[t] + r] @ w[t] for the rows r of the segments, 0 for the other rows of
     out, in this thread.
 
-    out: (M, N), a: (R, K) with R >= max(starts) + M, starts: (T,) int64, w: (T, K, N); float32,
-    C-contiguous, N a multiple of 16 (:func:`usable`); segments: (S, 2) int64 [first, last) rows of
-    out, in order (:func:`window_segments`)."""
-    v = _tile(out.shape[1])
+    out: (M, N), a: (R, K) with R >= max(starts) + M, starts: (T,) int64, w: (T, K, N), any view whose
+    rows are contiguous (e.g. the transpose of a (K, T, N) array); float32, out and a C-contiguous, N
+    a multiple of 16 (:func:`usable`); segments: (S, 2) int64 [first, last) rows of out, in order
+    (:func:`window_segments`). ``columns`` (first, last), multiples of 16: only out[:, first:last],
+    the rest of out untouched (threads share out the output channels)."""
+    first, last = columns or (0, out.shape[1])
+    v = _tile(last - first)
     # P rows: a power of two, so that it divides the images' widths (a segment is one image line)
     rows = next(p for p in (8, 4, 2, 1) if p * v <= _budget())
-    _kernel("sum", rows, v)(out, a, starts, w, segments)
+    _kernel("sum", rows, v)(out, a, starts, w, *_steps(w), segments, first, last)
 
 
 def shifted_weight_grad(a: Any, starts: Any, d: Any, segments: Any, out: Optional[Any] = None,

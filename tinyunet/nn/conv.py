@@ -65,6 +65,7 @@ from tinyunet import backend, blas, direct_conv
 from tinyunet.backend import host_rng, to_device, xp
 from tinyunet.nn.module import Module, Parameter
 from tinyunet.nn.padding import zero_border, zero_padded
+from tinyunet.nn.weight_layout import flipped_kernel_stack, kernel_stack, stack_to_weight
 from tinyunet.nn.winograd import (winograd_conv3x3, winograd_weight_grad, winograd_weight_grad_to_kernel,
                                   winograd_weights)
 from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, run_concurrently, transposed_matmul
@@ -81,9 +82,9 @@ _MIN_DIRECT_GRAD_CHANNELS = 8
 # stride-1 outputs of at most this many pixels use im2row, and inputs of at most this many
 # channels im2col (see Conv2d._method)
 _MAX_IM2ROW_PIXELS = 256
-# ... with the direct kernels (direct_conv.py) running the shifted ones: batches of at most this many
-# output pixels (all images; at batch 8 the shifted kernels win even at 8x8, at batch 1 at 32x32)
-_MAX_IM2ROW_OUTPUTS_DIRECT = 256
+# ... with the direct kernels (direct_conv.py) running the shifted ones: layers of fewer multiply-adds
+# than this (too small to share between threads: their fixed costs outweigh the products)
+_MIN_SHIFTED_WORK_DIRECT = 2 ** 24
 _MAX_IM2COL_CHANNELS = 4
 # padded 3x3 stride-1 convolutions with at least this many input and output channels, and at least
 # this many 2x2 output tiles in the batch, use Winograd's F(2x2, 3x3) (see Conv2d._method)
@@ -129,6 +130,40 @@ def sum_of_shifted_products(out: Any, a: Any, starts: List[int], b: Any) -> Any:
             and blas.shifted_matmuls(out, a, starts, b)):
         sum_of_products(out, [(a[start:start + m], b[t]) for t, start in enumerate(starts)])
     return out
+
+
+def shifted_sums(out: Any, a: Any, starts: List[int], w: Any, window: Tuple[int, ...]) -> None:
+    """out[r] = sum over t of a[starts[t] + r] @ w[t] for the rows r of out that are real pixels, on
+    every core. out: (M, N), a: (R, K), w: (T, K, N) (rows contiguous); ``window`` = (Wp, Hp, col0,
+    cols, line0, lines): out's rows are a grid of images of Hp lines of Wp pixels, and the real ones
+    lie in lines [line0, line0 + lines) and columns [col0, col0 + cols) of each image; the others
+    are computed too (BLAS) or set to 0 (the direct kernels), to be thrown away.
+
+    The threads share out blocks of rows (each thread then reads all the weights, and its rows), or,
+    with the direct kernels where the weights outweigh the rows' inputs (T*N > M: the deep layers, a
+    2.4 MB weight for the 100 rows of an 8x8 image), blocks of output channels: each thread reads
+    its share of the weights only (256 -> 256 channels at 8x8, batch 1, the forward's kernels on 2
+    threads: 0.56 -> 0.46 ms). The kernels give the same numbers either way.
+    """
+    m, n = out.shape
+    terms, k = w.shape[:2]
+    if direct_conv.usable(out, a, w):
+        offsets = np.asarray(starts, dtype=np.int64)
+        if m < terms * n:
+            segments = direct_conv.window_segments(0, m, *window)
+
+            def channels(first: int, last: int) -> None:   # output channels [16 first, 16 last)
+                direct_conv.shifted_sum(out, a, offsets, w, segments, columns=(16 * first, 16 * last))
+            map_row_blocks(channels, n // 16, 16 * m * terms * k)
+            return
+
+        def rows(start: int, stop: int) -> None:   # output rows [start, stop)
+            direct_conv.shifted_sum(out[start:stop], a, offsets + start, w,
+                                    direct_conv.window_segments(start, stop, *window))
+    else:
+        def rows(start: int, stop: int) -> None:
+            sum_of_shifted_products(out[start:stop], a, [s + start for s in starts], w)
+    map_row_blocks(rows, m, terms * k * n)   # blocks of rows in parallel (tinyunet/parallel.py)
 
 
 def pair(value: Any) -> Tuple[int, int]:
@@ -350,7 +385,7 @@ class Conv2d(Module):
         """Which method (``self.method`` if set), for a batch of n outputs of ho x wo: "im2col" for inputs of at most 4 channels
         (the RGB layer); "winograd" for padded 3x3 stride-1 layers with at least 64 channels in and
         out and 512 output tiles of 2x2; else shifted products ("shifted", stride 1), or im2row and one
-        product ("im2row": other strides, and small images).
+        product ("im2row": other strides, and small images; with the direct kernels, small layers).
 
         Winograd (winograd.py) multiplies 16/36 as much, but its transforms move 4x the input and the
         output through memory, and its 16 products are (tiles, Cin) @ (Cin, Cout): it pays where the
@@ -368,8 +403,13 @@ class Conv2d(Module):
         ms, 128 -> 64 at 32x32 22.5 vs 25.2, 64 -> 128 at 16x16 7.0 vs 7.6; 128 -> 128 at 16x16 13.4 vs
         11.7, 256 -> 128 at 16x16 27.3 vs 22.9 (Winograd's fewer multiplications win there). They
         compute the real outputs only, not the padding's rows, so they beat im2row at 8x8 too (256 ->
-        256 channels: 12.7 vs 13.8 ms) except in tiny batches (batch 1 at 16x16 and below: 128 ->
-        128 2.8 vs 2.7 ms, 256 -> 256 at 8x8 4.8 vs 3.9).
+        256 channels: 12.7 vs 13.8 ms), and at batch 1 since the threads share out the deep layers'
+        output channels (:func:`shifted_sums`) and the weights change layout in one fast copy
+        (weight_layout.py): batch 1, 256 -> 256 at 8x8 3.56 vs 3.99 ms, 128 -> 256 at 8x8 1.57 vs
+        1.83, 128 -> 128 at 16x16 1.79 vs 2.41, 256 -> 128 at 16x16 3.34 vs 4.18 (batch-1 step,
+        alternating in one process: pair ratio 0.960). Only layers too small to share between threads
+        (fewer than 2**24 multiply-adds) keep im2row: batch 1, 32 -> 32 at 8x8 0.15 vs 0.47 ms,
+        256 -> 256 at 4x4 1.67 vs 1.87.
 
         Few channels: every method that works on channels-last rows moves C-number pieces (12 bytes
         for RGB) and runs products with K = C = 3; the textbook im2col copies whole image rows of the
@@ -395,8 +435,8 @@ class Conv2d(Module):
         if (winograd_fits and min(self.in_channels, self.out_channels) >= fewest
                 and n * ho * wo // 4 >= _MIN_WINOGRAD_TILES):
             return "winograd"
-        if self.stride != 1 or (n * ho * wo <= _MAX_IM2ROW_OUTPUTS_DIRECT if self._direct()
-                                else ho * wo <= _MAX_IM2ROW_PIXELS):
+        work = n * ho * wo * self.in_channels * self.out_channels * self.kernel_size[0] * self.kernel_size[1]
+        if self.stride != 1 or (work < _MIN_SHIFTED_WORK_DIRECT if self._direct() else ho * wo <= _MAX_IM2ROW_PIXELS):
             return "im2row"
         return "shifted"
 
@@ -428,23 +468,13 @@ class Conv2d(Module):
         ho, wo = hp - kh + 1, wp - kw + 1
         flat = self._padded_rows(x)                              # (N*Hp*Wp, Cin)
         length = flat.shape[0] - (kh - 1) * wp - (kw - 1)      # rows whose whole window is in flat
-        # the kernel as a stack of (Cin, Cout) matrices, one per offset (i, j): (kh*kw, Cin, Cout)
-        w_ij = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 1, 0)).reshape(kh * kw, c, -1)
+        w_ij = kernel_stack(self.weight.data)                    # (kh*kw, Cin, Cout): one matrix per offset
         offsets = self._offsets(wp)
         out = xp.empty((n * hp * wp, self.out_channels), dtype=x.dtype)
         out[length:] = 0  # the last rows' windows would run off the end: not computed, and dropped below
 
-        direct = direct_conv.usable(out, flat, w_ij)
-
-        def rows(start: int, stop: int) -> None:  # output rows [start, stop); every term is a slice
-            starts = [off + start for _, _, off in offsets]
-            if direct:  # the real outputs only, sums in registers (direct_conv.py); the padding rows 0
-                direct_conv.shifted_sum(out[start:stop], flat, np.array(starts, dtype=np.int64), w_ij,
-                                        direct_conv.window_segments(start, stop, wp, hp, 0, wo, 0, ho))
-            else:
-                sum_of_shifted_products(out[start:stop], flat, starts, w_ij)
-        row_work = kh * kw * c * self.out_channels  # multiply-adds per output row
-        map_row_blocks(rows, length, row_work)  # blocks of rows in parallel (tinyunet/parallel.py)
+        # every term is a slice of flat; the rows of real outputs are those in the image's window
+        shifted_sums(out[:length], flat, [off for _, _, off in offsets], w_ij, (wp, hp, 0, wo, 0, ho))
         # keep x itself, not the padded copy: in the U-Net x is a ReLU's output, which the ReLU keeps
         # for its own backward anyway, so this costs no memory; backward pads it again, a block at a time
         self.cache = (x, length)
@@ -569,7 +599,8 @@ class Conv2d(Module):
         dflat = dbig[front:front + length]                       # (L, Cout)
 
         def weight_grad() -> None:
-            self.weight.grad += self._weight_grad_shifted(x, dflat, wp).transpose(3, 2, 0, 1)
+            dw = self._weight_grad_shifted(x, dflat, wp).reshape(kh * kw, c, self.out_channels)
+            self.weight.grad += stack_to_weight(dw).reshape(self.weight.data.shape)
         if not self.input_grad:
             weight_grad()
             return None
@@ -578,22 +609,12 @@ class Conv2d(Module):
         # the same sum of shifted products as forward, shifted the other way (a convolution with the
         # flipped kernel). Each block owns its rows of dx: blocks never write the same memory.
         # (kh*kw, Cout, Cin): each offset's matrix transposed
-        w_t = xp.ascontiguousarray(self.weight.data.transpose(2, 3, 0, 1)).reshape(kh * kw, self.out_channels, c)
+        w_t = flipped_kernel_stack(self.weight.data)
         total = n * hp * wp
         dxflat = xp.empty((total, c), dtype=dout.dtype)          # gradient of the padded input
 
-        direct = direct_conv.usable(dxflat, dbig, w_t)
-
-        def dx_rows(start: int, stop: int) -> None:
-            starts = [front - off + start for _, _, off in offsets]
-            if direct:  # only the rows inside the padding, which are kept (direct_conv.py)
-                direct_conv.shifted_sum(dxflat[start:stop], dbig, np.array(starts, dtype=np.int64), w_t,
-                                        direct_conv.window_segments(start, stop, wp, hp, p, w, p, h))
-            else:
-                sum_of_shifted_products(dxflat[start:stop], dbig, starts, w_t)
-
-        def input_grad() -> None:
-            map_row_blocks(dx_rows, total, kh * kw * c * self.out_channels)
+        def input_grad() -> None:   # the rows of dx that are kept: those inside the padding
+            shifted_sums(dxflat, dbig, [front - off for _, _, off in offsets], w_t, (wp, hp, p, w, p, h))
         run_concurrently(weight_grad, input_grad)  # independent: side by side (tinyunet/parallel.py)
         return dxflat.reshape(n, hp, wp, c)[:, p:p + h, p:p + w]   # drop the padding (a view)
 
@@ -614,8 +635,8 @@ class Conv2d(Module):
             return None
         # dx: the convolution of dout with the kernel flipped and its channel axes swapped, side by side
         # with the weight gradient (independent; tinyunet/parallel.py)
-        flipped = self.weight.data[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)      # (Cin, Cout, 3, 3)
-        return run_concurrently(weight_grad, lambda: winograd_conv3x3(dout, winograd_weights(flipped)))[1]
+        flipped = winograd_weights(self.weight.data, flipped=True)
+        return run_concurrently(weight_grad, lambda: winograd_conv3x3(dout, flipped))[1]
 
     # --- few input channels: the textbook im2col, image by image ------------------------------
     def _forward_im2col(self, x: Any) -> Any:
@@ -625,7 +646,7 @@ class Conv2d(Module):
         ho = conv_output_size(x.shape[2], kh, self.stride, self.padding)
         wo = conv_output_size(x.shape[3], kw, self.stride, self.padding)
         out = xp.empty((n, ho, wo, self.out_channels), dtype=x.dtype)
-        w_t = xp.ascontiguousarray(self.weight.data.reshape(self.out_channels, k).T)   # (Cin*kh*kw, Cout)
+        w_t = blas.transposed(self.weight.data.reshape(self.out_channels, k))           # (Cin*kh*kw, Cout)
 
         def images(start: int, stop: int) -> None:  # blocks of images in parallel; each its own columns
             cols = im2col(x[start:stop], kh, kw, self.stride, self.padding)            # (b, K, Ho*Wo)
@@ -646,7 +667,7 @@ class Conv2d(Module):
             cols = im2col(x[start:stop], kh, kw, self.stride, self.padding)            # (b, K, Ho*Wo)
             return xp.matmul(cols, d_rows[start:stop]).sum(axis=0)                     # (K, Cout)
         dw_t = sum(map_row_blocks(images, n, d_rows.shape[1] * k * self.out_channels))
-        self.weight.grad += dw_t.T.reshape(self.weight.data.shape)
+        self.weight.grad += blas.transposed(dw_t).reshape(self.weight.data.shape)
         if not self.input_grad:
             return None
         dcols = xp.matmul(self.weight.data.reshape(self.out_channels, k).T, d_rows.transpose(0, 2, 1))
@@ -655,7 +676,7 @@ class Conv2d(Module):
     # --- other strides: im2row and one product -----------------------------------------------
     def _weight_t(self) -> Any:
         """weight (Cout, C, kh, kw) -> (kh*kw*C, Cout), the column order of :func:`im2row`."""
-        return self.weight.data.transpose(2, 3, 1, 0).reshape(-1, self.out_channels)
+        return xp.ascontiguousarray(kernel_stack(self.weight.data)).reshape(-1, self.out_channels)
 
     def _forward_im2row(self, x: Any) -> Any:
         """x: (N, H, W, Cin) -> (N, Hout, Wout, Cout)."""
@@ -688,7 +709,7 @@ class Conv2d(Module):
             # a gather instead of a scatter: dx is dout, zero-padded by k - 1 - padding, correlated
             # with the kernel flipped in both directions and its channel axes swapped (the same maths
             # as the shifted form's dx, written as one product): no overlapping adds into dx
-            w_flip = self.weight.data[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(-1, c)  # (kh*kw*Cout, Cin)
+            w_flip = flipped_kernel_stack(self.weight.data)[::-1].reshape(-1, c)   # (kh*kw*Cout, Cin)
             drows = im2row(dout, kh, kw, 1, kh - 1 - self.padding)           # (N*H*W, kh*kw*Cout)
             return matmul(drows, xp.ascontiguousarray(w_flip)).reshape(n, h, w, c)
         drows = matmul(d2, self._weight_t().T)                     # (N*Ho*Wo, kh*kw*Cin)

@@ -50,6 +50,7 @@ import numpy as np
 from tinyunet import backend
 from tinyunet.backend import xp
 from tinyunet.nn.padding import zero_border
+from tinyunet.nn.weight_layout import stack_to_weight
 from tinyunet.parallel import ELEMENTWISE_WORK, map_row_blocks
 
 # the three transform matrices of F(2x2, 3x3)
@@ -113,17 +114,21 @@ def winograd_conv3x3_naive(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return out
 
 
-def winograd_weights(weight: Any) -> Any:
+def winograd_weights(weight: Any, flipped: bool = False) -> Any:
     """U = G g G^T for every channel pair. weight: (Cout, Cin, 3, 3) -> U: (16, Cin, Cout), position
     a*4 + b first, so that U[k] is the (Cin, Cout) matrix of one of the 16 products (a transposed view).
+    ``flipped``: the weights of the input gradient instead, a convolution with the kernel flipped and
+    its channel axes swapped: U: (16, Cout, Cin), C-contiguous.
 
     U[a, b] = sum_ij G[a, i] G[b, j] g[i, j] = (G kron G) @ vec(g): one product (16, 9) @ (9, Cout*Cin)
-    for all channel pairs (4 x 3 products per pair would be 65536 tiny calls at 256 channels).
+    for all channel pairs (4 x 3 products per pair would be 65536 tiny calls at 256 channels). The
+    flipped kernel g[2 - i, 2 - j] is vec(g) backwards: the columns of G kron G reversed, so the
+    weight is read as it lies in memory either way (no copy of a transposed view).
     """
     cout, c = weight.shape[:2]
-    gg = xp.asarray(GG, dtype=weight.dtype)                                 # (16, 9)
-    u = xp.matmul(gg, weight.reshape(cout * c, 9).T)                        # (16, Cout*Cin)
-    return u.reshape(16, cout, c).transpose(0, 2, 1)
+    gg = xp.asarray(np.ascontiguousarray(GG[:, ::-1]) if flipped else GG, dtype=weight.dtype)   # (16, 9)
+    u = xp.matmul(gg, weight.reshape(cout * c, 9).T).reshape(16, cout, c)   # (16, Cout, Cin)
+    return u if flipped else u.transpose(0, 2, 1)
 
 
 def _padded_block(x: Any, r0: int, r1: int) -> Any:
@@ -222,8 +227,9 @@ def winograd_weight_grad(x: Any, dout: Any) -> Any:
 
 def winograd_weight_grad_to_kernel(du: Any) -> Any:
     """dg = G^T dU G for every channel pair: the adjoint of :func:`winograd_weights`, one product
-    (9, 16) @ (16, Cin*Cout). du: (16, Cin, Cout) -> (Cout, Cin, 3, 3)."""
+    (9, 16) @ (16, Cin*Cout), then the kernel's own layout (weight_layout.py). du: (16, Cin, Cout) ->
+    (Cout, Cin, 3, 3), C-contiguous."""
     c, cout = du.shape[1:]
     gg_t = xp.asarray(GG.T, dtype=du.dtype)                                 # (9, 16)
-    dg = xp.matmul(gg_t, du.reshape(16, c * cout))                         # (9, Cin*Cout)
-    return dg.reshape(3, 3, c, cout).transpose(3, 2, 0, 1)
+    dg = xp.matmul(gg_t, du.reshape(16, c * cout))                         # (9, Cin*Cout): a kernel stack
+    return stack_to_weight(dg.reshape(9, c, cout)).reshape(cout, c, 3, 3)
