@@ -20,8 +20,33 @@ def close(a, b, rtol=1e-5):
     assert error <= rtol * max(scale, 1e-30), f"error {error:.3g} of values up to {scale:.3g}"
 
 
-# (K input channels, N output channels, M rows, T terms): 1, 2 and 4 vectors per tile, rows that are
-# no multiple of the block, and input channel counts 16, 8, 4, 2, 1 sums at a time divide
+def random_segments(rng, m, r, t):
+    """Segments over m output rows reading an input of r rows with t taps: runs along the rows and
+    down strided columns (out_step, src_step > 1), random tap masks (some empty), in random order,
+    every output row in one segment; and the reference: for each output row its input row and mask."""
+    order = rng.permutation(m)
+    table, where, masks = [], np.full(m, -1), np.zeros(m, np.int64)
+    i = 0
+    while i < m:
+        count = int(rng.integers(1, 20))
+        rows = np.sort(order[i:i + count])
+        i += len(rows)
+        steps = np.diff(rows)
+        out_step = int(steps[0]) if len(rows) > 1 and (steps == steps[0]).all() else None
+        groups = [rows] if out_step else [[row] for row in rows]   # a run with one step, else single rows
+        for g in groups:
+            src_step = int(rng.integers(1, 4))
+            src = int(rng.integers(0, r - 60 - src_step * len(g)))
+            mask = int(rng.integers(0, 2 ** t))
+            table.append((g[0], len(g), out_step or 1, src, src_step, mask))
+            where[g] = src + src_step * np.arange(len(g))
+            masks[g] = mask
+    return np.array(table, dtype=np.int64), where, masks
+
+
+# (K input channels, N output channels, M rows, T terms): 1, 2 and 4 vectors per tile, segments of
+# every length (so blocks of 8, 4, 2 and 1 rows), and input channel counts 16, 8, 4, 2, 1 sums at a
+# time divide
 SHAPES = [(16, 16, 1000, 9), (3, 16, 37, 9), (32, 48, 101, 4), (64, 64, 517, 9), (256, 256, 803, 9),
           (16, 32, 5, 1), (5, 16, 300, 2), (24, 64, 77, 3), (12, 128, 40, 9)]
 
@@ -29,23 +54,19 @@ SHAPES = [(16, 16, 1000, 9), (3, 16, 37, 9), (32, 48, 101, 4), (64, 64, 517, 9),
 @pytest.mark.parametrize("k, n, m, t", SHAPES)
 def test_kernels_match_float64_products_on_their_segments(k, n, m, t):
     rng = np.random.default_rng(k * n + m)
-    a = rng.standard_normal((m + 60, k), dtype=np.float32)
+    a = rng.standard_normal((3 * m + 200, k), dtype=np.float32)
     w = rng.standard_normal((t, k, n), dtype=np.float32)
     d = rng.standard_normal((m, n), dtype=np.float32)
-    starts = np.sort(rng.integers(0, 60, t)).astype(np.int64)
-    cuts = np.sort(rng.choice(np.arange(1, m), size=min(6, m - 1), replace=False)) if m > 2 else np.array([0, m])
-    segments = np.array([[0, m]] if m <= 2 else list(zip(cuts[0::2], cuts[1::2])), dtype=np.int64)
-    inside = np.zeros(m, bool)
-    for first, last in segments:
-        inside[first:last] = True
-    expected = sum(a[s:s + m].astype(np.float64) @ w[i] for i, s in enumerate(starts)) * inside[:, None]
+    starts = rng.integers(0, 60, t).astype(np.int64)
+    segments, source, masks = random_segments(rng, m, a.shape[0], t)
+    on = (masks[:, None] >> np.arange(t)) & 1                          # (m, t): the taps of each row
+    expected = sum(on[:, [i]] * (a[source + s].astype(np.float64) @ w[i]) for i, s in enumerate(starts))
     out = np.full((m, n), np.nan, dtype=np.float32)        # every row is written: NaN would show
     assert direct_conv.usable(out, a, w)
     direct_conv.shifted_sum(out, a, starts, w, segments)
     close(out, expected)
-    assert not out[~inside].any()
-    # the weights as a view with other strides (a (K, T, N) array's transpose, as weight_layout gives
-    # them), and a share of the output channels: the same numbers, the other columns untouched
+    # the weights as a view with other strides (a (K, T, N) array's transpose), and a share of the
+    # output channels: the same numbers, the other columns untouched
     w_view = np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
     share = np.full((m, n), 7.0, dtype=np.float32)
     assert direct_conv.usable(share, a, w_view)
@@ -54,7 +75,7 @@ def test_kernels_match_float64_products_on_their_segments(k, n, m, t):
     np.testing.assert_array_equal(share[:, :last], out[:, :last])
     assert (share[:, last:] == 7.0).all()
     dw = direct_conv.shifted_weight_grad(a, starts, d, segments)
-    expected_dw = np.stack([a[s:s + m][inside].T.astype(np.float64) @ d[inside] for s in starts])
+    expected_dw = np.stack([(on[:, [i]] * a[source + s]).T.astype(np.float64) @ d for i, s in enumerate(starts)])
     close(dw, expected_dw)
     if n >= 32:  # a share of the output channels, into a given array: the others stay as they were
         share = np.full((t, k, n), 7.0, dtype=np.float32)
@@ -63,20 +84,49 @@ def test_kernels_match_float64_products_on_their_segments(k, n, m, t):
         assert (share[:, :, :16] == 7.0).all()
 
 
-@pytest.mark.parametrize("wp, hp, col0, cols, line0, lines", [(10, 10, 0, 8, 0, 8), (10, 10, 1, 8, 1, 8),
-                                                              (7, 5, 2, 3, 1, 3), (4, 4, 0, 4, 0, 4)])
-def test_window_segments_are_the_rows_inside_the_window(wp, hp, col0, cols, line0, lines):
-    rows = np.arange(3 * hp * wp)
-    inside = ((rows % wp >= col0) & (rows % wp < col0 + cols)
-              & ((rows // wp) % hp >= line0) & ((rows // wp) % hp < line0 + lines))
-    for start, stop in [(0, rows.size), (3, 41), (wp - 1, 2 * hp * wp + 1), (5, 6)]:
-        segments = direct_conv.window_segments(start, stop, wp, hp, col0, cols, line0, lines)
-        got = np.zeros(stop - start, bool)
-        for first, last in segments:
-            assert 0 <= first < last <= stop - start and not got[first:last].any()
-            got[first:last] = True
-        np.testing.assert_array_equal(got, inside[start:stop])
-        assert (np.diff(segments.ravel()) >= 0).all()  # in order
+@pytest.mark.parametrize("images, out_h, out_w, in_h, in_w, taps", [
+    (2, 6, 9, 6, 9, [(i - 1, j - 1) for i in range(3) for j in range(3)]),     # 3x3, padding 1
+    (1, 4, 7, 6, 9, [(i, j) for i in range(3) for j in range(3)]),             # no padding
+    (3, 8, 8, 8, 8, [(1 - i, 1 - j) for i in range(3) for j in range(3)]),     # the flipped kernel (dx)
+    (1, 9, 11, 5, 7, [(i - 2, j - 2) for i in range(5) for j in range(5)]),    # 5x5 padding 4: no tap everywhere
+    (2, 1, 1, 1, 1, [(i - 1, j - 1) for i in range(3) for j in range(3)]),     # a 1x1 image
+    (1, 5, 3, 5, 3, [(0, 0)])])                                                 # 1x1 kernel
+def test_clipped_segments_are_every_output_pixel_with_its_taps_inside_the_image(images, out_h, out_w, in_h,
+                                                                               in_w, taps):
+    """Brute force: each output pixel once, reading for each tap the input pixel it lands on, and
+    exactly the taps that land inside the input image."""
+    segments = direct_conv.clipped_segments(images, out_h, out_w, in_h, in_w, tuple(taps))
+    assert segments.dtype == np.int64 and segments.shape[1] == 6 and not segments.flags.writeable
+    seen = {}
+    for first, count, out_step, src, src_step, mask in segments.tolist():
+        for q in range(count):
+            row = first + q * out_step
+            assert row not in seen
+            seen[row] = (src + q * src_step, mask)
+    assert sorted(seen) == list(range(images * out_h * out_w))
+    for row, (src, mask) in seen.items():
+        n, y, x = row // (out_h * out_w), row // out_w % out_h, row % out_w
+        for t, (di, dj) in enumerate(taps):
+            inside = 0 <= y + di < in_h and 0 <= x + dj < in_w
+            assert bool(mask >> t & 1) == inside, (row, t)
+            if inside:
+                assert src + di * in_w + dj == n * in_h * in_w + (y + di) * in_w + x + dj
+    # in the order of the first rows, and long: the 8x8 image's lines and edge columns, not pixels
+    assert (np.diff(segments[:, 0]) > 0).all()
+    if out_h == out_w == 8:
+        assert len(segments) == 3 * (8 + 6)
+
+
+def test_segment_rows_split_the_table_into_blocks_of_rows():
+    segments = direct_conv.clipped_segments(3, 10, 12, 10, 12, tuple((i - 1, j - 1) for i in range(3) for j in range(3)))
+    total = int(segments[:, 1].sum())
+    bounds = [0, 7, 100, 101, 250, total]
+    blocks = [direct_conv.segment_rows(segments, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    np.testing.assert_array_equal(np.concatenate(blocks), segments)     # each segment in one block
+    for block, start in zip(blocks, bounds[:-1]):
+        if len(block):      # a block starts with the segment that covers its first row
+            before = int(segments[:, 1].cumsum()[np.flatnonzero((segments == block[0]).all(axis=1))[0]] - block[0, 1])
+            assert before >= start
 
 
 def test_usable_only_for_what_the_kernels_take():

@@ -72,13 +72,11 @@ from tinyunet.parallel import map_batch_blocks, map_row_blocks, matmul, run_conc
 
 
 # Conv2d's weight gradient: at least this many rows are summed as partial sums per block of rows,
-# fewer as whole products per kernel offset (see Conv2d._weight_grad_shifted)
+# fewer as whole products per kernel offset, or blocks of output channels with the direct kernels
+# (see Conv2d._weight_grad_shifted, _weight_grad_direct)
 _ROWS_TO_SPLIT_SUMS = 16384
 # ... and with this many input channels those partial sums come from joined rows (same method)
 _MIN_JOINED_CHANNELS, _MAX_JOINED_CHANNELS = 8, 16
-# the direct weight gradient keeps sums for up to 16 input channels at a time (direct_conv.py): with
-# fewer than 8, too few sums are in flight to hide the multiply-adds' latency (the RGB layer: BLAS)
-_MIN_DIRECT_GRAD_CHANNELS = 8
 # stride-1 outputs of at most this many pixels use im2row, and inputs of at most this many
 # channels im2col (see Conv2d._method)
 _MAX_IM2ROW_PIXELS = 256
@@ -132,38 +130,35 @@ def sum_of_shifted_products(out: Any, a: Any, starts: List[int], b: Any) -> Any:
     return out
 
 
-def shifted_sums(out: Any, a: Any, starts: List[int], w: Any, window: Tuple[int, ...]) -> None:
-    """out[r] = sum over t of a[starts[t] + r] @ w[t] for the rows r of out that are real pixels, on
-    every core. out: (M, N), a: (R, K), w: (T, K, N) (rows contiguous); ``window`` = (Wp, Hp, col0,
-    cols, line0, lines): out's rows are a grid of images of Hp lines of Wp pixels, and the real ones
-    lie in lines [line0, line0 + lines) and columns [col0, col0 + cols) of each image; the others
-    are computed too (BLAS) or set to 0 (the direct kernels), to be thrown away.
+def shifted_sums(out: Any, a: Any, starts: List[int], w: Any) -> None:
+    """out[r] = sum over t of a[starts[t] + r] @ w[t] for every row r of out, by BLAS on every core:
+    blocks of rows in parallel (tinyunet/parallel.py). out: (M, N), a: (R, K), w: (T, K, N)."""
+    def rows(start: int, stop: int) -> None:
+        sum_of_shifted_products(out[start:stop], a, [s + start for s in starts], w)
+    map_row_blocks(rows, out.shape[0], w.shape[0] * w.shape[1] * out.shape[1])
 
-    The threads share out blocks of rows (each thread then reads all the weights, and its rows), or,
-    with the direct kernels where the weights outweigh the rows' inputs (T*N > M: the deep layers, a
-    2.4 MB weight for the 100 rows of an 8x8 image), blocks of output channels: each thread reads
-    its share of the weights only (256 -> 256 channels at 8x8, batch 1, the forward's kernels on 2
-    threads: 0.56 -> 0.46 ms). The kernels give the same numbers either way.
+
+def direct_sums(out: Any, a: Any, starts: List[int], w: Any, segments: Any) -> None:
+    """The same sums by direct_conv's kernels, on every core, for the rows of the segments (all of
+    out's rows). out: (M, N), a: (R, K), w: (T, K, N) (rows contiguous), segments: (S, 6)
+    (direct_conv.clipped_segments).
+
+    The threads share out blocks of rows (each thread then reads all the weights, and its rows), or
+    where the weights outweigh the rows' inputs (T*N > M: the deep layers, a 2.4 MB weight for the 64
+    rows of an 8x8 image), blocks of output channels: each thread reads its share of the weights only
+    (256 -> 256 channels at 8x8, batch 1, the forward's kernels on 2 threads: 0.56 -> 0.46 ms). The
+    kernels give the same numbers either way.
     """
     m, n = out.shape
     terms, k = w.shape[:2]
-    if direct_conv.usable(out, a, w):
-        offsets = np.asarray(starts, dtype=np.int64)
-        if m < terms * n:
-            segments = direct_conv.window_segments(0, m, *window)
-
-            def channels(first: int, last: int) -> None:   # output channels [16 first, 16 last)
-                direct_conv.shifted_sum(out, a, offsets, w, segments, columns=(16 * first, 16 * last))
-            map_row_blocks(channels, n // 16, 16 * m * terms * k)
-            return
-
-        def rows(start: int, stop: int) -> None:   # output rows [start, stop)
-            direct_conv.shifted_sum(out[start:stop], a, offsets + start, w,
-                                    direct_conv.window_segments(start, stop, *window))
+    if m < terms * n:
+        def channels(first: int, last: int) -> None:   # output channels [16 first, 16 last)
+            direct_conv.shifted_sum(out, a, starts, w, segments, columns=(16 * first, 16 * last))
+        map_row_blocks(channels, n // 16, 16 * m * terms * k)
     else:
-        def rows(start: int, stop: int) -> None:
-            sum_of_shifted_products(out[start:stop], a, [s + start for s in starts], w)
-    map_row_blocks(rows, m, terms * k * n)   # blocks of rows in parallel (tinyunet/parallel.py)
+        def rows(start: int, stop: int) -> None:        # the segments that begin in rows [start, stop)
+            direct_conv.shifted_sum(out, a, starts, w, direct_conv.segment_rows(segments, start, stop))
+        map_row_blocks(rows, m, terms * k * n)
 
 
 def pair(value: Any) -> Tuple[int, int]:
@@ -362,6 +357,8 @@ class Conv2d(Module):
             out = self._forward_im2col(x)
         elif method == "winograd":
             out = self._forward_winograd(nhwc(x))
+        elif method == "shifted" and self._runs_direct(x):
+            out = self._forward_direct(nhwc(x))
         elif method == "shifted":
             out = self._forward_shifted(nhwc(x))
         else:
@@ -441,9 +438,13 @@ class Conv2d(Module):
         return "shifted"
 
     def _direct(self) -> bool:
-        """Whether direct_conv's kernels run this layer's shifted products (forward and input gradient)."""
+        """Whether direct_conv's kernels run this layer's shifted products (float32 NumPy weights,
+        channels in multiples of 16, Numba installed, at most 63 kernel offsets)."""
         return (direct_conv.runs(self.weight.data) and self.in_channels % 16 == 0
-                and self.out_channels % 16 == 0)
+                and self.out_channels % 16 == 0 and self.kernel_size[0] * self.kernel_size[1] <= direct_conv.MAX_TAPS)
+
+    def _runs_direct(self, x: Any) -> bool:
+        return self._direct() and direct_conv.runs(x)
 
     # --- stride 1: shifted 1x1 products ----------------------------------------------------
     def _offsets(self, wp: int):
@@ -473,8 +474,7 @@ class Conv2d(Module):
         out = xp.empty((n * hp * wp, self.out_channels), dtype=x.dtype)
         out[length:] = 0  # the last rows' windows would run off the end: not computed, and dropped below
 
-        # every term is a slice of flat; the rows of real outputs are those in the image's window
-        shifted_sums(out[:length], flat, [off for _, _, off in offsets], w_ij, (wp, hp, 0, wo, 0, ho))
+        shifted_sums(out[:length], flat, [off for _, _, off in offsets], w_ij)   # every term a slice of flat
         # keep x itself, not the padded copy: in the U-Net x is a ReLU's output, which the ReLU keeps
         # for its own backward anyway, so this costs no memory; backward pads it again, a block at a time
         self.cache = (x, length)
@@ -516,13 +516,8 @@ class Conv2d(Module):
         """
         kh, kw = self.kernel_size
         offsets = self._offsets(wp)
-        n, h, w, c = x.shape
+        n, h, _, c = x.shape
         length = dflat.shape[0]
-        hp = h + 2 * self.padding
-        ho, wo = hp - kh + 1, wp - kw + 1
-
-        def segments(start: int, stop: int) -> Any:  # the rows of real outputs: dflat is 0 elsewhere
-            return direct_conv.window_segments(start, stop, wp, hp, 0, wo, 0, ho)
         work = length * c * self.out_channels  # multiply-adds of one offset's product
         if length >= _ROWS_TO_SPLIT_SUMS:
             # narrow layers: products with only 8-16 input rows run far below BLAS speed, so per block
@@ -530,18 +525,13 @@ class Conv2d(Module):
             # one product per kernel row i gives dweight[i, 0..kw-1] together (measured, 16 -> 16 at
             # 128x128, batch 8: backward 18.7 -> 14.0 ms; for 3 input channels the copy costs more, and
             # for 32 too: 32 -> 16 at 128x128 backward 32.0 -> 30.3 ms with the plain products)
-            direct = direct_conv.usable(dflat) and c >= _MIN_DIRECT_GRAD_CHANNELS  # flat: padded blocks below
-            joined = not direct and kw > 1 and _MIN_JOINED_CHANNELS <= c <= _MAX_JOINED_CHANNELS
+            joined = kw > 1 and _MIN_JOINED_CHANNELS <= c <= _MAX_JOINED_CHANNELS
             reach = offsets[-1][2]                                # the farthest row a window reads
 
             def rows(start: int, stop: int) -> Any:
                 first = start // wp
                 flat = self._padded_lines(x, first, min(-(-(stop + reach) // wp), n * (h + 2 * self.padding)))
                 start_in, stop_in = start - first * wp, stop - first * wp   # the block's rows in flat
-                if direct:  # all offsets in one pass over the block's real outputs (direct_conv.py)
-                    starts = np.array([off + start_in for _, _, off in offsets], dtype=np.int64)
-                    return direct_conv.shifted_weight_grad(flat, starts, dflat[start:stop], segments(start, stop)
-                                                           ).reshape(kh, kw, c, self.out_channels)
                 part = xp.empty((kh, kw, c, self.out_channels), dtype=x.dtype)
                 if joined:
                     wide = xp.concatenate([flat[start_in + j:stop_in + (kh - 1) * wp + j] for j in range(kw)], axis=1)
@@ -558,17 +548,6 @@ class Conv2d(Module):
             return sum(map_row_blocks(rows, length, kh * kw * c * self.out_channels, helped=not joined))
         flat = self._padded_rows(x)
         dw = xp.empty((kh, kw, c, self.out_channels), dtype=x.dtype)
-        direct = direct_conv.usable(dflat, flat) and c >= _MIN_DIRECT_GRAD_CHANNELS
-
-        if direct:  # blocks of output channels, every offset and row each: even shares, no partial sums
-            starts = np.array([off for _, _, off in offsets], dtype=np.int64)
-            rows = segments(0, length)
-
-            def some_channels(first: int, last: int) -> None:  # channels [16 first, 16 last)
-                direct_conv.shifted_weight_grad(flat, starts, dflat, rows, out=dw.reshape(kh * kw, c, -1),
-                                                columns=(16 * first, 16 * last))
-            map_row_blocks(some_channels, self.out_channels // 16, work * 16)
-            return dw
 
         def some_offsets(first: int, last: int) -> None:
             for i, j, off in offsets[first:last]:  # (Cin, L) @ (L, Cout)
@@ -580,6 +559,8 @@ class Conv2d(Module):
         """dout: (N, Hout, Wout, Cout) -> dx: (N, H, W, Cin)."""
         kh, kw = self.kernel_size
         x, length = self.cache
+        if length is None:   # forward ran the direct kernels
+            return self._backward_direct(dout, x)
         n, h, w, c = x.shape
         p = self.padding
         hp, wp = h + 2 * p, w + 2 * p
@@ -613,10 +594,77 @@ class Conv2d(Module):
         total = n * hp * wp
         dxflat = xp.empty((total, c), dtype=dout.dtype)          # gradient of the padded input
 
-        def input_grad() -> None:   # the rows of dx that are kept: those inside the padding
-            shifted_sums(dxflat, dbig, [front - off for _, _, off in offsets], w_t, (wp, hp, p, w, p, h))
-        run_concurrently(weight_grad, input_grad)  # independent: side by side (tinyunet/parallel.py)
+        run_concurrently(weight_grad,   # independent: side by side (tinyunet/parallel.py)
+                         lambda: shifted_sums(dxflat, dbig, [front - off for _, _, off in offsets], w_t))
         return dxflat.reshape(n, hp, wp, c)[:, p:p + h, p:p + w]   # drop the padding (a view)
+
+    # --- stride 1 with the direct kernels (direct_conv.py): the padding is never copied ----------
+    def _direct_plan(self, n: int, h: int, w: int, input_grad: bool = False) -> Tuple[Any, List[int]]:
+        """(segments, starts) of the direct kernels for an input of n images of h x w pixels: of the
+        forward pass (tap (i, j) of output pixel (y, x) reads input pixel (y + i - p, x + j - p)), or
+        of the input gradient (dx pixel (y, x) gathers dout pixel (y - i + p, x - j + p): the kernel
+        flipped), the taps in the order of the weight stacks (t = i*kw + j)."""
+        kh, kw = self.kernel_size
+        p = self.padding
+        ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
+        sign, grid = (-1, (n, h, w, ho, wo)) if input_grad else (1, (n, ho, wo, h, w))
+        taps = tuple((sign * (i - p), sign * (j - p)) for i in range(kh) for j in range(kw))
+        return direct_conv.clipped_segments(*grid, taps), [di * grid[4] + dj for di, dj in taps]
+
+    def _forward_direct(self, x: Any) -> Any:
+        """x: (N, H, W, Cin) -> (N, Hout, Wout, Cout), C-contiguous: the kernels read the image as it
+        is and skip the taps that fall into the padding (direct_conv.clipped_segments), so neither
+        the input nor the output has a padded copy."""
+        n, h, w, c = x.shape
+        kh, kw = self.kernel_size
+        rows = xp.ascontiguousarray(x).reshape(-1, c)   # (N*H*W, Cin): the U-Net's activations are already
+        segments, starts = self._direct_plan(n, h, w)
+        out = xp.empty((n, h + 2 * self.padding - kh + 1, w + 2 * self.padding - kw + 1, self.out_channels),
+                       dtype=x.dtype)
+        direct_sums(out.reshape(-1, self.out_channels), rows, starts,
+                    xp.ascontiguousarray(kernel_stack(self.weight.data)), segments)
+        self.cache = (rows.reshape(x.shape), None)
+        return out
+
+    def _backward_direct(self, dout: Any, x: Any) -> Any:
+        """dout: (N, Hout, Wout, Cout), x: forward's (N, H, W, Cin), contiguous -> dx: (N, H, W, Cin),
+        C-contiguous, or None. The weight gradient sums over forward's segments, dx over its own."""
+        n, h, w, c = x.shape
+        d = xp.ascontiguousarray(dout).reshape(-1, self.out_channels)   # BatchNorm's gradient: already
+        a = x.reshape(-1, c)
+
+        def weight_grad() -> None:
+            dw = self._weight_grad_direct(a, d, *self._direct_plan(n, h, w))
+            self.weight.grad += stack_to_weight(dw).reshape(self.weight.data.shape)
+        if not self.input_grad:
+            weight_grad()
+            return None
+        dx = xp.empty((n, h, w, c), dtype=dout.dtype)
+        segments, starts = self._direct_plan(n, h, w, input_grad=True)
+        w_t = flipped_kernel_stack(self.weight.data)
+        run_concurrently(weight_grad, lambda: direct_sums(dx.reshape(-1, c), d, starts, w_t, segments))
+        return dx
+
+    def _weight_grad_direct(self, a: Any, d: Any, segments: Any, starts: List[int]) -> Any:
+        """dweight[t] = sum over forward's output rows of a[tap t of the row]^T d[row], by the kernels.
+        a: (N*H*W, Cin), d: (N*Hout*Wout, Cout) -> (kh*kw, Cin, Cout).
+
+        Many rows (the top levels): each block of rows its share of the sum, the shares added - the
+        only way to parallelise a 16x16 result. Fewer (the deep levels: 256x256 weights): blocks of
+        output channels, every row each - even shares and no partial sums, which would be one
+        weight-sized array per block (at batch 1, 4 x 2.4 MB at the bottleneck: the step's peak).
+        """
+        rows, c = d.shape[0], a.shape[1]
+        work = len(starts) * c * self.out_channels            # multiply-adds per output row
+        if rows >= _ROWS_TO_SPLIT_SUMS:
+            return sum(map_row_blocks(lambda start, stop: direct_conv.shifted_weight_grad(
+                a, starts, d, direct_conv.segment_rows(segments, start, stop)), rows, work))
+        dw = xp.empty((len(starts), c, self.out_channels), dtype=a.dtype)
+
+        def some_channels(first: int, last: int) -> None:    # output channels [16 first, 16 last)
+            direct_conv.shifted_weight_grad(a, starts, d, segments, out=dw, columns=(16 * first, 16 * last))
+        map_row_blocks(some_channels, self.out_channels // 16, 16 * rows * work // self.out_channels)
+        return dw
 
     # --- 3x3, stride 1, padding 1, many channels: Winograd's F(2x2, 3x3) (winograd.py) -------------
     def _forward_winograd(self, x: Any) -> Any:

@@ -109,7 +109,11 @@ class ConvTranspose2d(Module):
         dw2 = transposed_matmul(x_rows, drows)                             # (Cin, kh*kw*Cout)
         self.weight.grad += dw2.reshape(self.in_channels, kh, kw, self.out_channels).transpose(0, 3, 1, 2)
         if self.bias is not None:
-            self.bias.grad += channel_sum(dout_nhwc)
+            # tiles: from drows, which holds every pixel of dout once, in contiguous memory (in the U-Net
+            # dout is a channel slice of the concatenation's gradient, each pixel's channels a separate
+            # piece: 32 -> 16 at 64x64, batch 8, 1.0 -> 0.3 ms); overlapping stamps: from dout itself
+            pixels = drows.reshape(n, h, -1, self.out_channels) if self._tiles() else dout_nhwc
+            self.bias.grad += channel_sum(pixels)
         dx = matmul(drows, self._w2().T)                                 # (N*H*W, Cin)
         return nchw(dx.reshape(n, h, w, self.in_channels))
 
