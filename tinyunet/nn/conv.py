@@ -621,8 +621,7 @@ class Conv2d(Module):
         segments, starts = self._direct_plan(n, h, w)
         out = xp.empty((n, h + 2 * self.padding - kh + 1, w + 2 * self.padding - kw + 1, self.out_channels),
                        dtype=x.dtype)
-        direct_sums(out.reshape(-1, self.out_channels), rows, starts,
-                    xp.ascontiguousarray(kernel_stack(self.weight.data)), segments)
+        direct_sums(out.reshape(-1, self.out_channels), rows, starts, kernel_stack(self.weight.data), segments)
         self.cache = (rows.reshape(x.shape), None)
         return out
 
