@@ -164,15 +164,18 @@ def test_padded_lines_are_the_lines_of_the_padded_rows(padding):
 
 
 def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):
-    """The default limits: up to 4 input channels im2col; else outputs up to 16x16 pixels im2row,
-    larger ones the shifted products; other strides im2row."""
+    """The default limits with BLAS's products: up to 4 input channels im2col; else outputs up to
+    16x16 pixels im2row, larger ones the shifted products; other strides im2row. With the direct
+    kernels (Numba) an image's channels go to them too (tests/test_direct_conv.py)."""
+    from conftest import compiled_code
     monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 256)
     monkeypatch.setattr(conv_module, "_MAX_IM2COL_CHANNELS", 4)
     conv = Conv2d(5, 2, 3, padding=1)
-    assert conv._method(8, 16, 16) == conv._method(8, 8, 32) == "im2row"
-    assert conv._method(8, 17, 16) == conv._method(8, 32, 32) == "shifted"
-    assert Conv2d(5, 2, 3, stride=2, padding=1)._method(8, 64, 64) == "im2row"
-    assert Conv2d(3, 16, 3, padding=1)._method(8, 128, 128) == Conv2d(4, 2, 3, stride=2)._method(8, 9, 9) == "im2col"
+    with compiled_code(False):
+        assert conv._method(8, 16, 16) == conv._method(8, 8, 32) == "im2row"
+        assert conv._method(8, 17, 16) == conv._method(8, 32, 32) == "shifted"
+        assert Conv2d(5, 2, 3, stride=2, padding=1)._method(8, 64, 64) == "im2row"
+        assert Conv2d(3, 16, 3, padding=1)._method(8, 128, 128) == Conv2d(4, 2, 3, stride=2)._method(8, 9, 9) == "im2col"
 
 
 def test_add_channel_vector_adds_in_place_for_every_layout(conv_method):

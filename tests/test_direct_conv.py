@@ -158,7 +158,8 @@ def conv_step(conv, x, dout, input_grad=True):
 # outputs stay with BLAS), odd sizes, and enough rows that the layers split them into blocks
 LAYERS = [(16, 16, 3, 1, 2, 9, 7), (32, 16, 3, 1, 1, 12, 12), (16, 48, 3, 1, 2, 5, 6),
           (64, 64, 3, 1, 3, 8, 8), (16, 3, 1, 0, 2, 7, 9), (16, 32, 3, 1, 2, 70, 66), (16, 16, 3, 0, 1, 6, 11),
-          (256, 256, 3, 1, 2, 8, 8)]  # the last: the weight gradient's output channels in blocks
+          (256, 256, 3, 1, 2, 8, 8),  # the weight gradient's output channels in blocks
+          (3, 16, 3, 1, 2, 9, 7), (4, 32, 3, 1, 1, 40, 30)]  # an image's channels: dx on 16, 13 of them zero
 
 
 @pytest.mark.parametrize("cin, cout, k, pad, n, h, w", LAYERS)
@@ -172,7 +173,7 @@ def test_conv2d_with_the_kernels_matches_conv2d_with_blas(cin, cout, k, pad, n, 
     with compiled(False):
         reference = conv_step(conv, x, dout, input_grad)
     with compiled(True):
-        assert conv._direct() == (cin % 16 == 0 and cout % 16 == 0)
+        assert conv._direct() == (cout % 16 == 0 and (cin % 16 == 0 or cin <= 4))
         got = conv_step(conv, x, dout, input_grad)
     for mine, theirs in zip(got, reference):
         if theirs is None:
@@ -200,3 +201,28 @@ def test_results_do_not_depend_on_the_number_of_threads(threads, cin, cout, size
         parallel.set_num_threads(before)
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_layers_hand_the_kernels_only_what_they_can_read():
+    """The kernels check no bounds, so the layer code refuses arrays they cannot read (instead of
+    reading past them), and a float64 gradient into a float32 layer is computed in float32."""
+    from tinyunet.nn.conv import direct_sums
+    a, w = np.zeros((40, 16), np.float32), np.zeros((9, 16, 32), np.float32)
+    segments = direct_conv.clipped_segments(1, 5, 6, 5, 6, tuple((i - 1, j - 1) for i in range(3) for j in range(3)))
+    for out, rows in [(np.zeros((30, 32)), a), (np.zeros((30, 32), np.float32), a[::2]),
+                      (np.zeros((30, 24), np.float32), a)]:
+        with pytest.raises(ValueError):
+            direct_sums(out, rows, [0] * 9, w, segments)
+    rng = np.random.default_rng(3)
+    conv = Conv2d(16, 16, 3, padding=1, method="shifted")
+    x = rng.standard_normal((2, 16, 7, 9), dtype=np.float32)
+    dout = rng.standard_normal((2, 16, 7, 9))                      # float64
+    with compiled(True):
+        conv.forward(x)
+        assert conv.cache[1] is None                                # the direct path ran
+        dx = conv.backward(dout)
+    with compiled(False):
+        conv.forward(x)
+        expected = conv.backward(dout.astype(np.float32))
+    assert dx.dtype == np.float32
+    close(np.asarray(dx), np.asarray(expected))

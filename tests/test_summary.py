@@ -57,8 +57,8 @@ def test_method_column_follows_the_layer_rules(direct):
     """Standard configuration. BLAS products (no Numba, or the compiled kernels off): the RGB layer
     im2col, 16-32 channels the shifted products, 64-128 channels at 16x16-32x32 Winograd, the 8x8
     bottleneck (128 tiles) im2row. With the direct kernels (direct_conv.py) the shifted products
-    also take the 64-channel layers, 16x16 outputs below 128 channels and the 8x8 bottleneck (512
-    output pixels in the batch), Winograd only 128 channels and up."""
+    also take the RGB layer, the 64-channel layers, 16x16 outputs below 128 channels and the 8x8
+    bottleneck, Winograd only 128 channels and up."""
     if direct:
         pytest.importorskip("numba")
     previous = kernels.set_enabled(direct)
@@ -67,7 +67,7 @@ def test_method_column_follows_the_layer_rules(direct):
     finally:
         kernels.set_enabled(previous)
     method = {name: r.method for name, r in rows.items()}
-    assert method["down.0.0"] == "im2col"
+    assert method["down.0.0"] == ("shifted" if direct else "im2col")
     assert method["down.0.3"] == method["down.1.3"] == method["up_conv.3.0"] == "shifted"
     assert method["up_conv.0.0"] == method["up_conv.0.3"] == method["down.3.3"] == "winograd"  # 128+ at 16x16
     assert method["bottleneck.0"] == method["bottleneck.3"] == ("shifted" if direct else "im2row")  # 8x8

@@ -162,6 +162,8 @@ def test_with_the_direct_kernels_winograd_needs_128_channels():
         assert Conv2d(256, 256, 3, padding=1)._method(8, 8, 8) == "shifted"       # 512 outputs
         assert Conv2d(256, 256, 3, padding=1)._method(1, 8, 8) == "shifted"       # 64 outputs, 37.7M multiply-adds
         assert Conv2d(128, 128, 3, padding=1)._method(1, 8, 8) == "im2row"        # 9.4M: too small to share
+        assert Conv2d(3, 16, 3, padding=1)._method(1, 128, 128) == "shifted"      # an image: the kernels too
+        assert Conv2d(3, 16, 3, padding=1, stride=2)._method(8, 64, 64) == "im2col"
         assert Conv2d(72, 72, 3, padding=1)._method(8, 32, 32) == "winograd"      # 72 = 4.5 x 16: BLAS rules
         assert Conv2d(64, 64, 3, padding=1, stride=2)._method(8, 32, 32) == "im2row"
     finally:

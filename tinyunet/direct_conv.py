@@ -288,7 +288,7 @@ def shifted_weight_grad(a: Any, starts: Sequence[int], d: Any, segments: Any, ou
     first, last = columns or (0, n)
     # as many input channels as fit (then V): each row of a is read in one piece, a cache line's 16
     # channels at once (256 -> 256 at 8x8, one core: KB 16 x V 1 110-112 GFLOP/s, 4 x 4 101-104)
-    kb = next(b for b in (16, 8, 4, 2, 1) if k % b == 0 and b <= _budget())
+    kb = next(b for b in (16, 8, 4, 3, 2, 1) if k % b == 0 and b <= _budget())   # 3: an RGB image
     v = next(v for v in (4, 2, 1) if ((last - first) // 16) % v == 0 and kb * v <= _budget())
     dw = np.empty((len(starts), k, n), dtype=np.float32) if out is None else out
     dw[:, :, first:last] = 0

@@ -30,6 +30,14 @@ to the machine's peak. There are two classic ways to get there; both live here.
 3. *Winograd's F(2x2, 3x3)* (winograd.py) for the wide, deep layers (3x3, padding 1, >= 64 channels):
    16 products per 2x2 output tile instead of 36 multiply-adds, for adds and subtracts around them.
 
+4. *Direct kernels* (direct_conv.py, optional: Numba installed, float32, channels in multiples of
+   16): the same shifted sums, but as compiled loops that keep a tile of outputs in vector
+   registers for all nine terms, reading the *unpadded* image. Near the border they skip the
+   terms whose pixel lies in the padding (which would add zeros), so nothing is padded: not x in
+   forward, not dout or dx in backward. The layers' outputs are then plain (N, Hout, Wout, C)
+   arrays. :meth:`Conv2d._forward_direct` / :meth:`Conv2d._backward_direct`; the method is still
+   called "shifted".
+
 Backward of the shifted form, with dflat = dout placed at the same rows q (zeros elsewhere):
 
     dweight[:, :, i, j] = (flat[off : off + L]^T @ dflat)^T        sum over the batch inside the product
@@ -149,6 +157,9 @@ def direct_sums(out: Any, a: Any, starts: List[int], w: Any, segments: Any) -> N
     (256 -> 256 channels at 8x8, batch 1, the forward's kernels on 2 threads: 0.56 -> 0.46 ms). The
     kernels give the same numbers either way.
     """
+    if not direct_conv.usable(out, a, w):   # the kernels check no bounds: what they read must fit
+        raise ValueError("direct_sums takes float32 NumPy rows (C-contiguous) and weights whose rows are "
+                         "contiguous, with output channels in multiples of 16")
     m, n = out.shape
     terms, k = w.shape[:2]
     if m < terms * n:
@@ -311,11 +322,11 @@ def kaiming_uniform(shape: Tuple[int, ...], fan_in: int) -> Any:
 class Conv2d(Module):
     """2-D convolution over NCHW input; weight (out_channels, in_channels, kh, kw) as in PyTorch.
 
-    stride 1: nine (kh*kw) shifted 1x1 products on the padded, flattened input (module docstring);
-    forward keeps only the input x for backward. Other strides, and outputs of at most 16x16 pixels:
-    ``im2row(x) @ weight_t``. At most 4 input channels: ``im2col(x)`` per image. 3x3 with padding 1
-    and >= 64 channels in and out: Winograd's F(2x2, 3x3) (:meth:`_method`).
-    The output is NCHW-shaped with channels-last memory.
+    stride 1: nine (kh*kw) shifted 1x1 products on the padded, flattened input (module docstring),
+    or with Numba the direct kernels on the unpadded input; forward keeps only the input x for
+    backward. Other strides, and small outputs: ``im2row(x) @ weight_t``. At most 4 input channels:
+    ``im2col(x)`` per image. 3x3 with padding 1 and many channels in and out: Winograd's F(2x2, 3x3)
+    (:meth:`_method`). The output is NCHW-shaped with channels-last memory.
 
     ``keep_cols`` (the im2row method only) keeps the im2row matrix from forward for backward
     (saves one unfolding, costs ~kh*kw times the input's memory until backward).
@@ -398,10 +409,12 @@ class Conv2d(Module):
         to 64 channels on either side: Winograd then needs 128 in and out. Measured, batch 8 on 2
         cores, forward + backward, shifted (direct) against Winograd: 64 -> 64 at 32x32 11.4 vs 12.4
         ms, 128 -> 64 at 32x32 22.5 vs 25.2, 64 -> 128 at 16x16 7.0 vs 7.6; 128 -> 128 at 16x16 13.4 vs
-        11.7, 256 -> 128 at 16x16 27.3 vs 22.9 (Winograd's fewer multiplications win there). They
+        11.7, 256 -> 128 at 16x16 27.3 vs 22.9 (Winograd's fewer multiplications win there); again
+        with the kernels that copy no padding: 64 -> 64 at 32x32 8.4 vs 10.2 ms, 128 -> 64 at 32x32
+        17.4 vs 17.0, 128 -> 128 at 16x16 8.7 vs 8.5, 256 -> 128 at 16x16 16.8 vs 15.0. They
         compute the real outputs only, not the padding's rows, so they beat im2row at 8x8 too (256 ->
         256 channels: 12.7 vs 13.8 ms), and at batch 1 since the threads share out the deep layers'
-        output channels (:func:`shifted_sums`) and the weights change layout in one fast copy
+        output channels (:func:`direct_sums`) and the weights change layout in one fast copy
         (weight_layout.py): batch 1, 256 -> 256 at 8x8 3.56 vs 3.99 ms, 128 -> 256 at 8x8 1.57 vs
         1.83, 128 -> 128 at 16x16 1.79 vs 2.41, 256 -> 128 at 16x16 3.34 vs 4.18 (batch-1 step,
         alternating in one process: pair ratio 0.960). Only layers too small to share between threads
@@ -411,7 +424,10 @@ class Conv2d(Module):
         Few channels: every method that works on channels-last rows moves C-number pieces (12 bytes
         for RGB) and runs products with K = C = 3; the textbook im2col copies whole image rows of the
         NCHW input instead and gives one product with K = Cin*kh*kw = 27 (3 -> 16 channels at 128x128,
-        batch 8, 2 cores: forward 4.7 -> 2.6 ms, weight gradient 4.8 -> 2.2 ms).
+        batch 8, 2 cores: forward 4.7 -> 2.6 ms, weight gradient 4.8 -> 2.2 ms). The direct kernels take
+        the image as it is, 3 channels per pixel, with 3 sums in flight in the weight gradient (its
+        input gradient, seldom needed, on 16 channels, 13 of them zero): 3 -> 16 at 128x128 without
+        dx, forward + backward, batch 8 3.54 -> 2.33 ms, batch 1 0.67 -> 0.46 ms.
 
         Small images: the shifted products also compute the rows of the padding, (Ho + kh - 1) *
         (Wo + kw - 1) rows for Ho * Wo pixels, 3% extra work at 128x128 but 27% at 16x16 and 56% at
@@ -426,8 +442,8 @@ class Conv2d(Module):
                 raise ValueError(f"Conv2d method {self.method!r} does not apply to {self} with a "
                                  f"{ho}x{wo} output")
             return self.method
-        if self.in_channels <= _MAX_IM2COL_CHANNELS:
-            return "im2col"
+        if self.in_channels <= _MAX_IM2COL_CHANNELS:   # an image: its input gradient is seldom needed
+            return "shifted" if self._direct() and self.stride == 1 else "im2col"
         fewest = _MIN_WINOGRAD_CHANNELS_DIRECT if self._direct() else _MIN_WINOGRAD_CHANNELS
         if (winograd_fits and min(self.in_channels, self.out_channels) >= fewest
                 and n * ho * wo // 4 >= _MIN_WINOGRAD_TILES):
@@ -438,10 +454,12 @@ class Conv2d(Module):
         return "shifted"
 
     def _direct(self) -> bool:
-        """Whether direct_conv's kernels run this layer's shifted products (float32 NumPy weights,
-        channels in multiples of 16, Numba installed, at most 63 kernel offsets)."""
-        return (direct_conv.runs(self.weight.data) and self.in_channels % 16 == 0
-                and self.out_channels % 16 == 0 and self.kernel_size[0] * self.kernel_size[1] <= direct_conv.MAX_TAPS)
+        """Whether direct_conv's kernels run this layer's shifted products: float32 NumPy weights,
+        output channels in multiples of 16, input channels too or at most 4 (an image's: its input
+        gradient then runs on 16 channels, the others zero), at most 63 kernel offsets, Numba."""
+        return (direct_conv.runs(self.weight.data) and self.out_channels % 16 == 0
+                and (self.in_channels % 16 == 0 or self.in_channels <= _MAX_IM2COL_CHANNELS)
+                and self.kernel_size[0] * self.kernel_size[1] <= direct_conv.MAX_TAPS)
 
     def _runs_direct(self, x: Any) -> bool:
         return self._direct() and direct_conv.runs(x)
@@ -617,7 +635,7 @@ class Conv2d(Module):
         the input nor the output has a padded copy."""
         n, h, w, c = x.shape
         kh, kw = self.kernel_size
-        rows = xp.ascontiguousarray(x).reshape(-1, c)   # (N*H*W, Cin): the U-Net's activations are already
+        rows = xp.ascontiguousarray(x).reshape(-1, c)   # (N*H*W, Cin); the U-Net's activations already are
         segments, starts = self._direct_plan(n, h, w)
         out = xp.empty((n, h + 2 * self.padding - kh + 1, w + 2 * self.padding - kw + 1, self.out_channels),
                        dtype=x.dtype)
@@ -629,7 +647,8 @@ class Conv2d(Module):
         """dout: (N, Hout, Wout, Cout), x: forward's (N, H, W, Cin), contiguous -> dx: (N, H, W, Cin),
         C-contiguous, or None. The weight gradient sums over forward's segments, dx over its own."""
         n, h, w, c = x.shape
-        d = xp.ascontiguousarray(dout).reshape(-1, self.out_channels)   # BatchNorm's gradient: already
+        # rows of float32 (the layer's own precision); BatchNorm's gradient in the U-Net already is
+        d = xp.ascontiguousarray(dout, dtype=x.dtype).reshape(-1, self.out_channels)
         a = x.reshape(-1, c)
 
         def weight_grad() -> None:
@@ -638,11 +657,14 @@ class Conv2d(Module):
         if not self.input_grad:
             weight_grad()
             return None
-        dx = xp.empty((n, h, w, c), dtype=dout.dtype)
         segments, starts = self._direct_plan(n, h, w, input_grad=True)
-        w_t = flipped_kernel_stack(self.weight.data)
-        run_concurrently(weight_grad, lambda: direct_sums(dx.reshape(-1, c), d, starts, w_t, segments))
-        return dx
+        w_t = flipped_kernel_stack(self.weight.data)              # (kh*kw, Cout, Cin)
+        wide = -(-c // 16) * 16                                   # the kernels write 16 channels at a time
+        if wide != c:                                             # an image's 3: the other 13 zero, dropped
+            w_t = xp.concatenate([w_t, xp.zeros(w_t.shape[:2] + (wide - c,), dtype=w_t.dtype)], axis=2)
+        dx = xp.empty((n, h, w, wide), dtype=x.dtype)
+        run_concurrently(weight_grad, lambda: direct_sums(dx.reshape(-1, wide), d, starts, w_t, segments))
+        return dx[..., :c]
 
     def _weight_grad_direct(self, a: Any, d: Any, segments: Any, starts: List[int]) -> Any:
         """dweight[t] = sum over forward's output rows of a[tap t of the row]^T d[row], by the kernels.
@@ -653,6 +675,8 @@ class Conv2d(Module):
         output channels, every row each - even shares and no partial sums, which would be one
         weight-sized array per block (at batch 1, 4 x 2.4 MB at the bottleneck: the step's peak).
         """
+        if not direct_conv.usable(d, a):     # the kernels check no bounds: what they read must fit
+            raise ValueError("the direct weight gradient takes float32 NumPy rows (C-contiguous)")
         rows, c = d.shape[0], a.shape[1]
         work = len(starts) * c * self.out_channels            # multiply-adds per output row
         if rows >= _ROWS_TO_SPLIT_SUMS:
