@@ -51,8 +51,16 @@ SHAPES = [(16, 16, 1000, 9), (3, 16, 37, 9), (32, 48, 101, 4), (64, 64, 517, 9),
           (16, 32, 5, 1), (5, 16, 300, 2), (24, 64, 77, 3), (12, 128, 40, 9)]
 
 
+@pytest.fixture(params=[16, 4], ids=["avx512", "avx2"])
+def register_budget(request, monkeypatch):
+    """The kernels as this CPU gets them (16 sums of 16 lanes with AVX-512) and as a CPU with AVX2
+    only would (4: smaller blocks), whatever this machine has."""
+    monkeypatch.setattr(direct_conv, "_vector_budget", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("k, n, m, t", SHAPES)
-def test_kernels_match_float64_products_on_their_segments(k, n, m, t):
+def test_kernels_match_float64_products_on_their_segments(k, n, m, t, register_budget):
     rng = np.random.default_rng(k * n + m)
     a = rng.standard_normal((3 * m + 200, k), dtype=np.float32)
     w = rng.standard_normal((t, k, n), dtype=np.float32)
