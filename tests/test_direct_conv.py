@@ -167,7 +167,8 @@ def conv_step(conv, x, dout, input_grad=True):
 LAYERS = [(16, 16, 3, 1, 2, 9, 7), (32, 16, 3, 1, 1, 12, 12), (16, 48, 3, 1, 2, 5, 6),
           (64, 64, 3, 1, 3, 8, 8), (16, 3, 1, 0, 2, 7, 9), (16, 32, 3, 1, 2, 70, 66), (16, 16, 3, 0, 1, 6, 11),
           (256, 256, 3, 1, 2, 8, 8),  # the weight gradient's output channels in blocks
-          (3, 16, 3, 1, 2, 9, 7), (4, 32, 3, 1, 1, 40, 30)]  # an image's channels: dx on 16, 13 of them zero
+          (3, 16, 3, 1, 2, 9, 7), (4, 32, 3, 1, 1, 40, 30),  # an image's channels: dx on 16, 13 of them zero
+          (16, 32, 5, 2, 2, 9, 8), (16, 16, 3, 2, 1, 6, 7)]  # 5x5; padding 2 on 3x3: border pixels see no tap
 
 
 @pytest.mark.parametrize("cin, cout, k, pad, n, h, w", LAYERS)
