@@ -657,13 +657,16 @@ class Conv2d(Module):
         if not self.input_grad:
             weight_grad()
             return None
-        segments, starts = self._direct_plan(n, h, w, input_grad=True)
-        w_t = flipped_kernel_stack(self.weight.data)              # (kh*kw, Cout, Cin)
         wide = -(-c // 16) * 16                                   # the kernels write 16 channels at a time
-        if wide != c:                                             # an image's 3: the other 13 zero, dropped
-            w_t = xp.concatenate([w_t, xp.zeros(w_t.shape[:2] + (wide - c,), dtype=w_t.dtype)], axis=2)
         dx = xp.empty((n, h, w, wide), dtype=x.dtype)
-        run_concurrently(weight_grad, lambda: direct_sums(dx.reshape(-1, wide), d, starts, w_t, segments))
+
+        def input_grad() -> None:   # the kernel flipped, side by side with the weight gradient
+            w_t = flipped_kernel_stack(self.weight.data)          # (kh*kw, Cout, Cin)
+            if wide != c:                                         # an image's 3: the other 13 zero, dropped
+                w_t = xp.concatenate([w_t, xp.zeros(w_t.shape[:2] + (wide - c,), dtype=w_t.dtype)], axis=2)
+            segments, starts = self._direct_plan(n, h, w, input_grad=True)
+            direct_sums(dx.reshape(-1, wide), d, starts, w_t, segments)
+        run_concurrently(weight_grad, input_grad)
         return dx[..., :c]
 
     def _weight_grad_direct(self, a: Any, d: Any, segments: Any, starts: List[int]) -> Any:
