@@ -235,3 +235,25 @@ def test_the_layers_hand_the_kernels_only_what_they_can_read():
         expected = conv.backward(dout.astype(np.float32))
     assert dx.dtype == np.float32
     close(np.asarray(dx), np.asarray(expected))
+
+
+def test_compiled_kernels_are_kept_in_the_cache_folder_for_the_next_process(tmp_path):
+    """A kernel is compiled once per machine: its generated source lands in $TINYUNET_CACHE/kernels,
+    Numba's machine code beside it, and a second process loads it instead of compiling it."""
+    import subprocess
+    import sys
+    script = (
+        "import numpy as np\n"
+        "from tinyunet import direct_conv\n"
+        "out, a, w = np.zeros((8, 16), np.float32), np.ones((20, 16), np.float32), np.ones((1, 16, 16), np.float32)\n"
+        "direct_conv.shifted_sum(out, a, [0], w, np.array([[0, 8, 1, 0, 1, 1]], dtype=np.int64))\n"
+        "assert (out == 16).all()\n"
+        "kernel = direct_conv._compiled[('sum', 8, 1)]\n"
+        "print(sum(kernel.stats.cache_hits.values()))\n")
+    env = {**__import__("os").environ, "TINYUNET_CACHE": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert [r.stdout.split()[-1] for r in runs] == ["0", "1"]     # compiled, then loaded
+    kernels = tmp_path / "kernels"
+    assert len(list(kernels.glob("tinyunet_kernel_*.py"))) == 1
+    assert list(kernels.glob("__pycache__/tinyunet_kernel_*.nbi"))
