@@ -391,7 +391,7 @@ class Conv2d(Module):
 
     def _method(self, n: int, ho: int, wo: int) -> str:
         """Which method (``self.method`` if set), for a batch of n outputs of ho x wo: "im2col" for inputs of at most 4 channels
-        (the RGB layer); "winograd" for padded 3x3 stride-1 layers with at least 64 channels in and
+        (the RGB layer; "shifted" where the direct kernels run); "winograd" for padded 3x3 stride-1 layers with at least 64 channels in and
         out and 512 output tiles of 2x2; else shifted products ("shifted", stride 1), or im2row and one
         product ("im2row": other strides, and small images; with the direct kernels, small layers).
 
@@ -624,7 +624,7 @@ class Conv2d(Module):
         flipped), the taps in the order of the weight stacks (t = i*kw + j)."""
         kh, kw = self.kernel_size
         p = self.padding
-        ho, wo = h + 2 * p - kh + 1, w + 2 * p - kw + 1
+        ho, wo = conv_output_size(h, kh, 1, p), conv_output_size(w, kw, 1, p)
         sign, grid = (-1, (n, h, w, ho, wo)) if input_grad else (1, (n, ho, wo, h, w))
         taps = tuple((sign * (i - p), sign * (j - p)) for i in range(kh) for j in range(kw))
         return direct_conv.clipped_segments(*grid, taps), [di * grid[4] + dj for di, dj in taps]
@@ -637,8 +637,8 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         rows = xp.ascontiguousarray(x).reshape(-1, c)   # (N*H*W, Cin); the U-Net's activations already are
         segments, starts = self._direct_plan(n, h, w)
-        out = xp.empty((n, h + 2 * self.padding - kh + 1, w + 2 * self.padding - kw + 1, self.out_channels),
-                       dtype=x.dtype)
+        out = xp.empty((n, conv_output_size(h, kh, 1, self.padding), conv_output_size(w, kw, 1, self.padding),
+                        self.out_channels), dtype=x.dtype)
         direct_sums(out.reshape(-1, self.out_channels), rows, starts, kernel_stack(self.weight.data), segments)
         self.cache = (rows.reshape(x.shape), None)
         return out
@@ -709,8 +709,8 @@ class Conv2d(Module):
             return None
         # dx: the convolution of dout with the kernel flipped and its channel axes swapped, side by side
         # with the weight gradient (independent; tinyunet/parallel.py)
-        flipped = winograd_weights(self.weight.data, flipped=True)
-        return run_concurrently(weight_grad, lambda: winograd_conv3x3(dout, flipped))[1]
+        return run_concurrently(weight_grad,
+                                lambda: winograd_conv3x3(dout, winograd_weights(self.weight.data, flipped=True)))[1]
 
     # --- few input channels: the textbook im2col, image by image ------------------------------
     def _forward_im2col(self, x: Any) -> Any:
