@@ -1,14 +1,16 @@
-"""What do the compiled loops of tinyunet/kernels.py, or the direct convolution kernels, buy inside a training step?
+"""What do the compiled loops, the direct convolution kernels, or the whole CPU acceleration buy inside a training step?
 
     python benchmarks/compiled_loops.py                 # standard configuration, 30 pairs of steps
     python benchmarks/compiled_loops.py --pairs 40 --batch-size 1
-    python benchmarks/compiled_loops.py --convolutions  # direct_conv.py's kernels against BLAS's products
+    python benchmarks/compiled_loops.py --convolutions  # accel/direct_kernels.py against BLAS's products
+    python benchmarks/compiled_loops.py --reference --pairs 5   # the reference layers against the acceleration
 
 One process, one model: steps alternate between BatchNorm/ReLU as NumPy passes and as Numba loops
-(``kernels.set_enabled``; the convolutions on BLAS both ways), or with ``--convolutions`` between the
-shifted convolutions on BLAS and on the direct kernels (``direct_conv.set_enabled``; the loops on
-both ways), in the order A B, B A, A B, ... so that a machine getting slower or faster weighs on both
-alike. Each call of the layers concerned is timed inside the steps. Printed: the median per step of
+(``compiled_loops.set_enabled``; the convolutions on BLAS both ways), or with ``--convolutions``
+between the shifted convolutions on BLAS and on the direct kernels (``direct_kernels.set_enabled``;
+the loops on both ways), or with ``--reference`` between the reference layers alone (tinyunet/nn,
+``backend.set_acceleration(False)``) and the whole acceleration, in the order A B, B A, A B, ... so
+that a machine getting slower or faster weighs on both alike. Each call of the layers concerned is timed inside the steps. Printed: the median per step of
 each layer type and direction, their total, the step medians, and the median of the per-pair ratios
 compiled / not (the figure to quote: on shared machines the step time itself swings by 20-40%
 within minutes). Takes the options of train_step.py for the configuration.
@@ -33,18 +35,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         i = argv.index("--pairs")
         pairs = int(argv[i + 1])
         del argv[i:i + 2]
-    convolutions = "--convolutions" in argv
-    if convolutions:
-        argv.remove("--convolutions")
+    convolutions, reference = "--convolutions" in argv, "--reference" in argv
+    for flag in ("--convolutions", "--reference"):
+        if flag in argv:
+            argv.remove(flag)
     args = train_step.parse_args(argv)
-    from tinyunet import direct_conv, kernels
-    if not kernels.available():
+    from tinyunet import backend
+    from tinyunet.accel import compiled_loops as kernels
+    from tinyunet.accel import direct_kernels as direct_conv
+    if not kernels.available() and not reference:
         print("Numba is not installed (pip install -e '.[fast]'): both sides would run the NumPy passes")
         return 1
     # the switch between the two sides of each pair
-    switch = direct_conv.set_enabled if convolutions else kernels.set_enabled
-    direct_conv.set_enabled(False)                    # the loops' A/B: convolutions on BLAS both ways
-    timed = ("Conv2d",) if convolutions else ("BatchNorm2d", "ReLU")
+    switch = (backend.set_acceleration if reference else direct_conv.set_enabled if convolutions
+              else kernels.set_enabled)
+    if not reference:
+        direct_conv.set_enabled(False)                # the loops' A/B: convolutions on BLAS both ways
+    timed = (("Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "ConvTranspose2d") if reference
+             else ("Conv2d",) if convolutions else ("BatchNorm2d", "ReLU"))
     acc: Dict[str, float] = collections.defaultdict(float)
     h = train_step.Harness(args, keep_freed_memory=True)
     for m in h.leaves():                              # time each call of those layers inside the steps
@@ -70,8 +78,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 layers[loops][name].append(seconds)
     kernels.set_enabled(True)
     direct_conv.set_enabled(True)
+    backend.set_acceleration(True)
     ms = lambda values: statistics.median(values) * 1e3  # noqa: E731
-    sides = "BLAS products / direct kernels" if convolutions else "NumPy passes / compiled loops"
+    sides = ("reference layers / CPU acceleration" if reference else "BLAS products / direct kernels"
+             if convolutions else "NumPy passes / compiled loops")
     print(f"== {train_step.describe(args)}: {pairs} pairs of steps, {sides} alternating")
     for name in sorted(layers[False]):
         print(f"  {name:22s} {ms(layers[False][name]):7.2f} ms  ->  {ms(layers[True][name]):7.2f} ms per step")
@@ -79,7 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"  {'all of them':22s} {ms(totals[False]):7.2f} ms  ->  {ms(totals[True]):7.2f} ms per step")
     print(f"  {'step (median)':22s} {ms(steps[False]):7.1f} ms  ->  {ms(steps[True]):7.1f} ms")
     ratios = [with_loops / without for without, with_loops in zip(steps[False], steps[True])]
-    which = "direct kernels / BLAS" if convolutions else "loops / NumPy passes"
+    which = ("acceleration / reference" if reference else "direct kernels / BLAS" if convolutions
+             else "loops / NumPy passes")
     print(f"  step pair ratio, {which}: median {statistics.median(ratios):.3f}")
     return 0
 

@@ -1,17 +1,18 @@
-"""Every 3x3 convolution of the U-Net, with every Conv2d method, against PyTorch: which is fastest where?
+"""Every 3x3 convolution of the U-Net, with every Conv2d implementation, against PyTorch: which is fastest where?
 
     python benchmarks/conv_layers.py                      # standard configuration: base 16, depth 4, batch 8, 128x128
     python benchmarks/conv_layers.py --compare-torch      # + torch.nn.Conv2d on the same shapes
     python benchmarks/conv_layers.py --batch-size 1
 
 For each distinct (Cin, Cout, size) of the U-Net's padded 3x3 convolutions, forward + backward
-(weight gradient, and the input gradient except for the RGB layer, as in training) is timed with
-each method forced (``Conv2d(method=...)``): im2col, im2row, shifted products, Winograd where it
-applies (even sides). "default" marks what ``Conv2d._method`` picks for the shape. The figure is the
-minimum over ``--reps`` rounds, the methods interleaved within each round (the machine's speed
-drifts over seconds); GFLOP/s count the direct sum, 3 x 2 x N*H*W*Cin*Cout*9 per forward + backward.
-Inputs and output gradients are channels-last in memory, as inside the U-Net, and glibc keeps freed
-memory for reuse (``backend.keep_freed_host_memory``), as in training.
+(weight gradient, and the input gradient except for the RGB layer, as in training) is timed by the
+reference layer (tinyunet/nn/conv.py, acceleration off) and by every accelerated implementation that
+takes the shape (accel/choose.py's ``conv2d_candidates``: im2col, im2row, the shifted products,
+Winograd, the direct kernels). "*" marks what the chooser picks. The figure is the minimum over
+``--reps`` rounds, the implementations interleaved within each round (the machine's speed drifts over
+seconds); GFLOP/s count the direct sum, 3 x 2 x N*H*W*Cin*Cout*9 per forward + backward. Inputs and
+output gradients are channels-last in memory, as inside the U-Net, and glibc keeps freed memory for
+reuse (``accel.allocator.keep_freed_host_memory``), as in training.
 
 ``--compare-torch`` times torch.nn.Conv2d (bias=False, the same shapes, float32, NCHW tensors as the
 benchmark's PyTorch U-Net uses them, torch.set_num_threads(--threads)) in a separate process:
@@ -69,15 +70,34 @@ def direct_gflop(n: int, shape: Shape) -> float:
     return 3 * 2 * n * s * s * cin * cout * 9 / 1e9
 
 
+IMPLEMENTATIONS = ("reference", "im2col", "im2row", "shifted", "winograd", "direct")
+
+
 def time_tinyunet(args: argparse.Namespace, shapes: List[Shape]) -> Dict[Shape, Dict[str, Any]]:
     import numpy as np
-    from tinyunet import backend, parallel
+    from tinyunet import backend
+    from tinyunet.accel import parallel
+    from tinyunet.accel.allocator import keep_freed_host_memory
+    from tinyunet.accel.choose import choose, conv2d_candidates
     from tinyunet.nn import Conv2d
 
     backend.use("numpy")
-    backend.keep_freed_host_memory()
+    keep_freed_host_memory()
     if args.threads:
         parallel.set_num_threads(args.threads)
+
+    def reference(layer: Any) -> Any:
+        class Reference:   # the layer's own code, the acceleration off
+            def forward(self, x: Any) -> Any:
+                before = backend.set_acceleration(False)
+                try:
+                    return layer.forward(x)
+                finally:
+                    backend.set_acceleration(before)
+
+            def backward(self, dout: Any) -> Any:
+                return layer.backward(dout)
+        return Reference()
     rng = np.random.default_rng(0)
     n = args.batch_size
     results: Dict[Shape, Dict[str, Any]] = {}
@@ -86,24 +106,17 @@ def time_tinyunet(args: argparse.Namespace, shapes: List[Shape]) -> Dict[Shape, 
         # channels-last memory behind NCHW shapes, as the layers hand their outputs on
         x = rng.standard_normal((n, s, s, cin)).astype(np.float32).transpose(0, 3, 1, 2)
         dout = rng.standard_normal((n, s, s, cout)).astype(np.float32).transpose(0, 3, 1, 2)
-        layers = {}
-        for method in Conv2d.METHODS:
-            layer = Conv2d(cin, cout, 3, padding=1, bias=False, method=method)
-            layer.input_grad = cin != 3  # the RGB layer skips the image's gradient, as in training
-            try:
-                layer._method(n, s, s)
-            except ValueError:  # e.g. Winograd on odd sides
-                continue
-            layers[method] = layer
-        best = {m: float("inf") for m in layers}
+        layer = Conv2d(cin, cout, 3, padding=1, bias=False)
+        layer.input_grad = cin != 3  # the RGB layer skips the image's gradient, as in training
+        runs = {"reference": reference(layer), **conv2d_candidates(layer, x)}
+        best = {name: float("inf") for name in runs}
         for _ in range(args.reps):
-            for method, layer in layers.items():
+            for name, implementation in runs.items():
                 t = time.perf_counter()
-                layer.forward(x)
-                layer.backward(dout)
-                best[method] = min(best[method], time.perf_counter() - t)
-        default = Conv2d(cin, cout, 3, padding=1, bias=False)._method(n, s, s)
-        results[shape] = {"ms": {m: v * 1e3 for m, v in best.items()}, "default": default}
+                implementation.forward(x)
+                implementation.backward(dout)
+                best[name] = min(best[name], time.perf_counter() - t)
+        results[shape] = {"ms": {m: v * 1e3 for m, v in best.items()}, "default": choose(layer, x).name}
     return results
 
 
@@ -152,19 +165,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker == "torch":
         print(json.dumps([[list(k), v] for k, v in time_torch(args, shapes).items()]))
         return 0
-    from tinyunet.nn import Conv2d
     ours = time_tinyunet(args, shapes)
     theirs = run_torch(args) if args.compare_torch else None
     n = args.batch_size
     print(f"U-Net base {args.base_channels}, depth {args.depth}, batch {n}, {args.size}x{args.size}: every 3x3 "
           f"convolution, forward + backward, min of {args.reps} rounds, ms (GFLOP/s of the direct sum); * = default")
-    header = f"{'Cin->Cout @ size':<20}" + "".join(f"{m:>17}" for m in Conv2d.METHODS)
+    header = f"{'Cin->Cout @ size':<20}" + "".join(f"{m:>17}" for m in IMPLEMENTATIONS)
     print(header + (f"{'PyTorch':>17}" if theirs else ""))
     for shape in shapes:
         cin, cout, s = shape
         gflop = direct_gflop(n, shape)
         cells = []
-        for method in Conv2d.METHODS:
+        for method in IMPLEMENTATIONS:
             ms = ours[shape]["ms"].get(method)
             mark = "*" if method == ours[shape]["default"] else " "
             cells.append(f"{'-':>17}" if ms is None else f"{ms:8.2f} ({gflop / ms * 1e3:4.0f}){mark}")
@@ -173,7 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{f'{cin}->{cout} @ {s}x{s}':<20}" + "".join(cells))
     total_default = sum(r["ms"][r["default"]] for r in ours.values())
     total_best = sum(min(r["ms"].values()) for r in ours.values())
-    line = f"sum over these shapes: default methods {total_default:.1f} ms, fastest method per shape {total_best:.1f} ms"
+    total_reference = sum(r["ms"]["reference"] for r in ours.values())
+    line = (f"sum over these shapes: the chooser's picks {total_default:.1f} ms, the fastest per shape "
+            f"{total_best:.1f} ms, the reference {total_reference:.1f} ms")
     print(line + (f", PyTorch {sum(theirs.values()):.1f} ms" if theirs else ""))
     if args.json:
         print(json.dumps({"batch_size": n, "layers": [

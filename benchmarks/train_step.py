@@ -21,7 +21,7 @@ What is printed, and the conventions behind each number:
   on as many BLAS threads as tinyunet has threads (at the start and after each configuration; the
   best so far is used, since other processes only ever make it lower); "ratio" is effective / machine.
 - threads: tinyunet splits big layers into row blocks on its own thread pool and runs BLAS with one
-  thread per call (tinyunet/parallel.py); PyTorch uses torch.set_num_threads(the same number).
+  thread per call (tinyunet/accel/parallel.py); PyTorch uses torch.set_num_threads(the same number).
 - breakdown: forward and backward time of each layer type, summed over its instances, measured by
   wrapping each layer's forward/backward in this script (the package has no timing code), over
   separate steps after the clean timing; "other" is the rest of the step (the U-Net's skip-gradient
@@ -35,7 +35,7 @@ What is printed, and the conventions behind each number:
   already there), each framework in its own fresh process with glibc's mmap threshold fixed at
   128 KiB so freed arrays leave the RSS - the only measure that sees PyTorch's allocations too.
 - allocator: step times are measured the way ``tinyunet train`` runs, with glibc told to keep freed
-  memory for reuse (``backend.keep_freed_host_memory``, see its docstring: it saves the page faults
+  memory for reuse (``accel.allocator.keep_freed_host_memory``, see its docstring: it saves the page faults
   of re-mapping ~100 MB per step); the PyTorch timing process gets the same setting through
   ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``. ``--default-malloc`` times both with
   glibc's defaults instead.
@@ -79,9 +79,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "matrix product's BLAS and for torch.set_num_threads; default: every usable core")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-accel", action="store_true",
+                   help="the reference layers alone (tinyunet/nn, as TINYUNET_ACCEL=0): the lessons' code")
     p.add_argument("--numpy-only", action="store_true",
                    help="BatchNorm and ReLU on their NumPy passes and the shifted convolutions on BLAS, even where "
-                        "Numba is installed (tinyunet/kernels.py, tinyunet/direct_conv.py)")
+                        "Numba is installed (tinyunet/accel/compiled_loops.py, direct_kernels.py)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--default-malloc", action="store_true",
                    help="time with glibc's default allocator settings (freed memory returned to the OS)")
@@ -188,9 +190,10 @@ class Harness:
     def __init__(self, args: argparse.Namespace, keep_freed_memory: bool = False) -> None:
         import numpy as np
         from tinyunet import backend
-        from tinyunet import parallel
+        from tinyunet.accel import parallel
+        from tinyunet.accel.allocator import keep_freed_host_memory
         if keep_freed_memory:
-            backend.keep_freed_host_memory()
+            keep_freed_host_memory()
         if args.threads:
             parallel.set_num_threads(args.threads)
         from tinyunet.losses import CrossEntropyLoss
@@ -344,9 +347,10 @@ def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
     import statistics
     import numpy as np
     h = Harness(args, keep_freed_memory=not args.default_malloc)
-    from tinyunet import kernels
+    from tinyunet import backend
+    from tinyunet.accel import compiled_loops
     res: Dict[str, Any] = {"framework": "tinyunet/" + args.backend, "numpy": np.__version__,
-                           "loops": loops_description(kernels.available())}
+                           "loops": loops_description(compiled_loops.available(), backend.accelerate())}
     fwd = forward_flops(h)
     res["forward_gflop"] = fwd / 1e9
     res["train_gflop"] = 3 * fwd / 1e9
@@ -354,7 +358,7 @@ def run_numpy(args: argparse.Namespace) -> Dict[str, Any]:
     res["ms_median"] = statistics.median(ts) * 1e3
     res["ms_min"] = min(ts) * 1e3
     from threadpoolctl import threadpool_info
-    from tinyunet import parallel
+    from tinyunet.accel import parallel
     res["threads"] = parallel.get_num_threads()
     res["blas_threads"] = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None)
     res["steps"] = len(ts)
@@ -584,8 +588,11 @@ def load_average() -> str:
         return "?"
 
 
-def loops_description(compiled: bool) -> str:
-    """How BatchNorm, ReLU and the shifted convolutions run (tinyunet/kernels.py, direct_conv.py)."""
+def loops_description(compiled: bool, accelerated: bool = True) -> str:
+    """How the layers run: the reference alone, or the acceleration with or without Numba's code
+    (tinyunet/accel/compiled_loops.py, direct_kernels.py)."""
+    if not accelerated:
+        return "the reference layers alone (tinyunet/nn, --no-accel)"
     if not compiled:
         return "BatchNorm/ReLU as NumPy passes, convolutions on BLAS"
     import numba
@@ -676,8 +683,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     set_threads(args.threads)
     if args.numpy_only:
         os.environ["TINYUNET_KERNELS"] = "numpy"   # for the worker processes too
-        from tinyunet import kernels
-        kernels.set_enabled(False)
+        from tinyunet.accel import compiled_loops
+        compiled_loops.set_enabled(False)
+    if args.no_accel:
+        os.environ["TINYUNET_ACCEL"] = "0"          # for the worker processes too
+        from tinyunet import backend
+        backend.set_acceleration(False)
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0

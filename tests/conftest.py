@@ -19,9 +19,9 @@ from PIL import Image
 
 @contextlib.contextmanager
 def compiled_code(on: bool):
-    """Inside: the compiled loops and kernels (tinyunet/kernels.py, direct_conv.py) on where Numba is
-    installed, or off (NumPy passes and BLAS products only); as before afterwards."""
-    from tinyunet import kernels
+    """Inside: the compiled loops and kernels (tinyunet/accel/compiled_loops.py, direct_kernels.py) on
+    where Numba is installed, or off (NumPy passes and BLAS products only); as before afterwards."""
+    from tinyunet.accel import compiled_loops as kernels
 
     before = kernels.set_enabled(on)
     try:
@@ -93,6 +93,27 @@ def write_split_file() -> Callable[..., None]:
 
 
 # --- array backend fixtures (tests of nn/, losses, optim, models, backend) -------------------------
+
+
+@pytest.fixture(params=["reference", "accelerated"])
+def accel_mode(request):
+    """Run the test twice: with the reference layers alone (TINYUNET_ACCEL=0) and with the CPU
+    acceleration choosing what it runs (the default); the acceleration as before afterwards."""
+    from tinyunet import backend
+
+    before = backend.set_acceleration(request.param == "accelerated")
+    yield request.param
+    backend.set_acceleration(before)
+
+
+@pytest.fixture
+def reference_only():
+    """The reference layers alone for this test (as TINYUNET_ACCEL=0)."""
+    from tinyunet import backend
+
+    before = backend.set_acceleration(False)
+    yield
+    backend.set_acceleration(before)
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from tinyunet import blas
-from tinyunet.nn import conv as conv_module
+from tinyunet.accel import blas
+from tinyunet.accel import shifted
 
 
 def _operands(dtype, rng):
@@ -26,7 +26,7 @@ def test_shifted_matmuls_take_every_blas_layout_and_decline_the_others(dtype):
     """One term (starts = [0]) in the memory layouts the convolutions hand over: BLAS writes the
     product where the layout fits it (row- or column-major, a leading dimension wider than the
     matrix); where it does not (every other column, reversed rows), nothing is written, and
-    conv.sum_of_shifted_products' fallback gives the same product."""
+    shifted.shifted_sums' fallback gives the same product."""
     rng = np.random.default_rng(0)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for name, out, a, b in _operands(dtype, rng):
@@ -38,7 +38,8 @@ def test_shifted_matmuls_take_every_blas_layout_and_decline_the_others(dtype):
             np.testing.assert_allclose(out, expected, rtol=tol, atol=tol, err_msg=name)
         else:
             np.testing.assert_array_equal(out, before, err_msg=name)
-        got = conv_module.sum_of_shifted_products(np.empty_like(out), a, [0], np.ascontiguousarray(b)[None])
+        got = np.empty_like(out)
+        shifted.shifted_sums(got, a, [0], np.ascontiguousarray(b)[None])
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol, err_msg=name)
 
 
@@ -56,8 +57,7 @@ def test_without_a_callable_blas_it_declines_and_the_buffer_sums(monkeypatch):
     out = np.full((30, 3), 7.0)
     assert not blas.shifted_matmuls(out, a, [0, 1, 10], b)
     assert (out == 7.0).all()
-    monkeypatch.setattr(conv_module, "_MIN_DIRECT_BLAS_WORK", 0)
-    conv_module.sum_of_shifted_products(out, a, [0, 1, 10], b)
+    shifted.shifted_sums(out, a, [0, 1, 10], b, blas_adds=True)
     np.testing.assert_allclose(out, sum(a[s:s + 30] @ b[t] for t, s in enumerate([0, 1, 10])), rtol=1e-12)
 
 
@@ -69,7 +69,7 @@ def test_sum_of_products_adds_every_term_through_one_buffer():
     weights = rng.standard_normal((5, 8, 6)).astype(np.float32)
     for terms in (1, 5):
         pairs = [(flat[k:k + 8], weights[k]) for k in range(terms)]
-        got = conv_module.sum_of_products(np.full((8, 6), np.nan, np.float32), pairs)
+        got = shifted.sum_of_products(np.full((8, 6), np.nan, np.float32), pairs)
         expected = sum(a.astype(np.float64) @ b for a, b in pairs)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -113,9 +113,9 @@ def test_shifted_matmuls_decline_what_blas_cannot_take():
         np.testing.assert_array_equal(o, before, err_msg=name)
 
 
-def test_sum_of_shifted_products_is_the_same_on_every_path(monkeypatch):
-    """conv.sum_of_shifted_products: BLAS straight from the memory, or views and sum_of_products'
-    buffer (BLAS declined, or products below the size limit), for products above and below it."""
+def test_shifted_sums_are_the_same_on_every_path(monkeypatch):
+    """shifted.shifted_sums: BLAS straight from the memory, or views and sum_of_products' buffer (BLAS
+    declined, or not asked to add), in one block of rows and in many."""
     rng = np.random.default_rng(6)
     for rows in (8, 40000):
         flat = rng.standard_normal((rows + 30, 8)).astype(np.float32)
@@ -123,11 +123,12 @@ def test_sum_of_shifted_products_is_the_same_on_every_path(monkeypatch):
         starts = [i * 13 + j for i in range(3) for j in range(3)]
         expected = sum(flat[s:s + rows].astype(np.float64) @ weights[t] for t, s in enumerate(starts))
         results = []
-        for limit, direct in ((0, True), (0, False), (10 ** 18, True)):
-            monkeypatch.setattr(conv_module, "_MIN_DIRECT_BLAS_WORK", limit)
+        for adds, direct in ((True, True), (True, False), (False, True)):
             if not direct:
                 monkeypatch.setattr(blas, "shifted_matmuls", lambda *args: False)
-            results.append(conv_module.sum_of_shifted_products(np.empty((rows, 8), np.float32), flat, starts, weights))
+            out = np.full((rows, 8), np.nan, np.float32)
+            shifted.shifted_sums(out, flat, starts, weights, blas_adds=adds)
+            results.append(out)
             monkeypatch.undo()
         for got in results:
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

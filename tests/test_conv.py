@@ -1,25 +1,17 @@
-"""Conv2d: forward against a six-loop reference, gradients against finite differences, dtypes."""
+"""Conv2d: forward against the six-loop reference (nn/naive.py), gradients against finite differences,
+dtypes, im2col and col2im. Every test runs twice: the reference layer alone, and as the CPU
+acceleration runs it (tests/test_accel_conv.py forces each accelerated implementation in turn)."""
 import numpy as np
 import pytest
 
-import reference as ref
+from tinyunet.nn import naive as ref
 from tinyunet import backend
 from tinyunet.gradcheck import check_module
 from tinyunet.nn import Conv2d
-from tinyunet.nn import conv as conv_module
-from tinyunet.nn.conv import conv2d_naive
+from tinyunet.nn.conv import col2im, im2col
 
-pytestmark = pytest.mark.usefixtures("numpy_backend")
+pytestmark = pytest.mark.usefixtures("numpy_backend", "accel_mode")
 
-
-@pytest.fixture(autouse=True, params=["shifted", "im2row", "im2col"])
-def conv_method(request, monkeypatch):
-    """Every test runs with each method: the layer picks im2col for few input channels and im2row
-    for small outputs only, and the test images are small with few channels, so each method is
-    forced once by moving the limits (strided convolutions never use the shifted products)."""
-    monkeypatch.setattr(conv_module, "_MAX_IM2COL_CHANNELS", 10 ** 9 if request.param == "im2col" else 0)
-    monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 0 if request.param == "shifted" else 10 ** 9)
-    return request.param
 
 # every kernel / stride / padding combination the issue asks for (odd, non-square inputs below)
 CASES = [(k, s, p) for k in (1, 2, 3, 5) for s in (1, 2) for p in (0, 1, 2)]
@@ -55,12 +47,6 @@ def test_forward_without_bias_and_nonsquare_kernel(s, p):
     np.testing.assert_allclose(conv.forward(x), ref.conv2d(x, conv.weight.data, None, s, p), rtol=1e-10, atol=1e-12)
 
 
-def test_package_naive_conv_agrees_with_reference():
-    rng = np.random.default_rng(4)
-    x, w, b = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 3, 3)), rng.standard_normal(2)
-    np.testing.assert_allclose(conv2d_naive(x, w, b, 2, 1), ref.conv2d(x, w, b, 2, 1), rtol=1e-10, atol=1e-12)
-
-
 @pytest.mark.parametrize("k,s,p", CASES, ids=IDS)
 def test_gradients_match_finite_differences(k, s, p):
     # convolution is linear in x and in w: no kinks, any random input is fine
@@ -70,22 +56,6 @@ def test_gradients_match_finite_differences(k, s, p):
     errors = check_module(conv, x)
     assert set(errors) == {"input0", "weight", "bias"}
     assert max(errors.values()) <= 1e-6, errors
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-def test_keep_cols_false_gives_same_gradients(stride):
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((2, 3, 7, 7))
-    dout = rng.standard_normal((2, 4, 7, 7) if stride == 1 else (2, 4, 4, 4))
-    results = []
-    for keep in (True, False):
-        backend.seed(7)
-        conv = Conv2d(3, 4, 3, stride=stride, padding=1, keep_cols=keep).double()
-        out = conv.forward(x)
-        dx = conv.backward(dout)
-        results.append((out, dx, conv.weight.grad.copy(), conv.bias.grad.copy()))
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_bias_gradient_is_sum_of_dout():
@@ -148,45 +118,32 @@ def test_weight_gradient_of_large_inputs_matches_an_independent_sum(kernel, padd
     np.testing.assert_allclose(conv.weight.grad, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("padding", [0, 1, 2])
-def test_padded_lines_are_the_lines_of_the_padded_rows(padding):
-    """The weight gradient pads only the lines a block reads: any range of lines, also across
-    images and through the padding lines, equals the same lines of the whole padded copy."""
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((3, 5, 4, 2))                       # (N, H, W, C)
-    conv = Conv2d(2, 3, 3, padding=padding)
-    whole = conv._padded_rows(x)
-    hp, wp = 5 + 2 * padding, 4 + 2 * padding
-    for first, last in [(0, 1), (0, 3 * hp), (1, hp + 2), (hp - 1, 2 * hp + 1), (2 * hp, 3 * hp), (1, 3 * hp - 1)]:
-        np.testing.assert_array_equal(conv._padded_lines(x, first, last), whole[first * wp:last * wp])
-    # without padding (a 1x1 conv such as the U-Net's head) the lines are x's own memory: no copy
-    assert np.shares_memory(conv._padded_lines(x, 1, 4), x) == (padding == 0)
+@pytest.mark.parametrize("k, s, p", [(3, 1, 1), (2, 2, 0), (3, 2, 1), (5, 1, 2), (1, 1, 0)])
+def test_im2col_columns_are_the_patches(k, s, p):
+    """Column y*Wout + x holds the patch under output pixel (y, x), row c*k*k + i*k + j: checked
+    entry by entry against the padded image, and col2im is its adjoint (<im2col(x), C> = <x, col2im(C)>)."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 7, 6))
+    cols = im2col(x, k, k, s, p)
+    ho, wo = ref.out_size(7, k, s, p), ref.out_size(6, k, s, p)
+    assert cols.shape == (2, 3 * k * k, ho * wo)
+    xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+    for n, c, i, j, y, xx in [(0, 0, 0, 0, 0, 0), (1, 2, k - 1, k - 1, ho - 1, wo - 1), (1, 1, k // 2, 0, ho // 2, wo - 1)]:
+        assert cols[n, c * k * k + i * k + j, y * wo + xx] == xpad[n, c, y * s + i, xx * s + j]
+    other = rng.standard_normal(cols.shape)
+    assert np.isclose((cols * other).sum(), (x * col2im(other, x.shape, k, k, s, p)).sum())
 
 
-def test_method_depends_on_channels_and_output_size(conv_method, monkeypatch):
-    """The default limits with BLAS's products: up to 4 input channels im2col; else outputs up to
-    16x16 pixels im2row, larger ones the shifted products; other strides im2row. With the direct
-    kernels (Numba) an image's channels go to them too (tests/test_direct_conv.py)."""
-    from conftest import compiled_code
-    monkeypatch.setattr(conv_module, "_MAX_IM2ROW_PIXELS", 256)
-    monkeypatch.setattr(conv_module, "_MAX_IM2COL_CHANNELS", 4)
-    conv = Conv2d(5, 2, 3, padding=1)
-    with compiled_code(False):
-        assert conv._method(8, 16, 16) == conv._method(8, 8, 32) == "im2row"
-        assert conv._method(8, 17, 16) == conv._method(8, 32, 32) == "shifted"
-        assert Conv2d(5, 2, 3, stride=2, padding=1)._method(8, 64, 64) == "im2row"
-        assert Conv2d(3, 16, 3, padding=1)._method(8, 128, 128) == Conv2d(4, 2, 3, stride=2)._method(8, 9, 9) == "im2col"
+def test_col2im_counts_how_many_patches_hold_each_pixel():
+    counts = col2im(np.ones((1, 9, 16)), (1, 1, 4, 4), 3, 3, 1, 1)[0, 0]
+    np.testing.assert_array_equal(counts, [[4, 6, 6, 4], [6, 9, 9, 6], [6, 9, 9, 6], [4, 6, 6, 4]])
 
 
-def test_add_channel_vector_adds_in_place_for_every_layout(conv_method):
-    """Contiguous rows (added as tiled rows), a view that skips a padding border (the border must stay
-    untouched), and NCHW memory (the plain broadcast) all get v added to every pixel, in place."""
-    from tinyunet.nn.conv import add_channel_vector
-    v = np.array([1.0, -2.0, 3.5])
-    contiguous = np.zeros((2, 5, 7, 3))
-    padded = np.zeros((2, 6, 9, 3))
-    nchw_memory = np.zeros((2, 3, 5, 7)).transpose(0, 2, 3, 1)
-    for a in (contiguous, padded[:, :5, :7], nchw_memory):
-        add_channel_vector(a, v)
-        np.testing.assert_array_equal(a, np.broadcast_to(v, a.shape))
-    assert not padded[:, 5:].any() and not padded[:, :, 7:].any()
+def test_the_image_layer_returns_no_input_gradient_when_asked():
+    rng = np.random.default_rng(13)
+    conv = make(3, 4, 3, 1, 1)
+    conv.input_grad = False
+    x = rng.standard_normal((2, 3, 6, 6))
+    out = conv.forward(x)
+    assert conv.backward(np.ones_like(out)) is None
+    np.testing.assert_allclose(conv.bias.grad, np.full(4, 72.0))

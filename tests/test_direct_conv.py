@@ -1,13 +1,13 @@
-"""The register-blocked kernels of tinyunet/direct_conv.py (Numba): against float64 products, the
-rows they compute, and Conv2d with them against Conv2d with BLAS's products (the reference)."""
+"""The register-blocked kernels of tinyunet/accel/direct_kernels.py (Numba): against float64 products
+and the rows they compute. The layer that runs them (accel/direct.py) against the reference Conv2d:
+tests/test_accel_conv.py."""
 import numpy as np
 import pytest
 
 pytest.importorskip("numba")
 
 from conftest import compiled_code as compiled  # noqa: E402
-from tinyunet import direct_conv, kernels, parallel  # noqa: E402
-from tinyunet.nn import Conv2d  # noqa: E402
+from tinyunet.accel import compiled_loops as kernels, direct_kernels as direct_conv  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
 
@@ -154,89 +154,6 @@ def test_usable_only_for_what_the_kernels_take():
     assert direct_conv.usable(out, a, w)
 
 
-def conv_step(conv, x, dout, input_grad=True):
-    conv.zero_grad()
-    conv.input_grad = input_grad
-    y = np.array(conv.forward(x))
-    dx = conv.backward(dout)
-    return y, None if dx is None else np.array(dx), conv.weight.grad.copy(), conv.bias.grad.copy()
-
-
-# (Cin, Cout, kernel, padding, N, H, W): the U-Net's 3x3 layers in small, the 1x1 head's dx (its 3
-# outputs stay with BLAS), odd sizes, and enough rows that the layers split them into blocks
-LAYERS = [(16, 16, 3, 1, 2, 9, 7), (32, 16, 3, 1, 1, 12, 12), (16, 48, 3, 1, 2, 5, 6),
-          (64, 64, 3, 1, 3, 8, 8), (16, 3, 1, 0, 2, 7, 9), (16, 32, 3, 1, 2, 70, 66), (16, 16, 3, 0, 1, 6, 11),
-          (256, 256, 3, 1, 2, 8, 8),  # the weight gradient's output channels in blocks
-          (3, 16, 3, 1, 2, 9, 7), (4, 32, 3, 1, 1, 40, 30),  # an image's channels: dx on 16, 13 of them zero
-          (16, 32, 5, 2, 2, 9, 8), (16, 16, 3, 2, 1, 6, 7)]  # 5x5; padding 2 on 3x3: border pixels see no tap
-
-
-@pytest.mark.parametrize("cin, cout, k, pad, n, h, w", LAYERS)
-@pytest.mark.parametrize("input_grad", [True, False])
-def test_conv2d_with_the_kernels_matches_conv2d_with_blas(cin, cout, k, pad, n, h, w, input_grad):
-    rng = np.random.default_rng(cin + cout + h)
-    conv = Conv2d(cin, cout, k, padding=pad, method="shifted")
-    x = np.ascontiguousarray(rng.standard_normal((n, h, w, cin), dtype=np.float32)).transpose(0, 3, 1, 2)
-    ho, wo = h + 2 * pad - k + 1, w + 2 * pad - k + 1
-    dout = rng.standard_normal((n, cout, ho, wo), dtype=np.float32)
-    with compiled(False):
-        reference = conv_step(conv, x, dout, input_grad)
-    with compiled(True):
-        assert conv._direct() == (cout % 16 == 0 and (cin % 16 == 0 or cin <= 4))
-        got = conv_step(conv, x, dout, input_grad)
-    for mine, theirs in zip(got, reference):
-        if theirs is None:
-            assert mine is None
-        else:
-            close(mine, theirs)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("cin, cout, size", [(16, 32, 70), (256, 256, 8)])
-def test_results_do_not_depend_on_the_number_of_threads(threads, cin, cout, size):
-    """Blocks of rows (wide images) or of output channels (the deep layers: more weights than rows)
-    depend on the sizes only, and each output's sum runs in a fixed order."""
-    rng = np.random.default_rng(0)
-    conv = Conv2d(cin, cout, 3, padding=1, method="shifted")
-    x = np.ascontiguousarray(rng.standard_normal((2, size, size - 4, cin), dtype=np.float32)).transpose(0, 3, 1, 2)
-    dout = rng.standard_normal((2, cout, size, size - 4), dtype=np.float32)
-    before = parallel.get_num_threads()
-    try:
-        parallel.set_num_threads(1)
-        one = conv_step(conv, x, dout)
-        parallel.set_num_threads(threads)
-        many = conv_step(conv, x, dout)
-    finally:
-        parallel.set_num_threads(before)
-    for a, b in zip(one, many):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_the_layers_hand_the_kernels_only_what_they_can_read():
-    """The kernels check no bounds, so the layer code refuses arrays they cannot read (instead of
-    reading past them), and a float64 gradient into a float32 layer is computed in float32."""
-    from tinyunet.nn.conv import direct_sums
-    a, w = np.zeros((40, 16), np.float32), np.zeros((9, 16, 32), np.float32)
-    segments = direct_conv.clipped_segments(1, 5, 6, 5, 6, tuple((i - 1, j - 1) for i in range(3) for j in range(3)))
-    for out, rows in [(np.zeros((30, 32)), a), (np.zeros((30, 32), np.float32), a[::2]),
-                      (np.zeros((30, 24), np.float32), a)]:
-        with pytest.raises(ValueError):
-            direct_sums(out, rows, [0] * 9, w, segments)
-    rng = np.random.default_rng(3)
-    conv = Conv2d(16, 16, 3, padding=1, method="shifted")
-    x = rng.standard_normal((2, 16, 7, 9), dtype=np.float32)
-    dout = rng.standard_normal((2, 16, 7, 9))                      # float64
-    with compiled(True):
-        conv.forward(x)
-        assert conv.cache[1] is None                                # the direct path ran
-        dx = conv.backward(dout)
-    with compiled(False):
-        conv.forward(x)
-        expected = conv.backward(dout.astype(np.float32))
-    assert dx.dtype == np.float32
-    close(np.asarray(dx), np.asarray(expected))
-
-
 def test_compiled_kernels_are_kept_in_the_cache_folder_for_the_next_process(tmp_path):
     """A kernel is compiled once per machine: its generated source lands in $TINYUNET_CACHE/kernels,
     Numba's machine code beside it, and a second process loads it instead of compiling it."""
@@ -244,7 +161,7 @@ def test_compiled_kernels_are_kept_in_the_cache_folder_for_the_next_process(tmp_
     import sys
     script = (
         "import numpy as np\n"
-        "from tinyunet import direct_conv\n"
+        "from tinyunet.accel import direct_kernels as direct_conv\n"
         "out, a, w = np.zeros((8, 16), np.float32), np.ones((20, 16), np.float32), np.ones((1, 16, 16), np.float32)\n"
         "direct_conv.shifted_sum(out, a, [0], w, np.array([[0, 8, 1, 0, 1, 1]], dtype=np.int64))\n"
         "assert (out == 16).all()\n"

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("numba")
 
 from conftest import compiled_code as compiled_loops  # noqa: E402
-from tinyunet import kernels, parallel  # noqa: E402
+from tinyunet.accel import compiled_loops as kernels, parallel  # noqa: E402
 from tinyunet.gradcheck import numerical_gradient, relative_error  # noqa: E402
 from tinyunet.nn import BatchNorm2d, ReLU  # noqa: E402
 
@@ -195,7 +195,7 @@ def test_results_do_not_depend_on_the_number_of_threads():
 
 
 def test_environment_variable_switches_the_loops_off():
-    code = ("from tinyunet import kernels; import numpy as np; "
+    code = ("from tinyunet.accel import compiled_loops as kernels; import numpy as np; "
             "x = np.zeros((1, 2, 3, 4)).transpose(0, 3, 1, 2); print(kernels.available(), kernels.usable(x))")
     env = dict(os.environ, TINYUNET_KERNELS="numpy", TINYUNET_BACKEND="numpy")
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-import reference as ref
+from tinyunet.nn import naive as ref
 from tinyunet.gradcheck import check_loss
 from tinyunet.losses import CrossEntropyLoss
 

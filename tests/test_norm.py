@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-import reference as ref
+from tinyunet.nn import naive as ref
 from tinyunet.gradcheck import check_module
 from tinyunet.nn import BatchNorm2d
 
-pytestmark = pytest.mark.usefixtures("numpy_backend")
+pytestmark = pytest.mark.usefixtures("numpy_backend", "accel_mode")
 
 SHAPES = [(2, 3, 5, 7), (4, 2, 3, 1), (3, 5, 1, 3)]
 

@@ -7,7 +7,7 @@ import pytest
 from tinyunet.nn import Parameter
 from tinyunet.optim import SGD, Adam
 
-pytestmark = pytest.mark.usefixtures("numpy_backend")
+pytestmark = pytest.mark.usefixtures("numpy_backend", "accel_mode")
 
 W0 = np.array([[0.5, -1.0, 2.0], [0.0, 0.25, -3.0]])
 GRADS = [  # fixed gradients of three steps (distinct signs and sizes)
@@ -179,26 +179,71 @@ def test_lr_is_restored_from_state():
     assert other.lr == 0.05 and math.isclose(float(opt.state_dict()["lr"]), 0.05)
 
 
-def test_parameter_groups_cover_every_parameter_once_and_balance_sizes():
-    sizes = [300_000, 5, 120_000, 120_000, 60_000, 60_000, 16, 300_000, 1]
-    params = [Parameter(np.zeros(n, np.float32)) for n in sizes]
-    groups = Adam(params)._groups()
-    assert sorted(i for group in groups for i in group) == list(range(len(sizes)))
-    totals = sorted(sum(sizes[i] for i in group) for group in groups)
-    assert totals[-1] <= max(sizes) + totals[0]                   # greedy: within one parameter of even
+def test_parameters_become_views_of_one_flat_buffer():
+    """The optimizer moves every parameter's data and gradient into one flat buffer each (the values
+    unchanged) and the layers' in-place updates land there."""
+    rng = np.random.default_rng(8)
+    arrays = [rng.standard_normal(shape) for shape in [(3, 2), (4,), (2, 1, 3)]]
+    params = [Parameter(a.copy()) for a in arrays]
+    for p in params:
+        p.grad += 1.0
+    opt = SGD(params, lr=0.5)
+    assert opt.data.shape == opt.grad.shape == (6 + 4 + 6,)
+    for p, a in zip(params, arrays):
+        assert p.data.shape == a.shape and np.shares_memory(p.data, opt.data) and np.shares_memory(p.grad, opt.grad)
+        np.testing.assert_array_equal(p.data, a)
+    params[1].grad += 2.0                              # as a backward adds into its gradient
+    opt.step()
+    np.testing.assert_array_equal(params[1].data, arrays[1] - 0.5 * 3.0)
+    np.testing.assert_array_equal(params[0].data, arrays[0] - 0.5 * 1.0)
+    opt.zero_grad()
+    assert not any(p.grad.any() for p in params)
+
+
+def test_a_replaced_parameter_array_is_flattened_again():
+    """model.to(...) or any code that gives a parameter a new array: the next step still updates it."""
+    params = [Parameter(np.ones(3)), Parameter(np.ones(2))]
+    opt = SGD(params, lr=1.0)
+    params[0].data = np.full(3, 5.0)
+    params[0].grad = np.full(3, 2.0)
+    opt.step()
+    np.testing.assert_array_equal(params[0].data, [3.0, 3.0, 3.0])
+    assert np.shares_memory(params[0].data, opt.data)
+
+
+def test_parameters_of_different_dtypes_are_refused():
+    with pytest.raises(ValueError, match="one dtype"):
+        SGD([Parameter(np.ones(3)), Parameter(np.ones(2, np.float32))], lr=0.1)
+
+
+def test_loading_a_model_state_keeps_the_optimizer_holding_its_parameters():
+    from tinyunet.nn import Conv2d
+    conv = Conv2d(2, 3, 3).double()
+    opt = SGD(conv.parameters(), lr=1.0)
+    state = {k: v + 1.0 for k, v in conv.state_dict().items()}
+    conv.load_state_dict(state)                        # copied into the flat buffer's views
+    conv.weight.grad[...] = 1.0
+    opt.step()
+    np.testing.assert_array_equal(conv.weight.data, state["weight"] - 1.0)
 
 
 @pytest.mark.parametrize("factory", [lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: Adam(ps, lr=1e-3)])
-def test_steps_on_two_threads_equal_steps_on_one(factory):
-    """Parameters big enough for the update to run in groups on the threads: bit-identical results."""
-    from tinyunet import optim, parallel
+def test_the_accelerated_step_equals_the_reference_bit_for_bit(factory):
+    """Parameters big enough for the step to run in chunks of the flat buffer on the threads: the same
+    bits as the reference's one update over the whole buffer, on 1 and on 2 threads."""
+    from tinyunet import backend
+    from tinyunet.accel import optim as fast_optim
+    from tinyunet.accel import parallel
     rng = np.random.default_rng(7)
     data = [rng.standard_normal(n).astype(np.float32) for n in (400_000, 400_000, 300_000, 300_000, 7)]
     grads = [[rng.standard_normal(d.shape).astype(np.float32) for d in data] for _ in range(3)]
-    before = parallel.get_num_threads()
+    chunks = -(-sum(d.size for d in data) // fast_optim.CHUNK)
+    assert len(parallel.row_blocks(chunks, fast_optim.CHUNK * fast_optim._UPDATE_PASSES * parallel.ELEMENTWISE_WORK)) > 1
+    before, threads_before = backend.accelerate(), parallel.get_num_threads()
     results = []
     try:
-        for threads in (1, 2):
+        for accelerate, threads in ((False, 1), (True, 1), (True, 2)):
+            backend.set_acceleration(accelerate)
             parallel.set_num_threads(threads)
             params = [Parameter(d.copy()) for d in data]
             opt = factory(params)
@@ -206,11 +251,11 @@ def test_steps_on_two_threads_equal_steps_on_one(factory):
                 for p, g in zip(params, step_grads):
                     p.grad[...] = g
                 opt.step()
+                assert (opt.fast is not None) == accelerate
             results.append([p.data.copy() for p in params])
     finally:
-        parallel.set_num_threads(before)
-    groups = factory([Parameter(d) for d in data])._groups()
-    largest = max(sum(data[i].size for i in group) for group in groups)
-    assert len(parallel.row_blocks(len(groups), largest * optim._UPDATE_PASSES * parallel.ELEMENTWISE_WORK)) > 1   # really split
-    for a, b in zip(*results):
-        np.testing.assert_array_equal(a, b)
+        backend.set_acceleration(before)
+        parallel.set_num_threads(threads_before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)

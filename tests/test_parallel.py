@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tinyunet import parallel
+from tinyunet.accel import parallel
 from tinyunet.nn import Conv2d, ConvTranspose2d
 
 

@@ -1,7 +1,7 @@
 """tinyunet summary: shapes, parameter counts and FLOPs against hand computations."""
 import pytest
 
-from tinyunet import kernels
+from tinyunet.accel import compiled_loops as kernels
 from tinyunet.cli import main
 from tinyunet.models import UNet
 from tinyunet.nn import Conv2d, ConvTranspose2d, MaxPool2d, ReLU, Sequential
@@ -53,12 +53,13 @@ def test_cli_summary(capsys):
 
 
 @pytest.mark.parametrize("direct", [False, True])
-def test_method_column_follows_the_layer_rules(direct):
-    """Standard configuration. BLAS products (no Numba, or the compiled kernels off): the RGB layer
+def test_implementation_column_follows_the_choosers_rules(direct):
+    """Standard configuration. BLAS products (no Numba, or the compiled code off): the RGB layer
     im2col, 16-32 channels the shifted products, 64-128 channels at 16x16-32x32 Winograd, the 8x8
-    bottleneck (128 tiles) im2row. With the direct kernels (direct_conv.py) the shifted products
-    also take the RGB layer, the 64-channel layers, 16x16 outputs below 128 channels and the 8x8
-    bottleneck, Winograd only 128 channels and up."""
+    bottleneck (128 tiles) im2row: of the 19 convolutions 1 im2col, 9 shifted, 7 Winograd, 2 im2row.
+    With the direct kernels they also take the RGB layer, the 64-channel layers, 16x16 outputs below
+    128 channels and the 8x8 bottleneck, Winograd only 128 channels and up: 15 direct, 3 Winograd, and
+    the 1x1 head (3 output channels, not a multiple of the kernels' 16) shifted by BLAS."""
     if direct:
         pytest.importorskip("numba")
     previous = kernels.set_enabled(direct)
@@ -66,12 +67,24 @@ def test_method_column_follows_the_layer_rules(direct):
         rows = {r.name: r for r in summarize(UNet(base_channels=16, depth=4), (8, 3, 128, 128))}
     finally:
         kernels.set_enabled(previous)
-    method = {name: r.method for name, r in rows.items()}
-    assert method["down.0.0"] == ("shifted" if direct else "im2col")
-    assert method["down.0.3"] == method["down.1.3"] == method["up_conv.3.0"] == "shifted"
-    assert method["up_conv.0.0"] == method["up_conv.0.3"] == method["down.3.3"] == "winograd"  # 128+ at 16x16
-    assert method["bottleneck.0"] == method["bottleneck.3"] == ("shifted" if direct else "im2row")  # 8x8
-    sixty_four = (method["down.2.3"], method["up_conv.1.3"], method["down.3.0"])  # 64->64 at 32x32, 64->128 at 16x16
-    assert sixty_four == (("shifted", "shifted", "shifted") if direct else ("winograd", "winograd", "winograd"))
-    assert method["down.0.1"] == "" and method["up.0"] == ""
+    impl = {name: r.implementation for name, r in rows.items()}
+    shifted = "direct" if direct else "shifted"
+    assert impl["down.0.0"] == ("direct" if direct else "im2col")
+    assert impl["down.0.3"] == impl["down.1.3"] == impl["up_conv.3.0"] == shifted
+    assert impl["up_conv.0.0"] == impl["up_conv.0.3"] == impl["down.3.3"] == "winograd"  # 128+ at 16x16
+    assert impl["bottleneck.0"] == impl["bottleneck.3"] == (shifted if direct else "im2row")  # 8x8
+    sixty_four = (impl["down.2.3"], impl["up_conv.1.3"], impl["down.3.0"])  # 64->64 at 32x32, 64->128 at 16x16
+    assert sixty_four == ((shifted,) * 3 if direct else ("winograd",) * 3)
+    convs = [r.implementation for r in rows.values() if r.kind == "Conv2d"]
+    counts = {name: convs.count(name) for name in set(convs)}
+    assert counts == ({"direct": 15, "winograd": 3, "shifted": 1} if direct else
+                      {"im2col": 1, "shifted": 9, "winograd": 7, "im2row": 2})
+    assert impl["down.0.1"] == ("compiled" if direct else "rows") and impl["up.0"] == "rows"
+    assert impl["pool.0"] == "separable" and impl["concat.0"] == "channels-last"
     assert "winograd" in format_summary(list(rows.values()))
+
+
+def test_without_the_acceleration_every_layer_is_the_reference(reference_only):
+    rows = summarize(UNet(base_channels=4, depth=2), (2, 3, 32, 32))
+    assert {r.implementation for r in rows} == {"reference"}
+    assert "reference" in format_summary(rows)

@@ -119,7 +119,7 @@ def test_same_seed_same_weights_other_seed_different(run_cli, tmp_path, no_figur
 
 def test_thread_count_does_not_change_the_weights(run_cli, tmp_path, no_figures):
     """Big enough for the layers to split their rows into blocks (tinyunet/parallel.py)."""
-    from tinyunet import parallel
+    from tinyunet.accel import parallel
     assert len(parallel.row_blocks(8 * 66 * 66, 9 * 16 * 16)) > 1
     before = parallel.get_num_threads()
     try:

@@ -5,12 +5,12 @@ import warnings
 import numpy as np
 import pytest
 
-import reference_variants as ref
+from tinyunet.nn import naive as ref
 from tinyunet.gradcheck import check_module
 from tinyunet.nn import Add, Multiply, Sigmoid, Upsample
 from tinyunet.nn.broadcast import unbroadcast
 
-pytestmark = pytest.mark.usefixtures("numpy_backend")
+pytestmark = pytest.mark.usefixtures("numpy_backend", "accel_mode")
 
 
 def randn(*shape, seed=0, dtype=np.float64):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import reference as ref
-import reference_variants as ref_var
+from tinyunet.nn import naive as ref
+from tinyunet.nn import naive as ref_var
 from test_unet import _smooth_instance, _toy_segmentation
 from tinyunet import backend
 from tinyunet.gradcheck import check_model_with_loss, check_module

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tinyunet.nn.weight_layout import flipped_kernel_stack, kernel_stack, stack_to_weight
+from tinyunet.accel.weight_layout import flipped_kernel_stack, kernel_stack, stack_to_weight
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
 

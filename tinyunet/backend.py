@@ -12,19 +12,21 @@ Choice of backend, in order:
 3. CuPy if it imports and a CUDA device is present, else NumPy.
 
 Asking for CuPy where it cannot work is an error that says why, never a silent fallback.
+
+The CPU acceleration (tinyunet/accel) runs beside the layers on NumPy. :func:`accelerate` says whether
+it may: not on CuPy, and not where ``TINYUNET_ACCEL=0`` or ``set_acceleration(False)`` asked for the
+reference layers alone (tinyunet/nn, the code the lessons derive).
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 __all__ = ["xp", "use", "use_module", "name", "to_device", "to_host", "seed", "host_rng", "BackendError",
-           "keep_freed_host_memory"]
+           "accelerate", "set_acceleration"]
 
 
 class BackendError(RuntimeError):
@@ -148,27 +150,18 @@ def host_rng() -> np.random.Generator:
     return _host_rng
 
 
-def keep_freed_host_memory() -> bool:
-    """Let the C allocator reuse freed memory instead of handing it back to the OS (glibc only).
+_acceleration = os.environ.get("TINYUNET_ACCEL", "").strip().lower() not in ("0", "false", "no", "off")
 
-    A training step allocates and frees over 100 MB of arrays. By default glibc's malloc takes every
-    block above a threshold (128 KiB, rising to at most 32 MiB) straight from the OS and returns it on
-    free, so the next step's arrays fault their pages back in and the kernel zeroes every one of them
-    again: measured 72 MB of page faults and ~90 ms of a 580 ms standard step (2 cores). With high
-    mmap and trim thresholds freed blocks stay in the heap and the next step reuses them: ~490 ms.
-    The price: the process keeps its high-water mark of memory instead of shrinking between steps.
-    (PyTorch's CPU performance guide makes the same point by suggesting jemalloc or tcmalloc.)
 
-    Process-wide, so only programs call it (``tinyunet train``/``evaluate``/``predict``, the
-    benchmark), never the library on import. Returns False where glibc's ``mallopt`` is missing.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
-                and mallopt(m_trim_threshold, ctypes.c_int(2 ** 31 - 1)))
+def set_acceleration(enabled: bool) -> bool:
+    """Let the CPU acceleration (tinyunet/accel) run where it can (True, the default), or run the
+    reference layers alone (False; as ``TINYUNET_ACCEL=0``, or ``--no-accel`` on the command line).
+    Returns the previous setting."""
+    global _acceleration
+    previous, _acceleration = _acceleration, bool(enabled)
+    return previous
+
+
+def accelerate() -> bool:
+    """Whether the layers may hand their work to the CPU acceleration: switched on, and on NumPy."""
+    return _acceleration and name() == "numpy"

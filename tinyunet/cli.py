@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from tinyunet import __version__, backend, parallel
+from tinyunet import __version__, backend
 from tinyunet.errors import TinyUNetError
 
 
@@ -20,8 +20,11 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
                    help="array backend (default: $TINYUNET_BACKEND, else cupy if a GPU is usable, else numpy)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for the layers' row blocks (default: $TINYUNET_NUM_THREADS, else every "
+                   help="CPU threads of the CPU acceleration (default: $TINYUNET_NUM_THREADS, else every "
                         "usable core); results do not depend on it")
+    p.add_argument("--no-accel", action="store_true",
+                   help="run the reference layers alone (tinyunet/nn, the lessons' code; as TINYUNET_ACCEL=0): "
+                        "the same maths, slower, nothing from tinyunet/accel")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,12 +222,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
+        if getattr(args, "no_accel", False):
+            backend.set_acceleration(False)
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise TinyUNetError(f"--threads must be at least 1, got {args.threads}")
-            parallel.set_num_threads(args.threads)
-        if args.command in ("train", "evaluate", "predict"):
-            backend.keep_freed_host_memory()  # reuse freed arrays between steps (see there)
+            if backend.accelerate():
+                from tinyunet.accel.parallel import set_num_threads
+                set_num_threads(args.threads)
+        if args.command in ("train", "evaluate", "predict") and backend.accelerate():
+            from tinyunet.accel.allocator import keep_freed_host_memory
+            keep_freed_host_memory()  # reuse freed arrays between steps (see there)
         with warnings.catch_warnings():
             # a data warning (skipped images) is one line for a user, not a source location
             warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"

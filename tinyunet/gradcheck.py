@@ -109,8 +109,8 @@ def check_model_with_loss(model: Any, loss: Any, x: Any, target: Any, h: float =
     parameters takes ~30 s; 20 entries per tensor take ~2 s and still catch a wrong backward, which
     is off on most entries of the tensor it gets wrong.
 
-    A tensor whose error exceeds ``KINK_RETRY_ERROR`` is checked again with step h/10 and the smaller
-    error is reported (see the comment in ``error``).
+    A tensor whose error exceeds ``KINK_RETRY_ERROR`` is checked again with steps h/10 and 10h and the
+    smallest error is reported (see the comment in ``error``).
     """
     rng = np.random.default_rng(seed)
 
@@ -129,10 +129,12 @@ def check_model_with_loss(model: Any, loss: Any, x: Any, target: Any, h: float =
             chosen = np.sort(rng.choice(array.size, max_entries, replace=False))
         err = error_at(analytic, array, chosen, h)
         if err > KINK_RETRY_ERROR:
-            # a model has kinks (ReLU at 0, max-pool switching its maximum): a difference x +- h that
-            # steps across one is off by O(1) although the backward is right. A smaller step crosses
-            # it far less often, while a wrong backward stays wrong at every step: keep the better
-            err = min(err, error_at(analytic, array, chosen, h / 10))
+            # A right backward can still disagree with one step size, for two reasons. Kinks (ReLU at 0,
+            # max-pool switching its maximum): a difference x +- h that steps across one is off by O(1);
+            # a smaller step crosses it far less often. Rounding: the difference of two losses near 1
+            # carries ~1e-16 / h of noise, large against a tensor whose gradient is tiny (1e-5, deep in
+            # an attention gate); a larger step shrinks it. A wrong backward stays wrong at every step.
+            err = min(err, error_at(analytic, array, chosen, h / 10), error_at(analytic, array, chosen, h * 10))
         return err
 
     model.zero_grad()
@@ -185,12 +187,11 @@ def run_all(seed: int = 0, tolerance: float = 1e-6, model_tolerance: float = 1e-
         return xp.asarray(v.astype(np.float64))
 
     cases = [
-        ("Conv2d(3,4,k3,s1,p1,im2col)", Conv2d(3, 4, 3, padding=1).double(), (randn(2, 3, 7, 6),)),
-        ("Conv2d(2,3,k5,s2,p2,im2col)", Conv2d(2, 3, 5, stride=2, padding=2).double(), (randn(2, 2, 9, 8),)),
-        # the other methods, which the layer picks for more channels and other sizes (Conv2d._method)
-        *[(f"Conv2d(5,3,k3,s1,p1,{method})", Conv2d(5, 3, 3, padding=1, method=method).double(), (randn(2, 5, 6, 4),))
-          for method in ("im2row", "shifted", "winograd")],
-        ("Conv2d(5,3,k3,s2,p1,im2row)", Conv2d(5, 3, 3, stride=2, padding=1).double(), (randn(2, 5, 7, 6),)),
+        ("Conv2d(3,4,k3,s1,p1)", Conv2d(3, 4, 3, padding=1).double(), (randn(2, 3, 7, 6),)),
+        ("Conv2d(2,3,k5,s2,p2)", Conv2d(2, 3, 5, stride=2, padding=2).double(), (randn(2, 2, 9, 8),)),
+        ("Conv2d(5,3,k3,s1,p1)", Conv2d(5, 3, 3, padding=1).double(), (randn(2, 5, 6, 4),)),
+        ("Conv2d(5,3,k3,s2,p1)", Conv2d(5, 3, 3, stride=2, padding=1).double(), (randn(2, 5, 7, 6),)),
+        ("Conv2d(4,3,k1,s1,p0)", Conv2d(4, 3, 1).double(), (randn(2, 4, 5, 3),)),
         ("MaxPool2d(2)", MaxPool2d(2), (distinct(2, 3, 6, 7),)),
         ("MaxPool2d(3,s2)", MaxPool2d(3, 2), (distinct(2, 2, 7, 7),)),
         ("ConvTranspose2d(4,3,k2,s2)", ConvTranspose2d(4, 3, 2, stride=2).double(), (randn(2, 4, 3, 5),)),

@@ -1,16 +1,38 @@
-"""Optimizers: turn gradients into parameter updates (the same rules as PyTorch's SGD and Adam)."""
+"""Optimizers: turn gradients into parameter updates (the same rules as PyTorch's SGD and Adam).
+
+Every parameter of the model moves into one flat buffer, and every gradient into another: each
+``p.data`` and ``p.grad`` becomes a view of its slice (the layers never notice: they read ``p.data``
+and add into ``p.grad`` in place). An update is then a handful of whole-array operations for the
+whole model rather than a handful per parameter tensor - on a GPU each operation is a kernel launch,
+and the standard U-Net has 64 tensors (lesson 11). The optimizer's own state (Adam's m and v) is flat
+too, and ``update`` works on any slice of the buffers, since every entry is updated on its own.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 import numpy as np
 
 from tinyunet.backend import to_device, to_host, xp
-from tinyunet.nn.module import Parameter
-from tinyunet.parallel import ELEMENTWISE_WORK, map_row_blocks
+from tinyunet.nn.module import Parameter, accelerated
 
-# an optimizer's update reads and writes each parameter's arrays about this many times (Adam: ~15)
-_UPDATE_PASSES = 15
+
+def flatten(params: List[Parameter]) -> Tuple[Any, Any]:
+    """Copy the parameters' data and gradients into one flat buffer each and make every ``p.data``
+    and ``p.grad`` a view of its slice. -> (data, grad), 1-D arrays of the total size."""
+    dtypes = {p.data.dtype for p in params}
+    if len(dtypes) > 1:
+        raise ValueError(f"an optimizer takes parameters of one dtype, got {sorted(str(d) for d in dtypes)}")
+    total = sum(p.data.size for p in params)
+    dtype = dtypes.pop() if dtypes else xp.float32
+    data, grad = xp.empty(total, dtype=dtype), xp.empty(total, dtype=dtype)
+    start = 0
+    for p in params:
+        stop = start + p.data.size
+        data[start:stop], grad[start:stop] = p.data.ravel(), p.grad.ravel()
+        p.data, p.grad = data[start:stop].reshape(p.shape), grad[start:stop].reshape(p.shape)
+        start = stop
+    return data, grad
 
 
 class Optimizer:
@@ -21,49 +43,46 @@ class Optimizer:
         self.params: List[Parameter] = list(params)
         self.lr = lr
         self.t = 0  # number of steps taken
-        self._param_groups: Optional[List[List[int]]] = None  # see _groups
-        self.state: Dict[str, List[Any]] = {s: [xp.zeros_like(p.data) for p in self.params] for s in self.slots}
+        self.data, self.grad = flatten(self.params)
+        self._views = [(p.data, p.grad) for p in self.params]
+        self.state: Dict[str, Any] = {s: xp.zeros_like(self.data) for s in self.slots}
+        self.fast: Any = None
+
+    def _flat(self) -> None:
+        """Flatten again if a parameter's array was replaced since (e.g. ``model.to(...)``)."""
+        if any(p.data is not data or p.grad is not grad for p, (data, grad) in zip(self.params, self._views)):
+            self.data, self.grad = flatten(self.params)
+            self._views = [(p.data, p.grad) for p in self.params]
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad[...] = 0
+        self._flat()
+        self.grad[...] = 0
 
     def step(self) -> None:
+        self._flat()
         self.t += 1
-        groups = self._groups()
+        self.fast = accelerated(self)     # the CPU acceleration (blocks on every core), or None
+        if self.fast:
+            self.fast.step()
+        else:
+            self.update(self.data, self.grad, self.state)
 
-        def some_groups(first: int, last: int) -> None:
-            for group in groups[first:last]:
-                for i in group:
-                    self.update(i, self.params[i])
-        # each parameter's update is independent of the others': groups of parameters in parallel on
-        # the CPU (tinyunet/parallel.py; Adam on the standard U-Net's 1.9M parameters: 6.0-7.0 -> 4.7-4.9 ms)
-        largest = max((sum(self.params[i].data.size for i in group) for group in groups), default=0)
-        map_row_blocks(some_groups, len(groups), largest * _UPDATE_PASSES * ELEMENTWISE_WORK)
-
-    def _groups(self, count: int = 4) -> List[List[int]]:
-        """The parameters' indices in ``count`` groups of about the same total size (the biggest
-        first, each into the smallest group so far); the same every step."""
-        if self._param_groups is None:
-            groups: List[List[int]] = [[] for _ in range(count)]
-            sizes = [0] * count
-            for i in sorted(range(len(self.params)), key=lambda i: -self.params[i].data.size):
-                smallest = sizes.index(min(sizes))
-                groups[smallest].append(i)
-                sizes[smallest] += self.params[i].data.size
-            self._param_groups = [group for group in groups if group]
-        return self._param_groups
-
-    def update(self, i: int, p: Parameter) -> None:
-        """Update parameter i (``p``) from its gradient. Called for the parameters in groups on
-        several threads at once: touch only parameter i's arrays and state."""
+    def update(self, data: Any, grad: Any, state: Dict[str, Any]) -> None:
+        """Update ``data`` in place from ``grad``: equal slices of the flat buffers, and of each state
+        array in ``state`` (by slot name)."""
         raise NotImplementedError
 
+    def _slices(self) -> List[slice]:
+        """Where each parameter lies in the flat buffers."""
+        bounds = np.cumsum([0] + [p.data.size for p in self.params])
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
     def state_dict(self) -> Dict[str, np.ndarray]:
-        """Flat host arrays: ``step``, ``lr`` and ``<slot>.<i>`` for each parameter i."""
+        """Flat host arrays: ``step``, ``lr`` and ``<slot>.<i>`` (parameter i's shape) for each parameter i."""
         state = {"step": np.array(self.t), "lr": np.array(self.lr)}
-        for slot, arrays in self.state.items():
-            state.update({f"{slot}.{i}": to_host(a).copy() for i, a in enumerate(arrays)})
+        for slot, flat in self.state.items():
+            state.update({f"{slot}.{i}": to_host(flat[s]).reshape(p.shape).copy()
+                          for i, (p, s) in enumerate(zip(self.params, self._slices()))})
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -72,14 +91,16 @@ class Optimizer:
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"optimizer state does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for slot in self.state:
+            for i, (p, s) in enumerate(zip(self.params, self._slices())):
+                value = state[f"{slot}.{i}"]
+                if tuple(value.shape) != p.shape:
+                    raise ValueError(f"optimizer state {slot}.{i} has shape {value.shape}, expected {p.shape}")
         self.t = int(state["step"])
         self.lr = float(state["lr"])
-        for slot, arrays in self.state.items():
-            for i, a in enumerate(arrays):
-                value = state[f"{slot}.{i}"]
-                if tuple(value.shape) != tuple(a.shape):
-                    raise ValueError(f"optimizer state {slot}.{i} has shape {value.shape}, expected {a.shape}")
-                arrays[i] = to_device(value, a.dtype).copy()
+        for slot, flat in self.state.items():
+            for i, s in enumerate(self._slices()):
+                flat[s] = to_device(state[f"{slot}.{i}"], flat.dtype).ravel()
 
 
 class SGD(Optimizer):
@@ -91,15 +112,15 @@ class SGD(Optimizer):
         super().__init__(params, lr)
         self.momentum, self.weight_decay = momentum, weight_decay
 
-    def update(self, i: int, p: Parameter) -> None:
-        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+    def update(self, data: Any, grad: Any, state: Dict[str, Any]) -> None:
+        g = grad + self.weight_decay * data if self.weight_decay else grad
         if self.momentum:
-            v = self.state["velocity"][i]
+            v = state["velocity"]
             # PyTorch starts the buffer at the first gradient rather than at momentum * 0 + g: same thing
             v *= self.momentum
             v += g
             g = v
-        p.data -= self.lr * g
+        data -= self.lr * g
 
 
 class Adam(Optimizer):
@@ -114,10 +135,10 @@ class Adam(Optimizer):
         super().__init__(params, lr)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
-    def update(self, i: int, p: Parameter) -> None:
+    def update(self, data: Any, grad: Any, state: Dict[str, Any]) -> None:
         b1, b2 = self.betas
-        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
-        m, v = self.state["m"][i], self.state["v"][i]
+        g = grad + self.weight_decay * data if self.weight_decay else grad
+        m, v = state["m"], state["v"]
         m *= b1
         m += (1 - b1) * g
         v *= b2
@@ -125,4 +146,4 @@ class Adam(Optimizer):
         bias1, bias2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         # PyTorch: denom = sqrt(v) / sqrt(bias2) + eps; step = lr / bias1
         denom = xp.sqrt(v) / (bias2 ** 0.5) + self.eps
-        p.data -= (self.lr / bias1) * m / denom
+        data -= (self.lr / bias1) * m / denom

@@ -3,7 +3,8 @@ each layer keeps from forward for its backward pass.
 
 The memory column is *measured*, not estimated: one training-mode forward pass runs on a zero input,
 then every layer's saved arrays (im2col matrices, masks, normalised inputs, argmax indices) are
-added up. It shows where a U-Net's memory goes: the full-resolution levels hold most of it, and each
+added up. The implementation column says what computed each layer: ``reference`` (tinyunet/nn, the
+lessons' code), or the CPU acceleration's choice for this shape (tinyunet/accel/choose.py). It shows where a U-Net's memory goes: the full-resolution levels hold most of it, and each
 pooling step divides the next level's share by four while the channels only double.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ class LayerRow:
     output_shape: Tuple[int, ...]
     parameters: int
     saved_bytes: int  # kept from forward for backward
-    flops: int  # forward multiply-adds x 2 (of the direct sum, whatever the method)
-    method: str = ""  # how a Conv2d computes itself for this shape (Conv2d._method), else ""
+    flops: int  # forward multiply-adds x 2 (of the direct sum, whatever the implementation)
+    implementation: str = "reference"  # what computed the layer: the reference, or an accelerated one
 
 
 def _arrays(value: Any) -> Iterator[Any]:
@@ -46,9 +47,12 @@ def saved_bytes(module: Module, counted: Optional[Set[int]] = None) -> int:
     """
     counted = set() if counted is None else counted
     total = 0
-    for name, value in vars(module).items():
-        if isinstance(value, (Module, Parameter)) or name in module.buffer_names:
-            continue
+    kept = [value for name, value in vars(module).items()
+            if not isinstance(value, (Module, Parameter)) and name not in module.buffer_names]
+    fast = getattr(module, "fast", None)   # an accelerated implementation keeps its own arrays
+    if fast is not None:
+        kept += [value for name, value in vars(fast).items() if name != "layer"]
+    for value in kept:
         for a in _arrays(value):
             base = a
             while getattr(base, "base", None) is not None:  # a view shares its base's memory
@@ -100,12 +104,13 @@ def summarize(model: Module, input_shape: Tuple[int, ...]) -> List[LayerRow]:
     for key, (in_shape, out_shape) in shapes.items():
         name, m = by_id[key]
         params = sum(int(np.prod(p.shape)) for _, p in m.named_parameters())
-        method = m._method(out_shape[0], out_shape[2], out_shape[3]) if isinstance(m, Conv2d) else ""
+        fast = getattr(m, "fast", None)
         rows.append(LayerRow(name, type(m).__name__, out_shape, params, saved_bytes(m, counted),
-                             layer_flops(m, out_shape, in_shape), method))
+                             layer_flops(m, out_shape, in_shape), fast.name if fast is not None else "reference"))
     for _, m in leaves:  # drop what the forward kept: this model is not going to run backward
         for attr, value in list(vars(m).items()):
-            if not isinstance(value, (Module, Parameter)) and attr not in m.buffer_names and next(_arrays(value), None) is not None:
+            if attr == "fast" or (not isinstance(value, (Module, Parameter)) and attr not in m.buffer_names
+                                  and next(_arrays(value), None) is not None):
                 setattr(m, attr, None)
     return rows
 
@@ -114,11 +119,11 @@ def format_summary(rows: List[LayerRow]) -> str:
     """The table printed by ``tinyunet summary``, with totals."""
     mb = 1024 ** 2
     header = (f"{'layer':<22}{'type':<17}{'output shape':<22}{'params':>10}{'saved MB':>10}{'MFLOPs':>10}"
-              "  method")
+              "  implementation")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r.name:<22}{r.kind:<17}{str(r.output_shape):<22}{r.parameters:>10,}"
-                     f"{r.saved_bytes / mb:>10.2f}{r.flops / 1e6:>10.1f}  {r.method:<8}".rstrip())
+                     f"{r.saved_bytes / mb:>10.2f}{r.flops / 1e6:>10.1f}  {r.implementation}".rstrip())
     total_params = sum(r.parameters for r in rows)
     total_saved = sum(r.saved_bytes for r in rows)
     total_flops = sum(r.flops for r in rows)
@@ -126,6 +131,6 @@ def format_summary(rows: List[LayerRow]) -> str:
               f"{'total':<61}{total_params:>10,}{total_saved / mb:>10.1f}{total_flops / 1e6:>10.1f}",
               f"forward {total_flops / 1e9:.2f} GFLOP; a training step (forward + backward) is about "
               f"3x that: {3 * total_flops / 1e9:.2f} GFLOP; kept for backward: {total_saved / mb:.0f} MB",
-              "method: how each Conv2d computes itself for this shape (tinyunet/nn/conv.py, Conv2d._method); "
-              "MFLOPs count the direct sum (winograd multiplies 16/36 of it)"]
+              "implementation: reference (tinyunet/nn) or the CPU acceleration's choice for this shape "
+              "(tinyunet/accel/choose.py); MFLOPs count the direct sum (winograd multiplies 16/36 of it)"]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from tinyunet import backend, kernels
+from tinyunet import backend
 from tinyunet.backend import to_device, to_host
 from tinyunet.checkpoint import load_checkpoint, restore, save_checkpoint
 from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
@@ -101,6 +101,11 @@ class TrainConfig:
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def accel_description() -> str:
+    from tinyunet.accel import describe   # imported only where the acceleration runs
+    return describe()
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -267,9 +272,8 @@ class Trainer:
                                 f"images): raise --val-fraction or use more data")
         self._prepare_run_dir()
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
-                 f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}"
-                 + ((" (compiled BatchNorm/ReLU loops and convolution kernels)" if kernels.available()
-                     else " (NumPy passes and BLAS products)") if backend.name() == "numpy" else ""))
+                 f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}; "
+                 + (accel_description() if backend.accelerate() else "the reference layers (tinyunet/nn) alone"))
         steps_per_epoch = max(len(train) // config.batch_size, 1)
         total_steps = steps_per_epoch * config.epochs
         rows = self._read_metrics()

@@ -1,11 +1,14 @@
-"""Concat: join tensors along the channel axis — how a U-Net's skip connection meets the decoder."""
+"""Concat: join tensors along the channel axis - how a U-Net's skip connection meets the decoder.
+
+Forward copies the inputs one after the other; backward hands each input its own slice of the
+gradient (each output channel came from exactly one input channel, with derivative 1).
+"""
 from __future__ import annotations
 
 from typing import Any, Tuple
 
 from tinyunet.backend import xp
-from tinyunet.nn.module import Module
-from tinyunet.parallel import map_batch_blocks
+from tinyunet.nn.module import Module, accelerated
 
 
 class Concat(Module):
@@ -14,35 +17,28 @@ class Concat(Module):
     def __init__(self, axis: int = 1) -> None:
         self.axis = axis
         self.sizes: Tuple[int, ...] = ()
+        self.fast: Any = None
 
     def forward(self, *inputs: Any) -> Any:
         """inputs: (N, C_i, H, W) each -> (N, sum C_i, H, W)."""
         self.sizes = tuple(t.shape[self.axis] for t in inputs)
-        if self.axis != 1 or inputs[0].ndim != 4:
-            return xp.concatenate(inputs, axis=self.axis)
-        # channels of an image: write them channels-last (conv.py), like every other layer's output;
-        # xp.concatenate would return NCHW memory, and the next conv would have to transpose it
-        n, _, h, w = inputs[0].shape
-        out = xp.empty((n, h, w, sum(self.sizes)), dtype=xp.result_type(*inputs))
-
-        def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
-            first = 0
-            for t, size in zip(inputs, self.sizes):
-                out[start:stop, :, :, first:first + size] = t[start:stop].transpose(0, 2, 3, 1)
-                first += size
-        map_batch_blocks(images, out, passes=2)
-        return out.transpose(0, 3, 1, 2)
+        self.fast = accelerated(self, *inputs)     # the CPU acceleration, or None: the reference below
+        if self.fast:
+            return self.fast.forward(*inputs)
+        return xp.concatenate(inputs, axis=self.axis)
 
     def backward(self, dout: Any) -> Tuple[Any, ...]:
         """dout: (N, sum C_i, H, W) -> one gradient per input (views into dout: no copy)."""
-        bounds = [0]
+        return self.split(dout)
+
+    def split(self, dout: Any) -> Tuple[Any, ...]:
+        """The slices of dout along ``axis`` that belong to each input, in order."""
+        grads, start = [], 0
         for size in self.sizes:
-            bounds.append(bounds[-1] + size)
-        index = [slice(None)] * dout.ndim
-        grads = []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            index[self.axis] = slice(start, stop)
+            index = [slice(None)] * dout.ndim
+            index[self.axis] = slice(start, start + size)
             grads.append(dout[tuple(index)])
+            start += size
         return tuple(grads)
 
     def extra_repr(self) -> str:

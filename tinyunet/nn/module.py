@@ -5,6 +5,10 @@ A :class:`Module` has ``forward(*inputs) -> output`` and ``backward(dout) -> din
 *adds* the gradient of each parameter into ``param.grad`` (so gradients of several batches can be
 accumulated, as in PyTorch). Children are found by looking at the module's attributes: a Module,
 a Parameter, or a list of Modules. That is all the "framework" there is.
+
+:func:`accelerated` is the one door to the CPU acceleration (tinyunet/accel): a layer that has a
+faster CPU version asks it first thing in forward, and runs the code below it (the reference) when
+the answer is None.
 """
 from __future__ import annotations
 
@@ -12,7 +16,22 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from tinyunet import backend
 from tinyunet.backend import to_device, to_host, xp
+
+
+def accelerated(layer: Any, *inputs: Any) -> Any:
+    """The CPU acceleration's implementation of ``layer`` for these inputs, or None.
+
+    An implementation computes the layer's numbers faster on a CPU (tinyunet/accel, lesson 13): its
+    ``forward(*inputs)`` runs instead of the layer's own code, and the layer keeps it so that
+    ``backward`` runs its ``backward(dout)``, i.e. what forward chose. None - on CuPy, with
+    ``TINYUNET_ACCEL=0``, or for an input no implementation takes - means: run the reference.
+    """
+    if not backend.accelerate():
+        return None
+    from tinyunet.accel.choose import choose   # imported only where it may run
+    return choose(layer, *inputs)
 
 
 class Parameter:
@@ -143,7 +162,7 @@ class Module:
                 )
             array = to_device(value, current.dtype)
             if name in own:
-                own[name].data = array.copy()
+                own[name].data[...] = array    # in place: an optimizer's flat buffer keeps holding it
             else:
                 self._set_buffer(name, array.copy())
 

@@ -1,131 +1,59 @@
-"""MaxPool2d: keep the largest value of each window; backward routes the gradient to it alone."""
+"""MaxPool2d: keep the largest value of each window; backward routes the gradient to it alone.
+
+The k*k positions of a window are k*k strided *views* of the input (offset (i, j), step ``stride``),
+each shaped like the output: view (i, j) holds, for every window, its pixel (i, j). Stacked, they
+make the whole layer two reductions (lesson 04):
+
+    forward:   out = max over the views,  argmax = which view (i*k + j) held it, the first on ties
+    backward:  view (i, j) of dx receives dout where argmax == i*k + j, 0 elsewhere
+
+Ties matter: after a ReLU whole windows are 0, and the gradient must go to one input, not to all
+four; ``argmax`` picks the first, as PyTorch does. Overlapping windows (stride < k) send a pixel the
+gradients of every window it won: the views then overlap in dx, and their additions add up.
+"""
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import numpy as np
+from typing import Any, List, Optional
 
 from tinyunet.backend import xp
 from tinyunet.nn.conv import conv_output_size
-from tinyunet.nn.module import Module
-from tinyunet.parallel import map_batch_blocks
-
-
-def maxpool2d_naive(x: np.ndarray, kernel_size: int, stride: int) -> np.ndarray:
-    """Reference max-pool with explicit loops. x: (N, C, H, W) -> (N, C, Hout, Wout)."""
-    n, c, h, w = x.shape
-    ho, wo = conv_output_size(h, kernel_size, stride, 0), conv_output_size(w, kernel_size, stride, 0)
-    out = np.empty((n, c, ho, wo), dtype=x.dtype)
-    for b in range(n):
-        for ch in range(c):
-            for y in range(ho):
-                for xx in range(wo):
-                    window = x[b, ch, y * stride:y * stride + kernel_size, xx * stride:xx * stride + kernel_size]
-                    out[b, ch, y, xx] = window.max()
-    return out
+from tinyunet.nn.module import Module, accelerated
 
 
 class MaxPool2d(Module):
-    """Max over kernel_size×kernel_size windows (stride defaults to kernel_size, floor mode).
-
-    The k*k window positions are k*k strided *views* of the input (offset (i, j), step ``stride``),
-    each shaped like the output, so everything is a handful of whole-array operations:
-
-    - forward, separably: first the maximum over each window's k columns, row by row (kept: which
-      column won), then the maximum of those over the window's k rows. ``argmax`` = i*k + j of the
-      winner, the *first* in row-major order on ties, as PyTorch: each stage only moves on to a
-      later column/row when it is strictly greater, and rows come after columns. Ties matter: after
-      a ReLU whole windows are 0, and the gradient must go to one input, not to all four. Kept as
-      uint8, 1/16 of the input's float32 memory. Why separable: in channels-last memory the second
-      stage compares whole image rows (W*C contiguous numbers) instead of C-number pieces, which
-      NumPy runs much faster (2x2 pool of 8x16x128x128: 9.5 -> 6.1 ms on one core).
-    - backward: each view of dx receives dout where argmax picked that offset, 0 elsewhere. When the
-      windows tile the input (stride = k, the U-Net's 2x2) the views are disjoint, so each is
-      written once (8x16x128x128: 2.3 -> 1.9 ms on 2 cores); otherwise dx starts at 0 and the views
-      add up (overlapping windows, stride < k).
-
-    Works on channels-last memory (x.transpose(0, 2, 3, 1) is free after a conv) and returns the
-    output in the same layout.
-    """
+    """Max over kernel_size x kernel_size windows (stride defaults to kernel_size, floor mode)."""
 
     def __init__(self, kernel_size: int = 2, stride: Optional[int] = None) -> None:
         self.kernel_size = kernel_size
         self.stride = stride or kernel_size
         self.cache: Any = None
+        self.fast: Any = None
 
-    def _views(self, x: Any):
-        """x: (N, H, W, C) -> the k*k strided views (N, Hout, Wout, C), offset (i, j) in order i*k + j."""
+    def _views(self, x: Any) -> List[Any]:
+        """x: (N, C, H, W) -> the k*k strided views (N, C, Hout, Wout), offset (i, j) in order i*k + j."""
         k, s = self.kernel_size, self.stride
-        ho, wo = conv_output_size(x.shape[1], k, s, 0), conv_output_size(x.shape[2], k, s, 0)
-        return [x[:, i:i + s * ho:s, j:j + s * wo:s] for i in range(k) for j in range(k)]
-
-    @staticmethod
-    def _first_max(views, out: Any = None):
-        """Elementwise maximum of equally shaped views, and the index of the first view holding it
-        (uint8; a later view wins only when strictly greater)."""
-        if len(views) == 1:  # a 1-wide window: the view itself is the maximum
-            top = xp.empty(views[0].shape, dtype=views[0].dtype) if out is None else out
-            top[...] = views[0]
-            return top, xp.zeros(top.shape, dtype=xp.uint8)
-        top = xp.maximum(views[0], views[1], out=out)
-        arg = (views[1] > views[0]).view(xp.uint8)    # bool -> uint8 0/1: a free reinterpretation
-        for index in range(2, len(views)):
-            arg = xp.where(views[index] > top, xp.uint8(index), arg)
-            xp.maximum(top, views[index], out=top)
-        return top, arg
+        ho, wo = conv_output_size(x.shape[2], k, s, 0), conv_output_size(x.shape[3], k, s, 0)
+        return [x[:, :, i:i + s * ho:s, j:j + s * wo:s] for i in range(k) for j in range(k)]
 
     def forward(self, x: Any) -> Any:
         """x: (N, C, H, W) -> (N, C, Hout, Wout)."""
-        x_nhwc = x.transpose(0, 2, 3, 1)
-        k, s = self.kernel_size, self.stride
-        n, h, w, c = x_nhwc.shape
-        out = xp.empty((n, conv_output_size(h, k, s, 0), conv_output_size(w, k, s, 0), c), dtype=x.dtype)
-        argmax = xp.empty(out.shape, dtype=xp.uint8)
-        rows_used = (out.shape[1] - 1) * s + k               # input rows that some window reads
-
-        def images(start: int, stop: int) -> None:  # blocks of images in parallel (tinyunet/parallel.py)
-            xb = x_nhwc[start:stop, :rows_used]
-            # stage 1: over the k columns of each window, in every input row -> (n, rows_used, Wout, C)
-            cols = [xb[:, :, j:j + s * out.shape[2]:s] for j in range(k)]
-            row_max, col_arg = self._first_max(cols)
-            # stage 2: over the k rows of each window; row_max is contiguous, so rows y = yo*s + i of
-            # all windows form one (n, Hout, Wout*C) view with long contiguous rows
-            flat = row_max.reshape(stop - start, rows_used, -1)
-            col_flat = col_arg.reshape(flat.shape)
-            rows = [flat[:, i:i + s * out.shape[1]:s] for i in range(k)]
-            top, row_arg = self._first_max(rows, out=out[start:stop].reshape(stop - start, out.shape[1], -1))
-            col_won = col_flat[:, 0:s * out.shape[1]:s]
-            for i in range(1, k):  # the winning column, in the winning row
-                col_won = xp.where(row_arg == i, col_flat[:, i:i + s * out.shape[1]:s], col_won)
-            argmax[start:stop] = (row_arg * k + col_won).reshape(argmax[start:stop].shape)
-        map_batch_blocks(images, x, passes=3)
-        self.cache = (argmax, x.shape, x.dtype)
-        return out.transpose(0, 3, 1, 2)
+        self.fast = accelerated(self, x)     # the CPU acceleration, or None: the reference below
+        if self.fast:
+            return self.fast.forward(x)
+        windows = xp.stack(self._views(x))             # (k*k, N, C, Hout, Wout)
+        self.cache = (windows.argmax(axis=0), x.shape)   # which view won each window (the first on ties)
+        return windows.max(axis=0)
 
     def backward(self, dout: Any) -> Any:
         """dout: (N, C, Hout, Wout) -> dx: (N, C, H, W)."""
-        argmax, (n, c, h, w), dtype = self.cache
+        if self.fast:
+            return self.fast.backward(dout)
+        argmax, x_shape = self.cache
         self.cache = None
-        dout = dout.transpose(0, 2, 3, 1)
-        k, s = self.kernel_size, self.stride
-        if s != k:  # overlapping windows (or gaps between them): every view adds into zeros
-            dx = xp.zeros((n, h, w, c), dtype=dtype)
-
-            def images(start: int, stop: int) -> None:
-                for offset, view in enumerate(self._views(dx[start:stop])):
-                    view += dout[start:stop] * (argmax[start:stop] == offset)  # writes through the view into dx
-        else:  # the windows tile the input: each view of dx is written once, no zeros and no adds
-            dx = xp.empty((n, h, w, c), dtype=dtype)
-            ho, wo = dout.shape[1:3]
-
-            def images(start: int, stop: int) -> None:
-                block = dx[start:stop]
-                block[:, ho * k:] = 0          # rows and columns no window covers (floor mode)
-                block[:, :ho * k, wo * k:] = 0
-                for offset, view in enumerate(self._views(block)):
-                    xp.multiply(dout[start:stop], argmax[start:stop] == offset, out=view)
-        map_batch_blocks(images, dx, passes=3)
-        return dx.transpose(0, 3, 1, 2)
+        dx = xp.zeros(x_shape, dtype=dout.dtype)
+        for offset, view in enumerate(self._views(dx)):
+            view += dout * (argmax == offset)          # writes through the view into dx
+        return dx
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

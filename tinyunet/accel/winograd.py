@@ -32,14 +32,14 @@ chunk pads its own rows, transforms them, runs its 16 products and writes its 2x
 temporaries of one chunk only (about 2 MB), and the chunks run in parallel (tinyunet/parallel.py).
 Measured on one core, batch 8: with 64-256 channels the 16 products are 52-74% of the time and run at
 85-97 GFLOP/s (BLAS speed), the transforms take the rest; with 32 channels and fewer the transforms,
-which move C-number pieces, cost about what the saved multiplications did. So Conv2d uses this
-method from 64 channels on (``Conv2d._method`` has the layer-by-layer measurements).
+which move C-number pieces, cost about what the saved multiplications did. So the chooser (choose.py)
+uses this method from 64 channels on (benchmarks/README.md has the layer-by-layer measurements).
 
 Float32 rounding: the transforms add and subtract a few numbers of similar size, and the error stays
 at 1e-7 to 1e-6 of the largest output (tested against float64). F(4x4, 3x3), 6x6 tiles, would
 multiply even less, but its transforms have coefficients up to 5: more rounding and more passes over
 memory; not used.
-:func:`winograd_conv3x3_naive` is the same maths tile by tile, for reading and for the tests.
+Lesson 13 writes the same maths tile by tile, and tests/test_accel_conv.py checks this against the reference.
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ from typing import Any, List
 
 import numpy as np
 
-from tinyunet import backend
+from tinyunet.accel.conv import ConvImplementation, nhwc
+from tinyunet.accel.padding import zero_border
+from tinyunet.accel.parallel import ELEMENTWISE_WORK, map_row_blocks, run_concurrently
+from tinyunet.accel.weight_layout import stack_to_weight
 from tinyunet.backend import xp
-from tinyunet.nn.padding import zero_border
-from tinyunet.nn.weight_layout import stack_to_weight
-from tinyunet.parallel import ELEMENTWISE_WORK, map_row_blocks
 
 # the three transform matrices of F(2x2, 3x3)
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64)
@@ -69,16 +69,12 @@ def _map_tile_rows(fn: Any, x: Any, cout: int) -> List[Any]:
     """fn(t0, t1) on chunks of x's tile rows, the chunks in parallel blocks; the results of each
     block's chunks are added (fn returns an array) or ignored (fn returns None).
 
-    x: (N, H, W, C). The chunks depend on the sizes only (results do not depend on the threads). On
-    a GPU all tile rows are one chunk: its kernels are parallel inside, and many small ones would
-    only add launches.
+    x: (N, H, W, C). The chunks depend on the sizes only (results do not depend on the threads).
     """
     n, h, w, c = x.shape
     tile_rows = h // 2
     per_row = 16 * n * (w // 2) * c * x.itemsize       # bytes of V per tile row
     rows = max(1, min(_CHUNK_BYTES // per_row, -(-tile_rows // _MIN_CHUNKS)))
-    if backend.name() != "numpy":
-        rows = tile_rows
     chunks = [(t0, min(t0 + rows, tile_rows)) for t0 in range(0, tile_rows, rows)]
     # per chunk: 16 products of Cin x Cout for each tile, and the transforms' ~24 passes
     work = rows * n * (w // 2) * (16 * c * cout + ELEMENTWISE_WORK * 24 * (c + cout))
@@ -91,27 +87,6 @@ def _map_tile_rows(fn: Any, x: Any, cout: int) -> List[Any]:
                 total = part if total is None else total + part
         return total
     return map_row_blocks(some_chunks, len(chunks), work)
-
-
-def winograd_conv3x3_naive(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """The formula, one 4x4 tile and one channel pair at a time (slow; for reading and tests).
-
-    x: (N, Cin, H, W) with H, W even, weight: (Cout, Cin, 3, 3) -> (N, Cout, H, W), equal to a 3x3
-    convolution with stride 1 and padding 1 (no bias).
-    """
-    n, c, h, w = x.shape
-    cout = weight.shape[0]
-    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, cout, h, w), dtype=x.dtype)
-    for o in range(cout):
-        for ci in range(c):
-            u = G @ weight[o, ci] @ G.T                               # (4, 4)
-            for b in range(n):
-                for ty in range(h // 2):
-                    for tx in range(w // 2):
-                        d = xpad[b, ci, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4]
-                        out[b, o, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2] += A_T @ (u * (B_T @ d @ B_T.T)) @ A_T.T
-    return out
 
 
 def winograd_weights(weight: Any, flipped: bool = False) -> Any:
@@ -233,3 +208,31 @@ def winograd_weight_grad_to_kernel(du: Any) -> Any:
     gg_t = xp.asarray(GG.T, dtype=du.dtype)                                 # (9, 16)
     dg = xp.matmul(gg_t, du.reshape(16, c * cout))                         # (9, Cin*Cout): a kernel stack
     return stack_to_weight(dg.reshape(9, c, cout)).reshape(cout, c, 3, 3)
+
+
+class WinogradConv(ConvImplementation):
+    """Conv2d by F(2x2, 3x3): 3x3 kernel, stride 1, padding 1, even output sides. Backward: the
+    weight gradient through the transforms, and dx as the same fast convolution of dout with the
+    kernel flipped (lesson 03), side by side."""
+
+    name = "winograd"
+
+    @staticmethod
+    def accepts(layer: Any, x: Any) -> bool:
+        return (layer.kernel_size == (3, 3) and layer.stride == 1 and layer.padding == 1
+                and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
+
+    def _forward(self, x: Any) -> Any:
+        self.cache = x = nhwc(x)
+        return winograd_conv3x3(x, winograd_weights(self.layer.weight.data))
+
+    def _backward(self, dout: Any) -> Any:
+        layer, x = self.layer, self.cache
+
+        def weight_grad() -> None:
+            layer.weight.grad += winograd_weight_grad_to_kernel(winograd_weight_grad(x, dout))
+        if not layer.input_grad:
+            weight_grad()
+            return None
+        return run_concurrently(weight_grad,
+                                lambda: winograd_conv3x3(dout, winograd_weights(layer.weight.data, flipped=True)))[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from tinyunet.backend import xp
-from tinyunet.parallel import map_batch_blocks
+from tinyunet.accel.parallel import map_batch_blocks
 
 
 def zero_border(a: Any, top: int, bottom: int, left: int, right: int) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinyunet import blas
+from tinyunet.accel import blas
 from tinyunet.backend import xp
 
 

@@ -63,7 +63,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tinyunet import backend, kernels
+from tinyunet import backend
+from tinyunet.accel import compiled_loops
 
 __all__ = ["set_enabled", "runs", "usable", "clipped_segments", "segment_rows", "shifted_sum",
            "shifted_weight_grad", "MAX_TAPS"]
@@ -73,7 +74,7 @@ MAX_TAPS = 63  # a segment's taps are the bits of one int64
 _NARROW = 4  # column ranges narrower than this run down the lines (a segment per column), wider along them
 _compiled: Dict[Tuple[str, int, int], Callable] = {}
 _vector_budget: int = 0
-_enabled = True  # and kernels.available(): Numba installed, TINYUNET_KERNELS not "numpy"
+_enabled = True  # and compiled_loops.available(): Numba installed, TINYUNET_KERNELS not "numpy"
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -82,6 +83,11 @@ def set_enabled(enabled: bool) -> bool:
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous
+
+
+def enabled() -> bool:
+    """Whether the kernels may run: switched on (:func:`set_enabled`) and Numba installed."""
+    return _enabled and compiled_loops.available()
 
 
 def _budget() -> int:
@@ -100,7 +106,7 @@ def runs(array: Any) -> bool:
     """Whether the kernels can run on arrays like this one: a float32 NumPy array on the NumPy
     backend, Numba installed and the kernels switched on (:func:`set_enabled`, kernels.set_enabled)."""
     return (_enabled and backend.name() == "numpy" and isinstance(array, np.ndarray) and array.dtype == np.float32
-            and kernels.available())
+            and compiled_loops.available())
 
 
 def usable(*arrays: Any) -> bool:
@@ -120,14 +126,14 @@ def _tile(n: int) -> int:
     return next((v for v in (4, 2) if (n // 16) % v == 0 and 4 * v <= _budget()), 1)
 
 
-_IMPORTS = "from tinyunet.simd import vadd, vbroadcast, vfma, vload, vstore, vzero\n\n\n"
+_IMPORTS = "from tinyunet.accel.simd import vadd, vbroadcast, vfma, vload, vstore, vzero\n\n\n"
 
 
 def _kernel_file(source: str) -> Optional[Path]:
     """The kernel's source as a module file in ``$TINYUNET_CACHE/kernels`` (default_cache_dir), named
     by a hash of it and of simd.py, written once (atomically); None where the folder is not writable.
     Numba keeps a function's machine code only for functions in files, beside the file."""
-    from tinyunet import simd
+    from tinyunet.accel import simd
     from tinyunet.data.pets import default_cache_dir
     text = _IMPORTS + source + "\n"
     key = hashlib.sha256((text + Path(simd.__file__).read_text()).encode()).hexdigest()[:16]

@@ -46,7 +46,7 @@ from typing import Any, Callable, Optional, Tuple
 import numpy as np
 
 from tinyunet import backend
-from tinyunet.parallel import map_batch_blocks
+from tinyunet.accel.parallel import map_batch_blocks
 
 __all__ = ["available", "set_enabled", "usable", "channel_mean_var", "normalise", "grad_sums",
            "affine_grad", "relu", "relu_backward"]
