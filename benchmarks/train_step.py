@@ -389,6 +389,38 @@ def torch_worker(args: argparse.Namespace, memory: bool) -> Dict[str, Any]:
     torch.set_num_threads(args.threads or usable_cores())
     torch.manual_seed(0)
 
+    model = torch_unet(args.base_channels, args.depth, args.classes)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, args.classes, (args.batch_size, args.size, args.size), generator=g)
+
+    def step():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if memory:
+        step()  # allocate optimizer state, first-call caches
+        return measure_rss(step)
+    ts = time_steps(step, lambda: None, args.warmup, args.steps)
+    res = {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
+           "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
+           "params": sum(p.numel() for p in model.parameters())}
+    if args.breakdown_steps:
+        res["breakdown_ms"] = {k: v * 1e3 for k, v in torch_breakdown(model, loss_fn, opt, x, y,
+                                                                      args.breakdown_steps).items()}
+    return res
+
+
+def torch_unet(base: int, depth: int, classes: int) -> Any:
+    """The PyTorch U-Net of the comparisons: layer for layer tinyunet's UNet."""
+    import torch
+    from torch import nn
+
     def double_conv(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
                              nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
@@ -417,31 +449,7 @@ def torch_worker(args: argparse.Namespace, memory: bool) -> Dict[str, Any]:
                 x = block(torch.cat([up(x), skip], dim=1))
             return self.head(x)
 
-    model = TorchUNet(args.base_channels, args.depth, args.classes)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.size, args.size, generator=g)
-    y = torch.randint(0, args.classes, (args.batch_size, args.size, args.size), generator=g)
-
-    def step():
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    if memory:
-        step()  # allocate optimizer state, first-call caches
-        return measure_rss(step)
-    ts = time_steps(step, lambda: None, args.warmup, args.steps)
-    res = {"framework": "torch " + torch.__version__, "threads": torch.get_num_threads(),
-           "ms_median": statistics.median(ts) * 1e3, "ms_min": min(ts) * 1e3,
-           "params": sum(p.numel() for p in model.parameters())}
-    if args.breakdown_steps:
-        res["breakdown_ms"] = {k: v * 1e3 for k, v in torch_breakdown(model, loss_fn, opt, x, y,
-                                                                      args.breakdown_steps).items()}
-    return res
+    return TorchUNet(base, depth, classes)
 
 
 def torch_breakdown(model: Any, loss_fn: Any, opt: Any, x: Any, y: Any, steps: int) -> Dict[str, float]:

@@ -19,7 +19,13 @@ refuse ``numpy.asarray`` (NumPy recognises the subclass and never asks it), and 
 - forwards a fixed list of ndarray methods/attributes (``reshape``, ``sum``, ``astype``, ``T``, ...),
   whose results are wrapped again, so results stay on the "device";
 - counts every explicit device -> host transfer (``get()``, ``float()``, ``int()``, ``bool()``,
-  ``item()``, ``tolist()``, ``repr()``, ``asnumpy``) in :data:`stats` of the module.
+  ``item()``, ``tolist()``, ``repr()``, ``asnumpy``) in :data:`stats` of the module;
+- counts every operation that would launch a GPU kernel (``stats["launches"]``, by name in
+  :data:`launches`): each call of an array function, ufunc, operator, in-place operator, computing
+  method (sum, max, astype, copy, ...), assignment into an array, advanced indexing, and reshape or
+  ravel that must copy. Views (slicing, transpose, a reshape that needs no copy, sliding windows) and
+  ``empty`` (an allocation from CuPy's pool) launch nothing. One count per call: CuPy runs some calls
+  (var, pad, einsum) as several kernels, so this is a lower bound.
 
 Module-level attributes (:func:`__getattr__`) forward to NumPy: functions unwrap their arguments
 (refusing host arrays except in ``asarray``/``array``, the host -> device copies) and wrap array
@@ -37,24 +43,40 @@ from __future__ import annotations
 
 import operator
 import traceback
+from collections import Counter
 from types import ModuleType
 from typing import Any, Dict, List
 
 import numpy as _np
 
-__all__ = ["FakeCupyArray", "stats", "transfer_log", "reset_counters", "asnumpy", "ndarray"]
+__all__ = ["FakeCupyArray", "stats", "transfer_log", "launches", "reset_counters", "asnumpy", "ndarray"]
 
-#: number of explicit device -> host transfers since the last :func:`reset_counters`
-stats: Dict[str, int] = {"transfers": 0}
+#: explicit device -> host transfers, and operations that launch a kernel, since :func:`reset_counters`
+stats: Dict[str, int] = {"transfers": 0, "launches": 0, "uploads": 0}
 #: one (kind, short stack) entry per transfer, to tell *where* a transfer happened
 transfer_log: List[tuple] = []
+#: the launches by operation name (e.g. "matmul", "__add__", "sum", "setitem")
+launches: Counter = Counter()
 
 _SCALARS = (bool, int, float, complex, _np.generic)
+# functions that only allocate (from CuPy's memory pool) or make views or answer questions: no kernel
+_NO_KERNEL = {"empty", "empty_like", "sliding_window_view", "as_strided", "broadcast_to", "result_type",
+              "shape", "ndim", "may_share_memory", "shares_memory", "iinfo", "finfo", "dtype", "isscalar"}
+# array methods that compute (the others are views or attributes)
+_COMPUTING = {"astype", "copy", "sum", "mean", "max", "min", "argmax", "argmin", "any", "all", "clip", "fill",
+              "std", "var", "prod", "cumsum", "nonzero", "take", "repeat", "dot", "round", "argsort", "sort",
+              "flatten", "put", "trace", "conj"}
 
 
 def reset_counters() -> None:
-    stats["transfers"] = 0
+    stats["transfers"] = stats["launches"] = stats["uploads"] = 0
     transfer_log.clear()
+    launches.clear()
+
+
+def _launch(name: str) -> None:
+    stats["launches"] += 1
+    launches[name] += 1
 
 
 def _count(kind: str) -> None:
@@ -159,6 +181,7 @@ class FakeCupyArray:
             kwargs["out"] = _unwrap(kwargs["out"], where)
         if "where" in kwargs:
             kwargs["where"] = _unwrap(kwargs["where"], where)
+        _launch(ufunc.__name__)
         result = getattr(ufunc, method)(*args, **kwargs)
         return _wrap(result)
 
@@ -215,7 +238,12 @@ class FakeCupyArray:
                 def method(*args: Any, **kwargs: Any) -> Any:
                     args = _unwrap(args, f"ndarray.{name}")
                     kwargs = {k: _unwrap(v, f"ndarray.{name}") for k, v in kwargs.items()}
-                    return _wrap(value(*args, **kwargs))
+                    result = value(*args, **kwargs)
+                    if name in _COMPUTING and not (name == "astype" and result is self._a):
+                        _launch(name)
+                    elif name in ("reshape", "ravel") and not _np.shares_memory(result, self._a):
+                        _launch(name)   # a reshape that had to copy
+                    return _wrap(result)
                 return method
             return _wrap(value)
         raise AttributeError(f"fake-cupy: device arrays have no attribute {name!r} in this stand-in")
@@ -234,11 +262,15 @@ class FakeCupyArray:
             yield FakeCupyArray(self._a[i:i + 1].reshape(self._a.shape[1:]))
 
     def __getitem__(self, key: Any) -> "FakeCupyArray":
-        return _wrap(self._a[_index(key)])
+        result = self._a[_index(key)]
+        if isinstance(result, _np.ndarray) and result.size and not _np.shares_memory(result, self._a):
+            _launch("getitem")   # advanced indexing gathers into a new array
+        return _wrap(result)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if isinstance(value, FakeCupyArray):
             value = value._a
+        _launch("setitem")
         self._a[_index(key)] = value
 
     def __copy__(self) -> "FakeCupyArray":
@@ -254,6 +286,7 @@ class FakeCupyArray:
 def _binary(op: Any, name: str, reflected: bool = False):
     def method(self: FakeCupyArray, other: Any) -> Any:
         b = _operand(other, name)
+        _launch(name)
         return _wrap(op(b, self._a) if reflected else op(self._a, b))
     method.__name__ = name
     return method
@@ -261,6 +294,7 @@ def _binary(op: Any, name: str, reflected: bool = False):
 
 def _inplace(op: Any, name: str):
     def method(self: FakeCupyArray, other: Any) -> Any:
+        _launch(name)
         op(self._a, _operand(other, name))  # numpy's in-place operators write into self._a
         return self
     method.__name__ = name
@@ -269,6 +303,7 @@ def _inplace(op: Any, name: str):
 
 def _unary(op: Any, name: str):
     def method(self: FakeCupyArray) -> Any:
+        _launch(name)
         return _wrap(op(self._a))
     method.__name__ = name
     return method
@@ -308,6 +343,8 @@ class _Function:
         where = f"xp.{self._qualname.split('.', 1)[1]}"
         args = _unwrap(args, where)
         kwargs = {k: _unwrap(v, where) for k, v in kwargs.items()}
+        if short not in _NO_KERNEL:
+            _launch(short)
         return _wrap(self._func(*args, **kwargs))
 
     def __getattr__(self, name: str) -> Any:  # ufunc methods: reduce, at, outer, accumulate; attributes
@@ -327,6 +364,10 @@ def _to_device(func: Any, obj: Any, *args: Any, **kwargs: Any) -> FakeCupyArray:
     result = _np.asarray(func(obj, *args, **kwargs))
     if not on_device and isinstance(obj, _np.ndarray) and _np.shares_memory(result, obj):
         result = result.copy()  # a host -> device copy never shares memory with the host array
+    if on_device and not _np.shares_memory(result, obj):
+        _launch("asarray")      # a device array converted: a copy kernel
+    elif not on_device:
+        stats["uploads"] = stats.get("uploads", 0) + 1
     return FakeCupyArray(result)
 
 

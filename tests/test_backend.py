@@ -416,3 +416,56 @@ def test_keep_freed_host_memory_keeps_freed_arrays_for_reuse():
         return float(proc.stdout)
     assert dropped("default") > 56
     assert dropped("keep") < 8
+
+
+# ================================================================== kernel launches on a GPU
+def test_an_optimizer_step_is_a_handful_of_operations_whatever_the_number_of_parameters(fake_cupy):
+    """The parameters live in one flat buffer (tinyunet/optim.py): Adam's step is the same dozen-odd
+    array operations for 2 parameter tensors as for 64 (a loop over the tensors would be 8-10 each)."""
+    from tinyunet.nn import Parameter
+    from tinyunet.optim import Adam
+
+    counts = []
+    for tensors in (2, 64):
+        params = [Parameter(backend.to_device(np.ones((3, 4), np.float32))) for _ in range(tensors)]
+        optimizer = Adam(params, weight_decay=1e-4)
+        for p in params:
+            p.grad += 1.0
+        fake_cupy.reset_counters()
+        optimizer.step()
+        optimizer.zero_grad()
+        counts.append(fake_cupy.stats["launches"])
+    assert counts[0] == counts[1] <= 20, counts
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_im2col_is_one_copy_whatever_the_kernel(kernel, fake_cupy):
+    """A window view and one copy (plus the padding's): not one copy per kernel offset."""
+    from tinyunet.nn.conv import im2col
+
+    x = backend.to_device(np.zeros((2, 3, 9, 8), np.float32))
+    fake_cupy.reset_counters()
+    cols = im2col(x, kernel, kernel, 1, 1)
+    assert cols.shape == (2, 3 * kernel * kernel, (9 + 2 - kernel + 1) * (8 + 2 - kernel + 1))
+    # the padding's copy, and the copy into columns (none for a 1x1 kernel: its columns are a view)
+    assert fake_cupy.stats["launches"] == (1 if kernel == 1 else 2), dict(fake_cupy.launches)
+
+
+def test_the_stand_in_counts_launches_and_not_views(fake_cupy):
+    """What the launch counter counts: operators, functions, computing methods, assignments; not
+    views, allocations, or a reshape that needs no copy."""
+    xp = backend.xp
+    a = backend.to_device(np.ones((4, 6), np.float32))
+    fake_cupy.reset_counters()
+    b = a[1:3].reshape(-1)                         # views
+    assert a.T.shape == (6, 4)
+    c = xp.empty((4, 6), dtype=xp.float32)         # an allocation
+    assert fake_cupy.stats["launches"] == 0
+    d = a + 1.0
+    d *= 2.0
+    e = xp.matmul(a, a.T)
+    f = e.sum()
+    c[...] = d
+    g = a.T.reshape(-1)                            # not contiguous: this reshape copies
+    assert fake_cupy.stats["launches"] == 6, dict(fake_cupy.launches)
+    assert b.shape == (12,) and float(f) == 96.0 and g.shape == (24,)

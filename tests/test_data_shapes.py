@@ -37,3 +37,19 @@ def test_shapes_fast():
     start = time.perf_counter()
     make_shapes(300, 64, seed=0)
     assert time.perf_counter() - start < 3.0
+
+
+def test_class_ids_outside_the_classes_are_refused_where_the_data_enters():
+    """On a GPU an out-of-range class id would index silently in the loss (CuPy wraps indices): the
+    dataset refuses it on the host, naming the examples."""
+    import numpy as np
+    import pytest as _pytest
+    from tinyunet.data import SegmentationData
+
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[1, 2, 2] = 3
+    with _pytest.raises(ValueError, match=r"\[0, 3\).*b"):
+        SegmentationData(images, labels, ["a", "b", "c"])
+    labels[1, 2, 2] = 2
+    assert len(SegmentationData(images, labels, ["a", "b", "c"])) == 3

@@ -130,3 +130,25 @@ def test_shape_mismatch_is_reported():
         meter.update(to_device(np.zeros((1, 4, 4), dtype=np.int64)), to_device(np.zeros((1, 4, 5), dtype=np.int64)))
     with pytest.raises(ValueError, match="channels"):
         meter.update(to_device(np.zeros((1, 2, 4, 4))), to_device(np.zeros((1, 4, 4), dtype=np.int64)))
+
+
+def test_scores_take_a_device_matrix_and_the_meter_never_syncs(fake_cupy):
+    """pixel_accuracy / iou_per_class / dice_per_class copy a device matrix explicitly (one transfer
+    each) instead of handing it to numpy; ConfusionMeter.update counts with a scatter-add, no transfer."""
+    from tinyunet import backend
+    from tinyunet.metrics import ConfusionMeter, dice_per_class, iou_per_class, pixel_accuracy
+
+    cm_host = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]])
+    cm = backend.to_device(cm_host)
+    fake_cupy.reset_counters()
+    assert pixel_accuracy(cm) == pytest.approx(16 / 20)
+    np.testing.assert_allclose(iou_per_class(cm), [5 / 8, 7 / 11, 4 / 5])
+    np.testing.assert_allclose(dice_per_class(cm), [10 / 13, 14 / 18, 8 / 9])
+    assert fake_cupy.stats["transfers"] == 3
+    meter = ConfusionMeter(3)
+    pred = backend.to_device(np.array([[0, 1], [2, 2]]))
+    target = backend.to_device(np.array([[0, 2], [2, 1]]))
+    fake_cupy.reset_counters()
+    meter.update(pred, target)
+    assert fake_cupy.stats["transfers"] == 0 and "bincount" not in fake_cupy.launches
+    np.testing.assert_array_equal(meter.matrix(), [[1, 0, 0], [0, 0, 1], [0, 1, 1]])

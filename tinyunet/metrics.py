@@ -9,7 +9,7 @@ class ``c``::
     Dice = 2 TP / (2 TP + FP + FN)
     pixel accuracy = trace(cm) / cm.sum()
 
-The matrix is built on the device (one ``bincount`` per batch) and summed over the whole validation
+The matrix is built on the device (one scatter-add per batch) and summed over the whole validation
 set before any ratio is taken, so the scores are dataset-level, not an average of per-image scores.
 Only :meth:`ConfusionMeter.compute` / :meth:`ConfusionMeter.matrix` copy it to the host.
 
@@ -41,7 +41,9 @@ def _counts(pred: Any, target: Any, num_classes: int, ignore_index: Optional[int
     Bins ``0 .. C*C-1`` are the confusion matrix in row-major order (``target * C + pred``); bin
     ``C*C`` collects ignored pixels and bin ``C*C+1`` pixels whose label or prediction is outside
     ``[0, C)``. Sending unwanted pixels to spare bins (instead of boolean-masking them out) keeps the
-    work on the device with no host sync, because the output size never depends on the data.
+    work on the device with no host sync, because the output size never depends on the data; so does
+    the scatter-add ``add.at`` (``bincount`` would read the largest index back to size its output: on
+    CuPy, a sync per call).
     """
     C = num_classes
     pred = xp.asarray(pred).astype(xp.int64, copy=False).ravel()
@@ -52,7 +54,9 @@ def _counts(pred: Any, target: Any, num_classes: int, ignore_index: Optional[int
     index = xp.where(valid, target * C + pred, C * C + 1)
     if ignore_index is not None:
         index = xp.where(target == ignore_index, C * C, index)
-    return xp.bincount(index, minlength=C * C + 2)[: C * C + 2].astype(xp.int64, copy=False)
+    counts = xp.zeros(C * C + 2, dtype=xp.int64)
+    xp.add.at(counts, index, 1)
+    return counts
 
 
 def confusion_matrix(pred: Any, target: Any, num_classes: int, ignore_index: Optional[int] = None) -> Any:
@@ -87,22 +91,24 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def pixel_accuracy(cm: np.ndarray) -> float:
+def pixel_accuracy(cm: Any) -> float:
     """Fraction of counted pixels predicted correctly: ``trace(cm) / sum(cm)`` (NaN if empty)."""
-    cm = np.asarray(cm)
+    cm = to_host(cm)
     return float(_ratio(np.trace(cm), cm.sum()))
 
 
-def iou_per_class(cm: np.ndarray) -> np.ndarray:
-    """Intersection over union per class from a host ``(C, C)`` matrix -> ``(C,)`` float64, NaN if 0/0."""
-    cm = np.asarray(cm)
+def iou_per_class(cm: Any) -> np.ndarray:
+    """Intersection over union per class from a ``(C, C)`` matrix (host or device) -> ``(C,)`` float64
+    on the host, NaN if 0/0."""
+    cm = to_host(cm)
     tp = np.diag(cm)
     return _ratio(tp, cm.sum(axis=0) + cm.sum(axis=1) - tp)  # |pred ∪ true| = pred + true - both
 
 
-def dice_per_class(cm: np.ndarray) -> np.ndarray:
-    """Dice (F1) per class from a host ``(C, C)`` matrix -> ``(C,)`` float64, NaN if 0/0."""
-    cm = np.asarray(cm)
+def dice_per_class(cm: Any) -> np.ndarray:
+    """Dice (F1) per class from a ``(C, C)`` matrix (host or device) -> ``(C,)`` float64 on the host,
+    NaN if 0/0."""
+    cm = to_host(cm)
     return _ratio(2 * np.diag(cm), cm.sum(axis=0) + cm.sum(axis=1))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinyunet.classes import NUM_CLASSES
 from tinyunet.data.transforms import augment as _augment
 from tinyunet.data.transforms import to_input
 
@@ -41,6 +42,13 @@ class SegmentationData:
             )
         if self.images.ndim != 4 or self.images.shape[1:3] != self.labels.shape[1:3]:
             raise ValueError(f"images {self.images.shape} must be (N, S, S, 3) matching labels {self.labels.shape}")
+        # Labels are checked here, where data enters, on the host: on a GPU an out-of-range class id
+        # would index silently (CuPy wraps indices instead of raising) and checking it there costs a sync.
+        if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= NUM_CLASSES):
+            bad = [self.names[i] for i in np.flatnonzero(((self.labels < 0) | (self.labels >= NUM_CLASSES))
+                                                          .reshape(n, -1).any(axis=1))]
+            raise ValueError(f"class ids must be in [0, {NUM_CLASSES}); {len(bad)} example(s) are not: "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
     def __len__(self) -> int:
         return len(self.names)

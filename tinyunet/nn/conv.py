@@ -68,7 +68,8 @@ def col2im(cols: Any, x_shape: Tuple[int, ...], kh: int, kw: int, stride: int, p
     out = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += cols[:, :, i, j]
+            patch_pixels = out[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride]   # a view into out
+            patch_pixels += cols[:, :, i, j]
     return out[:, :, padding:padding + h, padding:padding + w]   # the padding was not an input
 
 
