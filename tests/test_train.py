@@ -315,3 +315,54 @@ def test_predictions_png_shows_validation_images_spread_over_the_set(run_cli, tm
     status, _, err = run_cli(*train_args(tmp_path / "run", 1))
     assert status == 0, err
     assert shown == [[f"shapes_{i:05d}" for i in (0, 2, 4, 6)]]
+
+
+def test_a_run_folder_is_held_by_one_training_at_a_time(run_cli, cli_env, tmp_path, no_figures):
+    """A second training into a folder in use (started alongside, or with --force) is refused with a
+    message that names the holder, and changes nothing; once the holder is killed with kill -9, the
+    folder is free at once (the lock dies with the process) and --resume continues the run."""
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--num-shapes", "160", "--epochs", "20", "--out", str(run)]
+    child = subprocess.Popen([sys.executable, "-m", "tinyunet.cli", *args], env=cli_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.npz").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert child.poll() is None, child.stderr.read()
+        before = {p.name for p in run.iterdir()}
+        for extra in ([], ["--force"], ["--resume"]):
+            status, out, err = run_cli(*args, *extra)
+            assert status == 2, (extra, out, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert f"run folder {run} is in use by another training" in err
+            assert f"process {child.pid} " in err and f"tinyunet train {TINY[0]}" in err, err
+        assert {"config.json", "last.npz"} <= {p.name for p in run.iterdir()}
+        assert before <= {p.name for p in run.iterdir()}  # --force deleted nothing
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stderr.close()
+    epoch = meta_of(run / "last.npz")["epoch"]
+    assert epoch < 20, "the first training ended before it was killed: nothing was tested"
+    status, out, err = run_cli(*args, "--resume")
+    assert status == 0, err
+    assert f"resuming {run} after epoch {epoch}" in out
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == list(range(1, 21))
+    assert not (run / ".lock").exists()  # a training that ends lets go of the folder
+
+
+def test_a_failed_start_leaves_no_folder_and_no_lock(run_cli, tmp_path):
+    run = tmp_path / "new"
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "4", "--epochs", "1", "--out", run)
+    assert status == 2
+    assert not run.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "4", "--epochs", "1", "--out", existing, "--force")
+    assert status == 2
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]

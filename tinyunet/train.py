@@ -20,6 +20,7 @@ run that was never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -46,6 +47,7 @@ from tinyunet.losses import CrossEntropyLoss
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
 from tinyunet.optim import Adam
+from tinyunet.run_lock import LOCK_NAME, RunFolderLock
 
 PREVIEW_IMAGES = 4  # validation images shown in predictions.png
 
@@ -174,7 +176,25 @@ class Trainer:
         last = self.run_dir / "last.npz"
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise TinyUNetError(f"run folder {self.run_dir} is a file, not a folder: choose another --out")
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not (resume or force):
+        # one training per run folder, from here to the end of fit() (run_lock.py): a second one,
+        # started alongside or with --force, would mix its files with this one's
+        self._created = not self.run_dir.exists()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TinyUNetError(f"cannot create run folder {self.run_dir} ({exc.strerror or exc}): "
+                                "choose another --out") from exc
+        self._lock: Optional[RunFolderLock] = None
+        try:
+            self._lock = RunFolderLock(self.run_dir)
+            self._setup(config, resume, force, explicit, last)
+        except BaseException:
+            self._let_go()
+            raise
+
+    def _setup(self, config: TrainConfig, resume: bool, force: bool, explicit: Optional[Iterable[str]],
+               last: Path) -> None:
+        if self._run_files() and not (resume or force):
             raise TinyUNetError(f"run folder {self.run_dir} already exists and is not empty: "
                                 f"pass --resume to continue it or --force to start it again")
         # --force deletes the old run only in fit(), once the data has loaded: a typo in --data must
@@ -229,11 +249,25 @@ class Trainer:
             self.log(f"reading the data from {changes['data']} (the run's was {saved.data})")
         return replace(saved, **changes)
 
+    def _run_files(self) -> List[Path]:
+        """What the run folder holds, but the lock."""
+        return [p for p in self.run_dir.iterdir() if p.name != LOCK_NAME]
+
+    def _let_go(self, ended_before_start: bool = True) -> None:
+        """Release the run folder; a folder this training created and never used is removed again
+        (a failed start leaves nothing to --force away afterwards)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if ended_before_start and self._created:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if empty
+
     def _prepare_run_dir(self) -> None:
-        """Create (or, with --force, recreate) the run folder and write config.json."""
-        if self.force and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Empty the run folder with --force (all but the lock), and write config.json."""
+        if self.force:
+            for path in self._run_files():
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         for stale in self.run_dir.glob("*.tmp"):  # temp files of a save interrupted by kill -9
             stale.unlink(missing_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
@@ -262,15 +296,31 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
+        """Train from the start (or the resumed epoch) to the last epoch; the run folder is held until
+        it returns or raises, and released then."""
+        if self._lock is None:
+            raise TinyUNetError(f"this training of {self.run_dir} has ended: start a new one")
+        started = False
+        try:
+            train, val = load_data(self.config, progress=self.progress)
+            self._check_data(train, val)
+            self._prepare_run_dir()
+            started = True
+            return self._fit(train, val)
+        finally:
+            self._let_go(ended_before_start=not started)
+
+    def _check_data(self, train: SegmentationData, val: SegmentationData) -> None:
         config = self.config
-        train, val = load_data(config, progress=self.progress)
         if len(train) < config.batch_size:
             raise TinyUNetError(f"only {len(train)} training images, fewer than --batch-size {config.batch_size}: "
                                 f"lower --batch-size or use more data (--limit, --num-shapes)")
         if len(val) == 0:
             raise TinyUNetError(f"no validation images (--val-fraction {config.val_fraction} of {len(train)} "
                                 f"images): raise --val-fraction or use more data")
-        self._prepare_run_dir()
+
+    def _fit(self, train: SegmentationData, val: SegmentationData) -> Dict[str, Any]:
+        config = self.config
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}; "
                  + (accel_description() if backend.accelerate() else "the reference layers (tinyunet/nn) alone"))
