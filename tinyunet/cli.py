@@ -230,7 +230,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if backend.accelerate():
                 from tinyunet.accel.parallel import set_num_threads
                 set_num_threads(args.threads)
-        if args.command in ("train", "evaluate", "predict") and backend.accelerate():
+        # not predict: one big photo at a time, not steps; keeping its freed memory would only raise the peak
+        if args.command in ("train", "evaluate") and backend.accelerate():
             from tinyunet.accel.allocator import keep_freed_host_memory
             keep_freed_host_memory()  # reuse freed arrays between steps (see there)
         with warnings.catch_warnings():
