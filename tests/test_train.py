@@ -366,3 +366,94 @@ def test_a_failed_start_leaves_no_folder_and_no_lock(run_cli, tmp_path):
     status, _, err = run_cli("train", *TINY, "--num-shapes", "4", "--epochs", "1", "--out", existing, "--force")
     assert status == 2
     assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+
+# --- settings refused before work starts (issue 24, item 4) ----------------------------------------
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_starts(cli_env, tmp_path):
+    """`--depth 12 --size 4096` once ran until the kernel killed it at 23 GB. Here the child may map
+    4 GB (ulimit -v): today's refusal names the settings, their needs and a change that fits, in one
+    line, before anything big is allocated (without the check: a MemoryError traceback)."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    run = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tinyunet.cli", "train", "--dataset", "shapes", "--num-shapes", "8",
+                             "--depth", "12", "--size", "4096", "--out", str(run)], env=cli_env, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit_memory)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert "--depth 12 --size 4096 --batch-size 8 needs about" in line and "GB is available: use --depth" in line
+    assert time.monotonic() - started < 60
+    assert not run.exists()
+
+
+def test_memory_estimate_agrees_with_the_measured_activations_and_parameters():
+    """The estimate scales a small copy of the model; tinyunet summary measures the real one (a
+    training-mode forward at the real size, every array the layers keep for backward added up)."""
+    from tinyunet.memory import estimate_training_memory
+    from tinyunet.models import create_model
+    from tinyunet.summary import summarize
+    from tinyunet.train import TrainConfig
+
+    for arch in ("unet", "resunet", "attunet"):
+        config = TrainConfig(dataset="shapes", arch=arch, base_channels=24, depth=5, size=64, batch_size=2)
+        model = create_model(**config.model_kwargs())
+        measured = sum(row.saved_bytes for row in summarize(model, (2, 3, 64, 64)))
+        estimate = estimate_training_memory(config, 10)
+        assert estimate.activations == pytest.approx(measured, rel=0.05), arch
+        assert estimate.parameters == pytest.approx(model.num_parameters(), rel=0.01), arch
+        assert estimate.weights == 16 * estimate.parameters and estimate.data == 10 * 64 * 64 * 4
+
+
+def test_the_change_the_memory_error_suggests_fits_and_trains(run_cli, tmp_path, monkeypatch, no_figures):
+    import tinyunet.memory
+
+    monkeypatch.setattr(tinyunet.memory, "available_memory", lambda: 40_000_000)  # 40 MB
+    args = ["train", "--dataset", "shapes", "--size", "128", "--num-shapes", "32", "--base-channels", "8",
+            "--depth", "2", "--batch-size", "16", "--epochs", "1", "--quiet"]
+    status, _, err = run_cli(*args, "--out", tmp_path / "run")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "but 40 MB is available: use --batch-size " in err
+    fix = err.split("use ")[-1].split(" (about")[0].split()
+    status, out, err = run_cli(*args, *fix, "--out", tmp_path / "run")
+    assert status == 0, err
+    assert (tmp_path / "run" / "last.npz").is_file()
+
+
+def test_too_few_images_get_advice_that_works(run_cli, make_pets_root, write_example, write_split_file, tmp_path,
+                                              no_figures):
+    """A 1-image dataset used to be told to raise --val-fraction, which cannot help: it needs a
+    second image. Each refusal's advice, followed, trains."""
+    tiny_pets = ["--size", "32", "--base-channels", "4", "--depth", "2", "--epochs", "1", "--quiet"]
+    root = make_pets_root(n_trainval=1, n_test=1)
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--out", tmp_path / "a")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "only 1 usable image" in err and "at least 2" in err and "add images" in err
+    assert "--val-fraction" not in err
+    write_example(root, "Cat_1", seed=1)
+    write_split_file(root, "trainval", ["Cat_0", "Cat_1"])
+    status, out, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--out", tmp_path / "a")
+    assert status == 0, err
+    assert "data: 1 training and 1 validation images" in out
+
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--val-fraction", "0.9",
+                             "--out", tmp_path / "b")
+    assert status == 2 and "none is left to train on: use e.g. --val-fraction 0.1" in err
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--val-fraction", "0",
+                             "--out", tmp_path / "b")
+    assert status == 2 and "holds out no validation images: use e.g. --val-fraction 0.1" in err
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--val-fraction", "0.1",
+                             "--out", tmp_path / "b")
+    assert status == 0, err
+
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "5", "--epochs", "1", "--out", tmp_path / "c")
+    assert status == 2 and "only 5 training images, fewer than --batch-size 8: use --batch-size 5" in err
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "5", "--epochs", "1", "--batch-size", "5",
+                             "--out", tmp_path / "c")
+    assert status == 0, err

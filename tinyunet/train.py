@@ -39,11 +39,12 @@ from tinyunet import backend
 from tinyunet.backend import to_device, to_host
 from tinyunet.checkpoint import load_checkpoint, restore, save_checkpoint
 from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
-from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes,
+from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes, read_split,
                            split_train_val)
 from tinyunet.data.pets import spread_subset
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
 from tinyunet.losses import CrossEntropyLoss
+from tinyunet.memory import check_training_fits
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
 from tinyunet.optim import Adam
@@ -115,6 +116,18 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     if config.schedule == "constant" or total_steps <= 1:
         return config.lr
     return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _num_images(config: TrainConfig) -> int:
+    """How many images load_data will decode (0 where the pets split file cannot be read yet: the
+    loader then says what is wrong)."""
+    if config.dataset == "shapes":
+        return config.num_shapes + max(config.num_shapes // 8, 8)
+    try:
+        names = read_split(config.data or str(default_data_dir()), "trainval")
+    except TinyUNetError:
+        return 0
+    return len(names) if config.limit is None else min(config.limit, len(names))
 
 
 def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationData, SegmentationData]:
@@ -206,6 +219,8 @@ class Trainer:
             names = [f.name for f in fields(TrainConfig)] if explicit is None else list(explicit)
             config = self._resumed_config(saved, config, names)
         config.validate()
+        if backend.name() == "numpy":  # host memory; a GPU's is not measured
+            check_training_fits(config, _num_images(config))  # before the model is even built
         self.config = config
         backend.seed(config.seed)
         self.model = create_model(**config.model_kwargs())
@@ -311,13 +326,24 @@ class Trainer:
             self._let_go(ended_before_start=not started)
 
     def _check_data(self, train: SegmentationData, val: SegmentationData) -> None:
+        """Refuse data a run cannot use, with a change that makes it usable."""
         config = self.config
+        total = len(train) + len(val)
+        if config.dataset == "pets" and total < 2:
+            more = f" or a larger --limit than {config.limit}" if config.limit is not None else ""
+            raise TinyUNetError(f"only {total} usable image{'' if total == 1 else 's'} in "
+                                f"{config.data or default_data_dir()}: training needs at least 2, one to train on "
+                                f"and one to validate: add images{more}")
+        if len(val) == 0:  # pets with --val-fraction 0: any other fraction holds out at least one image
+            raise TinyUNetError(f"--val-fraction {config.val_fraction:g} holds out no validation images: "
+                                "use e.g. --val-fraction 0.1")
+        if len(train) == 0:
+            raise TinyUNetError(f"--val-fraction {config.val_fraction:g} holds out all {total} images for "
+                                "validation, none is left to train on: use e.g. --val-fraction 0.1")
         if len(train) < config.batch_size:
+            more = "--num-shapes" if config.dataset == "shapes" else "more images"
             raise TinyUNetError(f"only {len(train)} training images, fewer than --batch-size {config.batch_size}: "
-                                f"lower --batch-size or use more data (--limit, --num-shapes)")
-        if len(val) == 0:
-            raise TinyUNetError(f"no validation images (--val-fraction {config.val_fraction} of {len(train)} "
-                                f"images): raise --val-fraction or use more data")
+                                f"use --batch-size {len(train)} (or {more})")
 
     def _fit(self, train: SegmentationData, val: SegmentationData) -> Dict[str, Any]:
         config = self.config
