@@ -457,3 +457,88 @@ def test_too_few_images_get_advice_that_works(run_cli, make_pets_root, write_exa
     status, _, err = run_cli("train", *TINY, "--num-shapes", "5", "--epochs", "1", "--batch-size", "5",
                              "--out", tmp_path / "c")
     assert status == 0, err
+
+
+# --- errors that say what they mean (issue 24, item 5) ---------------------------------------------
+
+
+def test_a_full_disk_while_saving_says_which_file_and_resume_continues(run_cli, tmp_path, monkeypatch, no_figures):
+    """The disk fills up while last.npz of epoch 2 is being written (np.savez writes part of it, then
+    ENOSPC): the error names the file, says epoch 1's checkpoint is intact and that --resume
+    continues; it does, to the same weights as a run that never failed."""
+    import errno
+
+    import tinyunet.checkpoint
+
+    real_savez = np.savez
+
+    def disk_fills_up(file, **arrays):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_save = train_module.save_checkpoint
+
+    def save(path, model_state, optim_state, meta):
+        full = Path(path).name == "last.npz" and meta["epoch"] == 2
+        monkeypatch.setattr(tinyunet.checkpoint.np, "savez", disk_fills_up if full else real_savez)
+        try:
+            real_save(path, model_state, optim_state, meta)
+        finally:
+            monkeypatch.setattr(tinyunet.checkpoint.np, "savez", real_savez)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    status, _, err = run_cli(*train_args(run, 3))
+    assert status == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"could not write {run / 'last.npz'} (No space left on device)" in err
+    assert f"the last checkpoint {run / 'last.npz'} (epoch 1) is intact" in err
+    assert "free some space and run again with --resume" in err
+    assert meta_of(run / "last.npz")["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    status, out, err = run_cli(*train_args(run, 3, "--resume"))
+    assert status == 0, err
+    assert f"resuming {run} after epoch 1" in out
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2, 3]
+    status, _, err = run_cli(*train_args(tmp_path / "straight", 3))
+    assert status == 0, err
+    assert_same_weights(run / "last.npz", tmp_path / "straight" / "last.npz")
+
+
+@pytest.mark.filterwarnings("ignore:skipped 4 of 4 examples")
+def test_rgb_trimaps_get_advice_about_the_trimaps_not_a_download(run_cli, make_pets_root, tmp_path):
+    root = make_pets_root(n_trainval=4, n_test=1)
+    for path in (root / "annotations" / "trimaps").iterdir():
+        with Image.open(path) as trimap:
+            trimap.convert("RGB").save(path)  # what an image editor makes of a trimap
+    status, _, err = run_cli("train", "--data", root, "--size", "32", "--depth", "2", "--base-channels", "4",
+                             "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert status == 2
+    error = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(error) == 1 and "Traceback" not in err, err
+    assert "no usable examples among 4" in error[0]
+    assert "trimap is RGB with 3 channels, expected one channel of the values 1, 2, 3" in error[0]
+    assert "fix these files" in error[0] and "tinyunet download" not in error[0]
+    # where files are missing, a download is the fix, and it is still offered
+    for path in (root / "images").iterdir():
+        path.unlink()
+    status, _, err = run_cli("train", "--data", root, "--size", "32", "--depth", "2", "--base-channels", "4",
+                             "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert status == 2 and "image missing" in err and "tinyunet download" in err
+
+
+def test_resume_with_data_on_a_shapes_run_says_that_shapes_read_no_folder(run_cli, tmp_path, make_pets_root,
+                                                                          no_figures):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(run, 1))[0] == 0
+    root = make_pets_root()
+    with pytest.warns(UserWarning) as record:
+        status, out, err = run_cli("train", "--out", run, "--resume", "--epochs", "2", "--data", root)
+    assert status == 0, err
+    assert f"reading the data from" not in out
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and f"data {str(root)!r} (the run trains on synthetic shapes" in messages[0]
+    assert json.loads((run / "config.json").read_text())["data"] is None
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -185,6 +186,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress, self.log = progress, log
         self.start_epoch = 0
+        self.saved_epoch = 0  # the epoch last.npz holds (0: none yet)
         self.best_miou = -1.0
         last = self.run_dir / "last.npz"
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -228,7 +230,7 @@ class Trainer:
         self.loss_fn = CrossEntropyLoss()
         if self.resuming:
             meta = restore(self.model, self.optimizer, last)
-            self.start_epoch = int(meta["epoch"])
+            self.start_epoch = self.saved_epoch = int(meta["epoch"])
             self.best_miou = float(meta.get("best_miou", -1.0))
             self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} with its saved configuration "
                      f"(config.json)")
@@ -252,7 +254,9 @@ class Trainer:
             new, old = getattr(asked, name), getattr(saved, name)
             if new == old:
                 continue
-            if (name == "epochs" and new > old) or (name == "data" and new is not None):
+            if name == "data" and new is not None and saved.dataset == "shapes":
+                ignored.append(f"data {new!r} (the run trains on synthetic shapes, which read no data folder)")
+            elif (name == "epochs" and new > old) or (name == "data" and new is not None):
                 changes[name] = new
             else:
                 ignored.append(f"{name} {new!r} (the run's: {old!r})")
@@ -285,7 +289,8 @@ class Trainer:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         for stale in self.run_dir.glob("*.tmp"):  # temp files of a save interrupted by kill -9
             stale.unlink(missing_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        self._writing("config.json", lambda: (self.run_dir / "config.json").write_text(
+            json.dumps(asdict(self.config), indent=2) + "\n"))
 
     # --- files -----------------------------------------------------------------------------------
     def _read_metrics(self) -> List[Dict[str, str]]:
@@ -299,11 +304,28 @@ class Trainer:
     def _write_metrics(self, rows: List[Dict[str, Any]]) -> None:
         path = self.run_dir / "metrics.csv"
         tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _writing(self, name: str, write: Callable[[], None]) -> None:
+        """Run ``write`` (which writes ``name`` into the run folder); a failure (a full disk, a folder
+        made read-only) says which file, what of the run is safe and how to go on."""
+        try:
+            write()
+        except OSError as exc:
+            last = self.run_dir / "last.npz"
+            fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+            safe = (f"the last checkpoint {last} (epoch {self.saved_epoch}) is intact: {fix} and run again with "
+                    "--resume to continue from it" if self.saved_epoch else
+                    f"no checkpoint was written yet: {fix} and run again with --force")
+            raise TrainingError(f"could not write {self.run_dir / name} ({exc.strerror or exc}); {safe}") from exc
 
     def _meta(self, epoch: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
         return {"epoch": epoch, "arch": self.config.arch, "config": asdict(self.config),
@@ -377,11 +399,12 @@ class Trainer:
             # last.npz last: a crash before it leaves last.npz one epoch behind, and --resume recomputes
             # that epoch, dropping its metrics row and rewriting best.npz identically. Writing last.npz
             # before metrics.csv would lose the epoch's row for good if killed in between.
-            self._write_metrics(rows)
+            self._writing("metrics.csv", lambda: self._write_metrics(rows))
             if improved:
-                save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta)
-            save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta)
-            self._figures(rows, preview, preview_x)
+                self._writing("best.npz", lambda: save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta))
+            self._writing("last.npz", lambda: save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta))
+            self.saved_epoch = epoch
+            self._writing("curves.png and predictions.png", lambda: self._figures(rows, preview, preview_x))
             self.log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, val loss {result['loss']:.4f}, "
                      f"pixel acc {result['pixel_accuracy']:.4f}, mIoU {result['miou']:.4f} "
                      + " ".join(f"{n} {result['iou'][n]:.3f}" for n in CLASS_NAMES)
