@@ -114,7 +114,7 @@ def accel_description() -> str:
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """Cosine decay from ``lr`` to 0 over the run (a function of the global step: resumable)."""
-    if config.schedule == "constant" or total_steps <= 1:
+    if config.schedule == "constant" or total_steps < 1:
         return config.lr
     return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
@@ -239,8 +239,8 @@ class Trainer:
                 was = learning_rate(saved, self.start_epoch, saved.epochs)
                 now = learning_rate(config, self.start_epoch, config.epochs)
                 self.log(f"extending the run from {saved.epochs} to {config.epochs} epochs: the cosine schedule "
-                         f"now decays over {config.epochs} epochs, so the learning rate continues at {now:.3g} "
-                         f"(it was {was:.3g} after epoch {self.start_epoch})")
+                         f"now decays over {config.epochs} epochs, so the learning rate continues at {now:.6g} "
+                         f"(it was {was:.6g} after epoch {self.start_epoch})")  # as metrics.csv's lr column
         elif resume:  # e.g. killed before its first checkpoint, or a typo in --out: say so
             self.log(f"nothing to resume in {self.run_dir} (no last.npz): starting a new run")
 
