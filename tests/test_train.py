@@ -542,3 +542,75 @@ def test_resume_with_data_on_a_shapes_run_says_that_shapes_read_no_folder(run_cl
     assert len(messages) == 1 and f"data {str(root)!r} (the run trains on synthetic shapes" in messages[0]
     assert json.loads((run / "config.json").read_text())["data"] is None
     assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2]
+
+
+# --- tests the mutation audit found missing (issue 24, item 7) -------------------------------------
+
+
+def independent_model(checkpoint: Path):
+    """The model of a checkpoint rebuilt from its raw arrays, in eval mode (BatchNorm's running statistics)."""
+    from tinyunet.models import UNet
+
+    with np.load(checkpoint, allow_pickle=False) as z:
+        c = json.loads(str(z["meta"][()]))["config"]
+        state = {k[len("model/"):]: z[k] for k in z.files if k.startswith("model/")}
+    model = UNet(in_channels=3, num_classes=3, base_channels=c["base_channels"], depth=c["depth"],
+                 batchnorm=c["batchnorm"])
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def test_logged_validation_matches_an_independent_evaluation_of_the_saved_checkpoint(run_cli, tmp_path, no_figures):
+    """metrics.csv's val_miou and val_loss of the last epoch against last.npz evaluated here: its own
+    forward in eval mode, a confusion matrix by np.bincount, cross-entropy by log-sum-exp in float64.
+    25 validation images go in batches of 16 and 9: a mean of batch means would differ; a validation
+    forgetting eval() would use batch statistics (and leak them into the checkpoint)."""
+    from tinyunet.data import make_shapes
+
+    run = tmp_path / "run"
+    status, _, err = run_cli(*train_args(run, 2, "--num-shapes", "200", "--lr", "0.01"))
+    assert status == 0, err
+    row = metrics_rows(run)[-1]
+    val = make_shapes(25, 32, seed=10_000)  # the run's validation shapes: max(200 // 8, 8), seed + 10000
+    images = ((val.images / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)
+    logits = np.asarray(independent_model(run / "last.npz").forward(images.transpose(0, 3, 1, 2)), np.float64)
+    truth = val.labels.astype(np.int64)
+    pred = logits.argmax(axis=1)
+    confusion = np.bincount(3 * truth.ravel() + pred.ravel(), minlength=9).reshape(3, 3)
+    iou = np.diag(confusion) / (confusion.sum(axis=0) + confusion.sum(axis=1) - np.diag(confusion))
+    assert len(np.unique(pred)) > 1, "one class everywhere: a weak check"
+    assert float(row["val_miou"]) == pytest.approx(np.nanmean(iou), abs=2e-6)
+    top = logits.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    picked = np.take_along_axis(logits, truth[:, None], axis=1)[:, 0]
+    assert float(row["val_loss"]) == pytest.approx(np.mean(log_sum - picked), rel=1e-5)
+
+
+def test_every_epoch_has_its_own_order_and_flips(run_cli, tmp_path, monkeypatch, no_figures):
+    """Shuffling and flips come from a generator seeded with (seed, epoch): epoch 2 must not replay
+    epoch 1's order and flips (and the same run again replays both exactly)."""
+    real_batches = train_module.iterate_batches
+    seen = []  # per epoch: [(name, image bytes as the network got it)]
+
+    def recording(data, batch_size, shuffle, rng, augment=False, drop_last=False):
+        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+        if not shuffle:
+            return batches
+        epoch = []
+        seen.append(epoch)
+
+        def gen():
+            for x, y, names in batches:
+                epoch.extend((name, x[i].tobytes()) for i, name in enumerate(names))
+                yield x, y, names
+        return gen()
+
+    monkeypatch.setattr(train_module, "iterate_batches", recording)
+    for name in ("a", "b"):
+        assert run_cli(*train_args(tmp_path / name, 2))[0] == 0
+    first, second, again = seen[0], seen[1], seen[2]
+    assert [n for n, _ in first] != [n for n, _ in second], "epoch 2 visits the images in epoch 1's order"
+    pictures = {n: p for n, p in first}
+    assert sum(pictures[n] != p for n, p in second if n in pictures) > 0, "epoch 2 flips exactly epoch 1's images"
+    assert again == first  # the same seed and epoch: the same order and flips
