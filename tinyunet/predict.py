@@ -6,8 +6,8 @@ the photo's own size (bilinear, per class), and the most probable class wins: ma
 resolution with smooth borders instead of blocky nearest-neighbour upsampling.
 
 The probabilities are resized one band of rows at a time (:data:`BAND_ROWS`), and the overlay is
-blended band by band too, so a 24-megapixel photo needs its own bytes and the mask's, not three
-full-size float planes: measured 1.34 GB -> see the README ("Predictions").
+blended band by band into the photo itself, so a 24-megapixel photo needs its own bytes and the
+mask's, not full-size float planes: peak memory 1.34 GB -> 366 MB, 10.9 -> 4.7 s (README, "Predictions").
 """
 from __future__ import annotations
 
