@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -281,7 +280,8 @@ def test_what_pillow_refuses_or_warns_about_is_skipped_and_named(checkpoint, tmp
                                    "--val-fraction", "0.4", "--quiet")
     assert status == 0, err
     skipped = [str(w.message) for w in record if "skipped" in str(w.message)]
-    assert len(skipped) == 1 and "refused_0: unreadable image" in skipped[0] and "doubted_0: unreadable image" in skipped[0]
+    assert len(skipped) == 1
+    assert "refused_0: unreadable image" in skipped[0] and "doubted_0: unreadable image" in skipped[0]
     assert "data: 2 training and 1 validation images" in out
 
 
