@@ -1,6 +1,7 @@
-"""The fast paths a mutation audit found untested, reached through the public layers only (the
-acceleration code behind them is being restructured): compared with float64 references written
-with loops, on inputs above every size threshold, with the compiled code on and off.
+"""The fast paths a mutation audit found untested, reached through the public layers only (what
+tinyunet/accel runs behind them may change): compared with float64 references written with loops
+(tinyunet/nn/naive.py, and the gradients below, checked against it), on inputs above every size
+threshold, with the compiled code on and off, and the reference layers alone.
 
 - Conv2d's weight gradient: layers with more rows than the block-sum threshold (16384 output rows:
   the U-Net's first level at the default batch 8 x 128 x 128 has 131072) sum their rows in blocks
@@ -14,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import reference as ref
 from conftest import compiled_code
+from tinyunet import backend
 from tinyunet.nn import Conv2d, ReLU
+from tinyunet.nn import naive as ref
 
 
 def conv_weight_grad(x: np.ndarray, dout: np.ndarray, kh: int, kw: int, padding: int) -> np.ndarray:
@@ -53,7 +55,7 @@ def conv_input_grad(dout: np.ndarray, weight: np.ndarray, h: int, w: int, paddin
 
 
 def test_the_gradient_references_agree_with_the_loop_convolution():
-    """d/dW and d/dx of sum(conv2d(x, W) * dout), with conv2d the naive loop of tests/reference.py:
+    """d/dW and d/dx of sum(conv2d(x, W) * dout), with conv2d the naive loop of tinyunet/nn/naive.py:
     the sum is linear in W and in x, so it equals sum(W * dW) and sum(x * dx)."""
     rng = np.random.default_rng(0)
     x, weight = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((4, 3, 3, 3))
@@ -68,9 +70,18 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.fixture(params=["compiled kernels", "blas", "reference layer"])
+def conv_mode(request):
+    """The CPU acceleration with Numba's kernels (where installed), without them (BLAS products), and
+    the reference layer alone (TINYUNET_ACCEL=0)."""
+    accelerate = backend.set_acceleration(request.param != "reference layer")
+    with compiled_code(request.param == "compiled kernels"):
+        yield request.param
+    backend.set_acceleration(accelerate)
+
+
 @pytest.mark.parametrize("cin, cout", [(3, 16), (16, 16), (32, 16)], ids=["rgb", "16", "32"])
-def test_conv_above_the_block_sum_threshold(compiled, cin, cout):
+def test_conv_above_the_block_sum_threshold(conv_mode, cin, cout):
     """float32 Conv2d (3x3, padding 1) on 2 x 96 x 96 images: forward, weight gradient and input
     gradient against float64 references."""
     rng = np.random.default_rng(cin)
@@ -78,12 +89,11 @@ def test_conv_above_the_block_sum_threshold(compiled, cin, cout):
     assert n * h * w > 16384  # rows of the weight gradient's sum: above the threshold
     x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
     dout = rng.standard_normal((n, cout, h, w)).astype(np.float32)
-    with compiled_code(compiled):
-        layer = Conv2d(cin, cout, 3, padding=1, bias=False)
-        weight = layer.weight.data.astype(np.float64)
-        out = np.asarray(layer.forward(x))
-        dx = np.asarray(layer.backward(dout))
-        dw = np.asarray(layer.weight.grad)
+    layer = Conv2d(cin, cout, 3, padding=1, bias=False)
+    weight = layer.weight.data.astype(np.float64)
+    out = np.asarray(layer.forward(x))
+    dx = np.asarray(layer.backward(dout))
+    dw = np.asarray(layer.weight.grad)
     expected_dw = conv_weight_grad(x.astype(np.float64), dout, 3, 3, 1)
     assert relative_error(dw, expected_dw) < 1e-5
     assert relative_error(dx, conv_input_grad(dout, weight, h, w, 1)) < 1e-5
