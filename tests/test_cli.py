@@ -151,7 +151,7 @@ def test_evaluate_json_is_strict_json_when_a_class_is_absent(run_cli, monkeypatc
     nan = float("nan")
     fake = {"pixel_accuracy": 1.0, "miou": 1.0, "mdice": 1.0, "iou": {"pet": 1.0, "background": 1.0, "outline": nan},
             "dice": {"pet": 1.0, "background": 1.0, "outline": nan}, "confusion": [[5, 0, 0], [0, 7, 0], [0, 0, 0]],
-            "loss": 0.1, "num_images": 2}
+            "loss": 0.1, "num_images": 2, "checkpoint": "x.npz", "data": "held-out synthetic shapes", "split": None}
     monkeypatch.setattr(tinyunet.evaluate, "evaluate_checkpoint", lambda *args, **kwargs: fake)
     status, out, _ = run_cli("evaluate", "--checkpoint", "x.npz", "--json")
     assert status == 0
@@ -459,3 +459,88 @@ def test_train_help_names_every_default(run_cli, capsys):
     for action in train._actions:
         if action.option_strings and action.nargs is None and action.dest not in ("out", "help"):
             assert "default" in (action.help or ""), action.option_strings
+
+
+# --- output for people and for logs (issue 24, item 6) ---------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal (pty) stands for the terminal")
+def test_progress_bars_only_on_a_terminal(cli_env, tmp_path):
+    """Into a log file (stderr not a terminal) `train` writes no progress bars, only its lines; on a
+    terminal the bars are there; --quiet turns them off there too."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    args = [sys.executable, "-m", "tinyunet.cli", "train", *TINY_SHAPES[:-1], "--epochs", "1"]
+    cli_env = {**cli_env, "TINYUNET_KERNELS": "numpy"}  # no compiling of Numba's kernels in each child
+    with open(tmp_path / "log.txt", "w") as log:
+        result = subprocess.run([*args, "--out", str(tmp_path / "logged")], env=cli_env, stdout=log, stderr=log,
+                                timeout=120)
+    assert result.returncode == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert "epoch 1/1: train loss" in text and "done: best validation mIoU" in text
+    assert "\r" not in text and "%|" not in text and "it/s" not in text
+
+    def on_a_terminal(*extra):
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns wide
+        child = subprocess.Popen([*args, *extra], env=cli_env, stdout=subprocess.DEVNULL, stderr=follower)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed with the child
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        assert child.wait(timeout=120) == 0
+        return b"".join(chunks).decode(errors="replace")
+
+    bars = on_a_terminal("--out", str(tmp_path / "terminal"))
+    assert "epoch 1/1:" in bars and "%|" in bars
+    assert "%|" not in on_a_terminal("--out", str(tmp_path / "quiet"), "--quiet")
+
+
+def test_evaluate_and_predict_take_quiet(run_cli, tmp_path, make_pets_root):
+    root = make_pets_root(n_trainval=6, n_test=2)
+    assert run_cli("train", *TINY_PETS, "--data", root, "--out", tmp_path / "run")[0] == 0
+    status, out, err = run_cli("evaluate", "--checkpoint", tmp_path / "run", "--quiet")
+    assert status == 0 and "pixel accuracy" in out and err == ""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+    status, out, err = run_cli("predict", "--checkpoint", tmp_path / "run", photo, "--out", tmp_path / "o", "--quiet")
+    assert status == 0 and err == ""
+
+
+def test_evaluate_report_names_checkpoint_data_and_split(run_cli, tmp_path, make_pets_root):
+    root = make_pets_root(n_trainval=6, n_test=2)
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY_PETS, "--data", root, "--out", run)[0] == 0
+    status, out, _ = run_cli("evaluate", "--checkpoint", run, "--split", "trainval")
+    assert status == 0
+    assert f"checkpoint: {run / 'best.npz'}" in out and f"data: {root}, split trainval" in out
+    status, out, _ = run_cli("evaluate", "--checkpoint", run / "last.npz", "--json")
+    result = json.loads(out)
+    assert (result["checkpoint"], result["data"], result["split"]) == (str(run / "last.npz"), str(root), "test")
+    assert run_cli("train", *TINY_SHAPES, "--epochs", "1", "--out", tmp_path / "shapes")[0] == 0
+    status, out, _ = run_cli("evaluate", "--checkpoint", tmp_path / "shapes")
+    assert status == 0 and "data: held-out synthetic shapes\n" in out
+
+
+def test_resume_log_and_metrics_agree_on_the_learning_rate(run_cli, tmp_path):
+    """A 1-epoch cosine run ends at learning rate 0 (metrics.csv says so); extended to 3 epochs, it
+    continues at lr * (1 + cos(pi / 3)) / 2, and the log says both, as metrics.csv does."""
+    out = tmp_path / "run"
+    assert run_cli("train", *TINY_SHAPES, "--epochs", "1", "--lr", "0.01", "--out", str(out))[0] == 0
+    code, text, err = run_cli("train", "--out", str(out), "--resume", "--epochs", "3")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert float(rows[0]["lr"]) == 0.0
+    continues = 0.5 * 0.01 * (1 + np.cos(np.pi / 3))
+    assert f"continues at {continues:.6g} (it was {float(rows[0]['lr']):.6g} after epoch 1)" in text

@@ -244,6 +244,32 @@ def test_split_train_val_deterministic_and_disjoint():
     np.testing.assert_array_equal(val.images[0], data.images[i])
 
 
+SPLIT_IN_A_CHILD = """
+import numpy as np
+from tinyunet.data import SegmentationData, split_train_val
+names = [f"{breed}_{i}" for breed in ("Abyssinian", "beagle", "Persian", "pug") for i in range(1, 6)]
+data = SegmentationData(np.zeros((20, 2, 2, 3), np.uint8), np.zeros((20, 2, 2), np.uint8), names)
+print(" ".join(split_train_val(data, 0.25, seed=0)[1].names))
+"""
+
+
+def test_the_split_is_the_same_in_every_process():
+    """A resumed run (a new process) must validate on the same images as before, so the split cannot
+    depend on Python's hash(), salted per process: two children with different hash seeds give the
+    validation names the documented rule gives (the 5 lowest md5("0:<name>"), first 8 bytes
+    little-endian: worked out once, independently, and written here)."""
+    import subprocess
+    import sys
+
+    expected = ["Abyssinian_1", "Persian_1", "beagle_4", "beagle_5", "pug_1"]
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", SPLIT_IN_A_CHILD], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert sorted(result.stdout.split()) == expected, hash_seed
+
+
 def test_iterate_batches_shapes_and_determinism():
     data = fake_data(10)
     batches = list(iterate_batches(data, 4, shuffle=False, rng=None))
@@ -316,3 +342,41 @@ def test_real_no_pet_trimap_is_valid(tmp_path, write_split_file):
         data = load(root, tmp_path, size=64)
     assert data.names == ["saint_bernard_15", "Abyssinian_100"]
     assert (data.labels[0] == 1).all() and (data.labels[1] == 0).any()
+
+
+# --- trimaps are resized with nearest neighbour (issue 24, item 7) --------------------------------------
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """For each of ``target`` output pixels, the input pixel whose span holds its centre: floor((i + 0.5) *
+    source / target). Sizes are chosen so that no centre falls exactly on a border (where rounding decides)."""
+    centres = (2 * np.arange(target) + 1) * source
+    assert not np.any(centres % (2 * target) == 0), "a centre on a pixel border: choose other sizes"
+    return centres // (2 * target)
+
+
+@pytest.mark.parametrize("height, width, size", [(30, 40, 16), (7, 5, 16), (37, 53, 32), (375, 500, 128)])
+def test_trimaps_are_resized_by_nearest_neighbour(height, width, size):
+    from tinyunet.data.transforms import resize_mask
+
+    rng = np.random.default_rng(height)
+    mask = rng.integers(0, 3, (height, width)).astype(np.uint8)
+    expected = mask[np.ix_(nearest_indices(height, size), nearest_indices(width, size))]
+    got = resize_mask(mask, size)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)  # no value between two classes is ever invented
+
+
+def test_loaded_labels_are_the_trimap_resized_by_nearest_neighbour(write_example, write_split_file, tmp_path):
+    root = tmp_path / "pets"
+    for i, (width, height) in enumerate([(41, 29), (37, 31), (50, 27)]):
+        write_example(root, f"Cat_{i}", width=width, height=height, seed=i)
+    write_split_file(root, "trainval", [f"Cat_{i}" for i in range(3)])
+    data = load(root, tmp_path, size=16)
+    assert len(data) == 3
+    for i, name in enumerate(data.names):
+        with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
+            trimap = np.asarray(tm).astype(np.int64)
+        h, w = trimap.shape
+        expected = trimap[np.ix_(nearest_indices(h, 16), nearest_indices(w, 16))] - 1  # values 1, 2, 3 -> ids 0, 1, 2
+        np.testing.assert_array_equal(data.labels[i], expected)

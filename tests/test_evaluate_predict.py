@@ -111,6 +111,30 @@ def test_evaluate_json_matches_independent_computation(trained, capsys, monkeypa
         assert result["confusion"] == expected
 
 
+def test_evaluate_loss_is_the_mean_cross_entropy_over_all_pixels(trained, capsys, monkeypatch, tmp_path):
+    """4 test images in batches of 3 and 1: the loss is the mean over every pixel of every image, as
+    computed here (log-sum-exp in float64), not a mean of the batches' means."""
+    root, checkpoint = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--json", "--batch-size", "3"]) == 0
+    loss = json.loads(capsys.readouterr().out)["loss"]
+    model = independent_model(checkpoint)
+    images, truth = [], []
+    for name in TEST_NAMES:
+        with Image.open(root / "images" / f"{name}.jpg") as im:
+            images.append(normalize(np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float64)))
+        with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
+            truth.append(np.asarray(tm.resize((SIZE, SIZE), Image.NEAREST)).astype(np.int64) - 1)
+    logits = np.asarray(model.forward(np.stack(images)), np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    picked = np.take_along_axis(logits, np.stack(truth)[:, None], axis=1)[:, 0]
+    per_image = (log_sum - picked).mean(axis=(1, 2))
+    assert np.ptp(per_image) > 0.01, "images of equal loss: a mean of batch means would not show"
+    assert loss == pytest.approx(per_image.mean(), rel=1e-5)
+
+
 def test_evaluate_table(trained, capsys, monkeypatch, tmp_path):
     root, checkpoint = trained
     monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))

@@ -315,3 +315,302 @@ def test_predictions_png_shows_validation_images_spread_over_the_set(run_cli, tm
     status, _, err = run_cli(*train_args(tmp_path / "run", 1))
     assert status == 0, err
     assert shown == [[f"shapes_{i:05d}" for i in (0, 2, 4, 6)]]
+
+
+def test_a_run_folder_is_held_by_one_training_at_a_time(run_cli, cli_env, tmp_path, no_figures):
+    """A second training into a folder in use (started alongside, or with --force) is refused with a
+    message that names the holder, and changes nothing; once the holder is killed with kill -9, the
+    folder is free at once (the lock dies with the process) and --resume continues the run."""
+    run = tmp_path / "run"
+    args = ["train", *TINY, "--num-shapes", "160", "--epochs", "20", "--out", str(run)]
+    child = subprocess.Popen([sys.executable, "-m", "tinyunet.cli", *args], env=cli_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.npz").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert child.poll() is None, child.stderr.read()
+        before = {p.name for p in run.iterdir()}
+        for extra in ([], ["--force"], ["--resume"]):
+            status, out, err = run_cli(*args, *extra)
+            assert status == 2, (extra, out, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert f"run folder {run} is in use by another training" in err
+            assert f"process {child.pid} " in err and f"tinyunet train {TINY[0]}" in err, err
+        assert {"config.json", "last.npz"} <= {p.name for p in run.iterdir()}
+        assert before <= {p.name for p in run.iterdir()}  # --force deleted nothing
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stderr.close()
+    epoch = meta_of(run / "last.npz")["epoch"]
+    assert epoch < 20, "the first training ended before it was killed: nothing was tested"
+    status, out, err = run_cli(*args, "--resume")
+    assert status == 0, err
+    assert f"resuming {run} after epoch {epoch}" in out
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == list(range(1, 21))
+    assert not (run / ".lock").exists()  # a training that ends lets go of the folder
+
+
+def test_a_failed_start_leaves_no_folder_and_no_lock(run_cli, tmp_path):
+    run = tmp_path / "new"
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "4", "--epochs", "1", "--out", run)
+    assert status == 2
+    assert not run.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "4", "--epochs", "1", "--out", existing, "--force")
+    assert status == 2
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+
+# --- settings refused before work starts (issue 24, item 4) ----------------------------------------
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_it_starts(cli_env, tmp_path):
+    """`--depth 12 --size 4096` once ran until the kernel killed it at 23 GB. Here the child may map
+    4 GB (ulimit -v): today's refusal names the settings, their needs and a change that fits, in one
+    line, before anything big is allocated (without the check: a MemoryError traceback)."""
+    import resource
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    run = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tinyunet.cli", "train", "--dataset", "shapes", "--num-shapes", "8",
+                             "--depth", "12", "--size", "4096", "--out", str(run)], env=cli_env, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit_memory)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    line = result.stderr.strip()
+    assert "--depth 12 --size 4096 --batch-size 8 needs about" in line and "GB is available: use --depth" in line
+    assert time.monotonic() - started < 60
+    assert not run.exists()
+
+
+def test_memory_estimate_agrees_with_the_measured_activations_and_parameters():
+    """The estimate scales a small copy of the model; tinyunet summary measures the real one (a
+    training-mode forward at the real size, every array the layers keep for backward added up)."""
+    from tinyunet.memory import estimate_training_memory
+    from tinyunet.models import create_model
+    from tinyunet.summary import summarize
+    from tinyunet.train import TrainConfig
+
+    for arch in ("unet", "resunet", "attunet"):
+        config = TrainConfig(dataset="shapes", arch=arch, base_channels=24, depth=5, size=64, batch_size=2)
+        model = create_model(**config.model_kwargs())
+        measured = sum(row.saved_bytes for row in summarize(model, (2, 3, 64, 64)))
+        estimate = estimate_training_memory(config, 10)
+        assert estimate.activations == pytest.approx(measured, rel=0.05), arch
+        assert estimate.parameters == pytest.approx(model.num_parameters(), rel=0.01), arch
+        assert estimate.weights == 16 * estimate.parameters and estimate.data == 10 * 64 * 64 * 4
+
+
+def test_the_change_the_memory_error_suggests_fits_and_trains(run_cli, tmp_path, monkeypatch, no_figures):
+    import tinyunet.memory
+
+    monkeypatch.setattr(tinyunet.memory, "available_memory", lambda: 40_000_000)  # 40 MB
+    args = ["train", "--dataset", "shapes", "--size", "128", "--num-shapes", "32", "--base-channels", "8",
+            "--depth", "2", "--batch-size", "16", "--epochs", "1", "--quiet"]
+    status, _, err = run_cli(*args, "--out", tmp_path / "run")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "but 40 MB is available: use --batch-size " in err
+    fix = err.split("use ")[-1].split(" (about")[0].split()
+    status, out, err = run_cli(*args, *fix, "--out", tmp_path / "run")
+    assert status == 0, err
+    assert (tmp_path / "run" / "last.npz").is_file()
+
+
+def test_too_few_images_get_advice_that_works(run_cli, make_pets_root, write_example, write_split_file, tmp_path,
+                                              no_figures):
+    """A 1-image dataset used to be told to raise --val-fraction, which cannot help: it needs a
+    second image. Each refusal's advice, followed, trains."""
+    tiny_pets = ["--size", "32", "--base-channels", "4", "--depth", "2", "--epochs", "1", "--quiet"]
+    root = make_pets_root(n_trainval=1, n_test=1)
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--out", tmp_path / "a")
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "only 1 usable image" in err and "at least 2" in err and "add images" in err
+    assert "--val-fraction" not in err
+    write_example(root, "Cat_1", seed=1)
+    write_split_file(root, "trainval", ["Cat_0", "Cat_1"])
+    status, out, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--out", tmp_path / "a")
+    assert status == 0, err
+    assert "data: 1 training and 1 validation images" in out
+
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--val-fraction", "0.9",
+                             "--out", tmp_path / "b")
+    assert status == 2 and "none is left to train on: use e.g. --val-fraction 0.1" in err
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--val-fraction", "0",
+                             "--out", tmp_path / "b")
+    assert status == 2 and "holds out no validation images: use e.g. --val-fraction 0.1" in err
+    status, _, err = run_cli("train", "--data", root, *tiny_pets, "--batch-size", "1", "--val-fraction", "0.1",
+                             "--out", tmp_path / "b")
+    assert status == 0, err
+
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "5", "--epochs", "1", "--out", tmp_path / "c")
+    assert status == 2 and "only 5 training images, fewer than --batch-size 8: use --batch-size 5" in err
+    status, _, err = run_cli("train", *TINY, "--num-shapes", "5", "--epochs", "1", "--batch-size", "5",
+                             "--out", tmp_path / "c")
+    assert status == 0, err
+
+
+# --- errors that say what they mean (issue 24, item 5) ---------------------------------------------
+
+
+def test_a_full_disk_while_saving_says_which_file_and_resume_continues(run_cli, tmp_path, monkeypatch, no_figures):
+    """The disk fills up while last.npz of epoch 2 is being written (np.savez writes part of it, then
+    ENOSPC): the error names the file, says epoch 1's checkpoint is intact and that --resume
+    continues; it does, to the same weights as a run that never failed."""
+    import errno
+
+    import tinyunet.checkpoint
+
+    real_savez = np.savez
+
+    def disk_fills_up(file, **arrays):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_save = train_module.save_checkpoint
+
+    def save(path, model_state, optim_state, meta):
+        full = Path(path).name == "last.npz" and meta["epoch"] == 2
+        monkeypatch.setattr(tinyunet.checkpoint.np, "savez", disk_fills_up if full else real_savez)
+        try:
+            real_save(path, model_state, optim_state, meta)
+        finally:
+            monkeypatch.setattr(tinyunet.checkpoint.np, "savez", real_savez)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    status, _, err = run_cli(*train_args(run, 3))
+    assert status == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"could not write {run / 'last.npz'} (No space left on device)" in err
+    assert f"the last checkpoint {run / 'last.npz'} (epoch 1) is intact" in err
+    assert "free some space and run again with --resume" in err
+    assert meta_of(run / "last.npz")["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    status, out, err = run_cli(*train_args(run, 3, "--resume"))
+    assert status == 0, err
+    assert f"resuming {run} after epoch 1" in out
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2, 3]
+    status, _, err = run_cli(*train_args(tmp_path / "straight", 3))
+    assert status == 0, err
+    assert_same_weights(run / "last.npz", tmp_path / "straight" / "last.npz")
+
+
+@pytest.mark.filterwarnings("ignore:skipped 4 of 4 examples")
+def test_rgb_trimaps_get_advice_about_the_trimaps_not_a_download(run_cli, make_pets_root, tmp_path):
+    root = make_pets_root(n_trainval=4, n_test=1)
+    for path in (root / "annotations" / "trimaps").iterdir():
+        with Image.open(path) as trimap:
+            trimap.convert("RGB").save(path)  # what an image editor makes of a trimap
+    status, _, err = run_cli("train", "--data", root, "--size", "32", "--depth", "2", "--base-channels", "4",
+                             "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert status == 2
+    error = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(error) == 1 and "Traceback" not in err, err
+    assert "no usable examples among 4" in error[0]
+    assert "trimap is RGB with 3 channels, expected one channel of the values 1, 2, 3" in error[0]
+    assert "fix these files" in error[0] and "tinyunet download" not in error[0]
+    # where files are missing, a download is the fix, and it is still offered
+    for path in (root / "images").iterdir():
+        path.unlink()
+    status, _, err = run_cli("train", "--data", root, "--size", "32", "--depth", "2", "--base-channels", "4",
+                             "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert status == 2 and "image missing" in err and "tinyunet download" in err
+
+
+def test_resume_with_data_on_a_shapes_run_says_that_shapes_read_no_folder(run_cli, tmp_path, make_pets_root,
+                                                                          no_figures):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(run, 1))[0] == 0
+    root = make_pets_root()
+    with pytest.warns(UserWarning) as record:
+        status, out, err = run_cli("train", "--out", run, "--resume", "--epochs", "2", "--data", root)
+    assert status == 0, err
+    assert f"reading the data from" not in out
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and f"data {str(root)!r} (the run trains on synthetic shapes" in messages[0]
+    assert json.loads((run / "config.json").read_text())["data"] is None
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [1, 2]
+
+
+# --- tests the mutation audit found missing (issue 24, item 7) -------------------------------------
+
+
+def independent_model(checkpoint: Path):
+    """The model of a checkpoint rebuilt from its raw arrays, in eval mode (BatchNorm's running statistics)."""
+    from tinyunet.models import UNet
+
+    with np.load(checkpoint, allow_pickle=False) as z:
+        c = json.loads(str(z["meta"][()]))["config"]
+        state = {k[len("model/"):]: z[k] for k in z.files if k.startswith("model/")}
+    model = UNet(in_channels=3, num_classes=3, base_channels=c["base_channels"], depth=c["depth"],
+                 batchnorm=c["batchnorm"])
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+def test_logged_validation_matches_an_independent_evaluation_of_the_saved_checkpoint(run_cli, tmp_path, no_figures):
+    """metrics.csv's val_miou and val_loss of the last epoch against last.npz evaluated here: its own
+    forward in eval mode, a confusion matrix by np.bincount, cross-entropy by log-sum-exp in float64.
+    25 validation images go in batches of 16 and 9: a mean of batch means would differ; a validation
+    forgetting eval() would use batch statistics (and leak them into the checkpoint)."""
+    from tinyunet.data import make_shapes
+
+    run = tmp_path / "run"
+    status, _, err = run_cli(*train_args(run, 2, "--num-shapes", "200", "--lr", "0.01"))
+    assert status == 0, err
+    row = metrics_rows(run)[-1]
+    val = make_shapes(25, 32, seed=10_000)  # the run's validation shapes: max(200 // 8, 8), seed + 10000
+    images = ((val.images / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).astype(np.float32)
+    logits = np.asarray(independent_model(run / "last.npz").forward(images.transpose(0, 3, 1, 2)), np.float64)
+    truth = val.labels.astype(np.int64)
+    pred = logits.argmax(axis=1)
+    confusion = np.bincount(3 * truth.ravel() + pred.ravel(), minlength=9).reshape(3, 3)
+    iou = np.diag(confusion) / (confusion.sum(axis=0) + confusion.sum(axis=1) - np.diag(confusion))
+    assert len(np.unique(pred)) > 1, "one class everywhere: a weak check"
+    assert float(row["val_miou"]) == pytest.approx(np.nanmean(iou), abs=2e-6)
+    top = logits.max(axis=1, keepdims=True)
+    log_sum = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    picked = np.take_along_axis(logits, truth[:, None], axis=1)[:, 0]
+    assert float(row["val_loss"]) == pytest.approx(np.mean(log_sum - picked), rel=1e-5)
+
+
+def test_every_epoch_has_its_own_order_and_flips(run_cli, tmp_path, monkeypatch, no_figures):
+    """Shuffling and flips come from a generator seeded with (seed, epoch): epoch 2 must not replay
+    epoch 1's order and flips (and the same run again replays both exactly)."""
+    real_batches = train_module.iterate_batches
+    seen = []  # per epoch: [(name, image bytes as the network got it)]
+
+    def recording(data, batch_size, shuffle, rng, augment=False, drop_last=False):
+        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+        if not shuffle:
+            return batches
+        epoch = []
+        seen.append(epoch)
+
+        def gen():
+            for x, y, names in batches:
+                epoch.extend((name, x[i].tobytes()) for i, name in enumerate(names))
+                yield x, y, names
+        return gen()
+
+    monkeypatch.setattr(train_module, "iterate_batches", recording)
+    for name in ("a", "b"):
+        assert run_cli(*train_args(tmp_path / name, 2))[0] == 0
+    first, second, again = seen[0], seen[1], seen[2]
+    assert [n for n, _ in first] != [n for n, _ in second], "epoch 2 visits the images in epoch 1's order"
+    pictures = {n: p for n, p in first}
+    assert sum(pictures[n] != p for n, p in second if n in pictures) > 0, "epoch 2 flips exactly epoch 1's images"
+    assert again == first  # the same seed and epoch: the same order and flips

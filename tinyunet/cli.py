@@ -27,6 +27,14 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                         "the same maths, slower, nothing from tinyunet/accel")
 
 
+_QUIET = "no progress bars (there are none either when the output is not a terminal, e.g. a log file)"
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: in a log file each update would be one more line."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
 def _parser() -> argparse.ArgumentParser:
     from tinyunet.models import ARCHITECTURES
     from tinyunet.train import TrainConfig
@@ -81,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint, with its saved configuration "
                         "(only a larger --epochs and a moved --data change it)")
     p.add_argument("--force", action="store_true", help="delete an existing run folder and start again")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=_QUIET)
     _add_backend(p)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split")
@@ -94,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only N images, evenly spaced over the split (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help=_QUIET)
     _add_backend(p)
 
     p = sub.add_parser("predict", help="write mask and overlay PNGs for images")
@@ -105,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(attunet checkpoints)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--quiet", action="store_true", help=_QUIET)
     _add_backend(p)
 
     p = sub.add_parser("summary", help="per-layer table: output shape, parameters, memory kept for backward, FLOPs")
@@ -132,7 +142,7 @@ def _train(args: argparse.Namespace) -> None:
         given["data"] = os.path.abspath(given["data"])  # from another directory
     shapes = given.get("dataset", TrainConfig.dataset) == "shapes"
     config = TrainConfig(**{"size": 64 if shapes else 128, "epochs": 3 if shapes else 10, **given})
-    summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=not args.quiet,
+    summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=_progress(args),
                       explicit=given).fit()
     print(f"done: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
 
@@ -154,9 +164,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise TinyUNetError(f"--limit must be at least 1, got {args.limit}")
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size,
-                                 progress=not args.json, limit=args.limit)
+                                 progress=_progress(args) and not args.json, limit=args.limit)
     if args.json:
-        keys = ("pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss", "num_images")
+        keys = ("checkpoint", "data", "split", "pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss",
+                "num_images")
         # a class absent from truth and prediction has NaN IoU/Dice: null keeps the output valid JSON
         print(json.dumps(_json_safe({k: result[k] for k in keys}), allow_nan=False))
     else:
@@ -166,7 +177,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from tinyunet.predict import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, attention=args.attention, strict=args.strict)
+    written = predict_files(args.checkpoint, args.inputs, args.out, progress=_progress(args), attention=args.attention,
+                            strict=args.strict)
     print(f"wrote {len(written)} files to {args.out}")
 
 
@@ -175,7 +187,8 @@ def _download(args: argparse.Namespace) -> None:
 
     # the archive table is read when the command runs (not bound as a default argument), so tests can
     # serve their own tiny archives by replacing download.OFFICIAL_FILES
-    root = download_pets(args.root or default_data_dir(), mirror=args.mirror, files=download.OFFICIAL_FILES)
+    root = download_pets(args.root or default_data_dir(), mirror=args.mirror, files=download.OFFICIAL_FILES,
+                         progress=_progress(args))
     print(f"Oxford-IIIT Pet is ready in {root}")
 
 
@@ -230,7 +243,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if backend.accelerate():
                 from tinyunet.accel.parallel import set_num_threads
                 set_num_threads(args.threads)
-        if args.command in ("train", "evaluate", "predict") and backend.accelerate():
+        # not predict: one big photo at a time, not steps; keeping its freed memory would only raise the peak
+        if args.command in ("train", "evaluate") and backend.accelerate():
             from tinyunet.accel.allocator import keep_freed_host_memory
             keep_freed_host_memory()  # reuse freed arrays between steps (see there)
         with warnings.catch_warnings():

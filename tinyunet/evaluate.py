@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 from tinyunet.classes import CLASS_NAMES
 from tinyunet.data import default_data_dir, load_pets, make_shapes
 from tinyunet.errors import TinyUNetError
-from tinyunet.train import TrainConfig, evaluate_model, load_model
+from tinyunet.train import TrainConfig, checkpoint_file, evaluate_model, load_model
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
@@ -17,10 +17,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     The dataset and the image size come from the checkpoint. Pets: ``split`` (default "test") of
     ``data`` (default: the folder it was trained on). Shapes: its own held-out synthetic images,
     which have no splits - or, when ``data`` is given, that Oxford-IIIT Pet folder.
-    Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images.
+    Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images, and what was
+    scored: checkpoint (the file), data (the folder, or "held-out synthetic shapes"), split (None for shapes).
     """
     if batch_size < 1:
         raise TinyUNetError(f"--batch-size must be at least 1, got {batch_size}")
+    checkpoint = checkpoint_file(checkpoint)
     model, meta = load_model(checkpoint)
     config = TrainConfig.from_dict(meta.get("config", {}))
     if config.dataset == "shapes" and data is None:
@@ -29,19 +31,22 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
                                 f"held-out shapes, which have no --split {split}; pass --data to evaluate it "
                                 "on an Oxford-IIIT Pet folder")
         dataset = make_shapes(max(config.num_shapes // 8, 8), config.size, seed=config.seed + 20_000)
-        desc = "evaluate held-out shapes"
+        desc = root = "held-out synthetic shapes"
     else:
         split = split or "test"
         root = data or config.data or str(default_data_dir())
         dataset = load_pets(root, split, config.size, progress=progress, limit=limit)
         desc = f"evaluate {split}"
-    return evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc)
+    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc)
+    return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result}
 
 
 def format_report(result: Dict[str, Any]) -> str:
     """A human-readable table of the metrics and the confusion matrix."""
     width = max(len(n) for n in CLASS_NAMES) + 2
-    lines = [f"images: {result['num_images']}",
+    lines = [f"checkpoint: {result['checkpoint']}",
+             f"data: {result['data']}" + (f", split {result['split']}" if result.get("split") else ""),
+             f"images: {result['num_images']}",
              f"pixel accuracy: {result['pixel_accuracy']:.4f}",
              f"mean IoU:       {result['miou']:.4f}",
              f"mean Dice:      {result['mdice']:.4f}",

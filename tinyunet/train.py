@@ -20,7 +20,9 @@ run that was never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -38,14 +40,16 @@ from tinyunet import backend
 from tinyunet.backend import to_device, to_host
 from tinyunet.checkpoint import load_checkpoint, restore, save_checkpoint
 from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
-from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes,
+from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes, read_split,
                            split_train_val)
 from tinyunet.data.pets import spread_subset
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
 from tinyunet.losses import CrossEntropyLoss
+from tinyunet.memory import check_training_fits
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
 from tinyunet.optim import Adam
+from tinyunet.run_lock import LOCK_NAME, RunFolderLock
 
 PREVIEW_IMAGES = 4  # validation images shown in predictions.png
 
@@ -110,9 +114,21 @@ def accel_description() -> str:
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """Cosine decay from ``lr`` to 0 over the run (a function of the global step: resumable)."""
-    if config.schedule == "constant" or total_steps <= 1:
+    if config.schedule == "constant" or total_steps < 1:
         return config.lr
     return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def _num_images(config: TrainConfig) -> int:
+    """How many images load_data will decode (0 where the pets split file cannot be read yet: the
+    loader then says what is wrong)."""
+    if config.dataset == "shapes":
+        return config.num_shapes + max(config.num_shapes // 8, 8)
+    try:
+        names = read_split(config.data or str(default_data_dir()), "trainval")
+    except TinyUNetError:
+        return 0
+    return len(names) if config.limit is None else min(config.limit, len(names))
 
 
 def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationData, SegmentationData]:
@@ -170,11 +186,30 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress, self.log = progress, log
         self.start_epoch = 0
+        self.saved_epoch = 0  # the epoch last.npz holds (0: none yet)
         self.best_miou = -1.0
         last = self.run_dir / "last.npz"
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise TinyUNetError(f"run folder {self.run_dir} is a file, not a folder: choose another --out")
-        if self.run_dir.exists() and any(self.run_dir.iterdir()) and not (resume or force):
+        # one training per run folder, from here to the end of fit() (run_lock.py): a second one,
+        # started alongside or with --force, would mix its files with this one's
+        self._created = not self.run_dir.exists()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TinyUNetError(f"cannot create run folder {self.run_dir} ({exc.strerror or exc}): "
+                                "choose another --out") from exc
+        self._lock: Optional[RunFolderLock] = None
+        try:
+            self._lock = RunFolderLock(self.run_dir)
+            self._setup(config, resume, force, explicit, last)
+        except BaseException:
+            self._let_go()
+            raise
+
+    def _setup(self, config: TrainConfig, resume: bool, force: bool, explicit: Optional[Iterable[str]],
+               last: Path) -> None:
+        if self._run_files() and not (resume or force):
             raise TinyUNetError(f"run folder {self.run_dir} already exists and is not empty: "
                                 f"pass --resume to continue it or --force to start it again")
         # --force deletes the old run only in fit(), once the data has loaded: a typo in --data must
@@ -186,6 +221,8 @@ class Trainer:
             names = [f.name for f in fields(TrainConfig)] if explicit is None else list(explicit)
             config = self._resumed_config(saved, config, names)
         config.validate()
+        if backend.name() == "numpy":  # host memory; a GPU's is not measured
+            check_training_fits(config, _num_images(config))  # before the model is even built
         self.config = config
         backend.seed(config.seed)
         self.model = create_model(**config.model_kwargs())
@@ -193,7 +230,7 @@ class Trainer:
         self.loss_fn = CrossEntropyLoss()
         if self.resuming:
             meta = restore(self.model, self.optimizer, last)
-            self.start_epoch = int(meta["epoch"])
+            self.start_epoch = self.saved_epoch = int(meta["epoch"])
             self.best_miou = float(meta.get("best_miou", -1.0))
             self.log(f"resuming {self.run_dir} after epoch {self.start_epoch} with its saved configuration "
                      f"(config.json)")
@@ -202,8 +239,8 @@ class Trainer:
                 was = learning_rate(saved, self.start_epoch, saved.epochs)
                 now = learning_rate(config, self.start_epoch, config.epochs)
                 self.log(f"extending the run from {saved.epochs} to {config.epochs} epochs: the cosine schedule "
-                         f"now decays over {config.epochs} epochs, so the learning rate continues at {now:.3g} "
-                         f"(it was {was:.3g} after epoch {self.start_epoch})")
+                         f"now decays over {config.epochs} epochs, so the learning rate continues at {now:.6g} "
+                         f"(it was {was:.6g} after epoch {self.start_epoch})")  # as metrics.csv's lr column
         elif resume:  # e.g. killed before its first checkpoint, or a typo in --out: say so
             self.log(f"nothing to resume in {self.run_dir} (no last.npz): starting a new run")
 
@@ -217,7 +254,9 @@ class Trainer:
             new, old = getattr(asked, name), getattr(saved, name)
             if new == old:
                 continue
-            if (name == "epochs" and new > old) or (name == "data" and new is not None):
+            if name == "data" and new is not None and saved.dataset == "shapes":
+                ignored.append(f"data {new!r} (the run trains on synthetic shapes, which read no data folder)")
+            elif (name == "epochs" and new > old) or (name == "data" and new is not None):
                 changes[name] = new
             else:
                 ignored.append(f"{name} {new!r} (the run's: {old!r})")
@@ -229,14 +268,29 @@ class Trainer:
             self.log(f"reading the data from {changes['data']} (the run's was {saved.data})")
         return replace(saved, **changes)
 
+    def _run_files(self) -> List[Path]:
+        """What the run folder holds, but the lock."""
+        return [p for p in self.run_dir.iterdir() if p.name != LOCK_NAME]
+
+    def _let_go(self, ended_before_start: bool = True) -> None:
+        """Release the run folder; a folder this training created and never used is removed again
+        (a failed start leaves nothing to --force away afterwards)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if ended_before_start and self._created:
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()  # only if empty
+
     def _prepare_run_dir(self) -> None:
-        """Create (or, with --force, recreate) the run folder and write config.json."""
-        if self.force and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Empty the run folder with --force (all but the lock), and write config.json."""
+        if self.force:
+            for path in self._run_files():
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         for stale in self.run_dir.glob("*.tmp"):  # temp files of a save interrupted by kill -9
             stale.unlink(missing_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        self._writing("config.json", lambda: (self.run_dir / "config.json").write_text(
+            json.dumps(asdict(self.config), indent=2) + "\n"))
 
     # --- files -----------------------------------------------------------------------------------
     def _read_metrics(self) -> List[Dict[str, str]]:
@@ -250,11 +304,28 @@ class Trainer:
     def _write_metrics(self, rows: List[Dict[str, Any]]) -> None:
         path = self.run_dir / "metrics.csv"
         tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _writing(self, name: str, write: Callable[[], None]) -> None:
+        """Run ``write`` (which writes ``name`` into the run folder); a failure (a full disk, a folder
+        made read-only) says which file, what of the run is safe and how to go on."""
+        try:
+            write()
+        except OSError as exc:
+            last = self.run_dir / "last.npz"
+            fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+            safe = (f"the last checkpoint {last} (epoch {self.saved_epoch}) is intact: {fix} and run again with "
+                    "--resume to continue from it" if self.saved_epoch else
+                    f"no checkpoint was written yet: {fix} and run again with --force")
+            raise TrainingError(f"could not write {self.run_dir / name} ({exc.strerror or exc}); {safe}") from exc
 
     def _meta(self, epoch: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
         return {"epoch": epoch, "arch": self.config.arch, "config": asdict(self.config),
@@ -262,15 +333,42 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
+        """Train from the start (or the resumed epoch) to the last epoch; the run folder is held until
+        it returns or raises, and released then."""
+        if self._lock is None:
+            raise TinyUNetError(f"this training of {self.run_dir} has ended: start a new one")
+        started = False
+        try:
+            train, val = load_data(self.config, progress=self.progress)
+            self._check_data(train, val)
+            self._prepare_run_dir()
+            started = True
+            return self._fit(train, val)
+        finally:
+            self._let_go(ended_before_start=not started)
+
+    def _check_data(self, train: SegmentationData, val: SegmentationData) -> None:
+        """Refuse data a run cannot use, with a change that makes it usable."""
         config = self.config
-        train, val = load_data(config, progress=self.progress)
+        total = len(train) + len(val)
+        if config.dataset == "pets" and total < 2:
+            more = f" or a larger --limit than {config.limit}" if config.limit is not None else ""
+            raise TinyUNetError(f"only {total} usable image{'' if total == 1 else 's'} in "
+                                f"{config.data or default_data_dir()}: training needs at least 2, one to train on "
+                                f"and one to validate: add images{more}")
+        if len(val) == 0:  # pets with --val-fraction 0: any other fraction holds out at least one image
+            raise TinyUNetError(f"--val-fraction {config.val_fraction:g} holds out no validation images: "
+                                "use e.g. --val-fraction 0.1")
+        if len(train) == 0:
+            raise TinyUNetError(f"--val-fraction {config.val_fraction:g} holds out all {total} images for "
+                                "validation, none is left to train on: use e.g. --val-fraction 0.1")
         if len(train) < config.batch_size:
+            more = "--num-shapes" if config.dataset == "shapes" else "more images"
             raise TinyUNetError(f"only {len(train)} training images, fewer than --batch-size {config.batch_size}: "
-                                f"lower --batch-size or use more data (--limit, --num-shapes)")
-        if len(val) == 0:
-            raise TinyUNetError(f"no validation images (--val-fraction {config.val_fraction} of {len(train)} "
-                                f"images): raise --val-fraction or use more data")
-        self._prepare_run_dir()
+                                f"use --batch-size {len(train)} (or {more})")
+
+    def _fit(self, train: SegmentationData, val: SegmentationData) -> Dict[str, Any]:
+        config = self.config
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}; "
                  + (accel_description() if backend.accelerate() else "the reference layers (tinyunet/nn) alone"))
@@ -301,11 +399,12 @@ class Trainer:
             # last.npz last: a crash before it leaves last.npz one epoch behind, and --resume recomputes
             # that epoch, dropping its metrics row and rewriting best.npz identically. Writing last.npz
             # before metrics.csv would lose the epoch's row for good if killed in between.
-            self._write_metrics(rows)
+            self._writing("metrics.csv", lambda: self._write_metrics(rows))
             if improved:
-                save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta)
-            save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta)
-            self._figures(rows, preview, preview_x)
+                self._writing("best.npz", lambda: save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta))
+            self._writing("last.npz", lambda: save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta))
+            self.saved_epoch = epoch
+            self._writing("curves.png and predictions.png", lambda: self._figures(rows, preview, preview_x))
             self.log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, val loss {result['loss']:.4f}, "
                      f"pixel acc {result['pixel_accuracy']:.4f}, mIoU {result['miou']:.4f} "
                      + " ".join(f"{n} {result['iou'][n]:.3f}" for n in CLASS_NAMES)

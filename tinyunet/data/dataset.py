@@ -27,12 +27,14 @@ class SegmentationData:
         labels: uint8 (N, S, S) class ids (see :mod:`tinyunet.classes`).
         names: N example names (file stems, e.g. ``"Abyssinian_1"``).
         skipped: (name, reason) for examples the loader could not use.
+        notes: (name, note) for examples used with a remark (an animation: its first frame).
     """
 
     images: np.ndarray
     labels: np.ndarray
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -59,13 +61,14 @@ class SegmentationData:
         return int(self.images.shape[1])
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> SegmentationData:
-        """A new dataset with the examples at ``indices`` (copies; ``skipped`` is carried over)."""
+        """A new dataset with the examples at ``indices`` (copies; ``skipped`` and ``notes`` are carried over)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         return SegmentationData(
             images=self.images[idx],
             labels=self.labels[idx],
             names=[self.names[i] for i in idx],
             skipped=list(self.skipped),
+            notes=list(self.notes),
         )
 
 

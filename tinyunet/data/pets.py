@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from tinyunet.classes import trimap_to_labels
 from tinyunet.data.dataset import SegmentationData, iterate_batches, split_train_val
+from tinyunet.data.images import UnreadableImage, read_photo
 from tinyunet.data.transforms import resize_image, resize_mask
 from tinyunet.errors import DataError
 
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 SPLITS = ("trainval", "test")
-_CACHE_VERSION = 1  # bump when the preprocessing changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when the preprocessing changes, so old caches are not reused (2: read_photo)
 _FIX = "run `tinyunet download --root DIR` or pass --data DIR pointing at an Oxford-IIIT Pet folder"
 
 
@@ -107,11 +108,11 @@ def _paths(root: Path, name: str) -> tuple[Path, Path]:
     return root / "images" / f"{name}.jpg", root / "annotations" / "trimaps" / f"{name}.png"
 
 
-def _load_example(root: Path, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _load_example(root: Path, name: str, size: int) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Decode, check and resize one example.
 
     Returns:
-        image uint8 (size, size, 3) RGB and labels uint8 (size, size) class ids.
+        image uint8 (size, size, 3) RGB, labels uint8 (size, size) class ids, and a note or None.
     Raises:
         _BadExample: with a short human reason.
     """
@@ -121,29 +122,29 @@ def _load_example(root: Path, name: str, size: int) -> tuple[np.ndarray, np.ndar
     if not trimap_path.is_file():
         raise _BadExample("trimap missing")
     try:
-        with Image.open(image_path) as im:
-            im.load()  # decode now: a truncated JPEG fails here, not later
-            # The official set holds a few grayscale, RGBA, palette and CMYK files: make them all RGB.
-            image = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow reports broken files with all three
-        raise _BadExample(f"unreadable image ({exc})") from exc
+        # as a viewer shows it (data/images.py): the official set holds a few grayscale, RGBA, palette
+        # and CMYK files, a user's photos EXIF orientations, 16-bit PNGs, transparency, animations
+        image, note = read_photo(image_path)
+    except UnreadableImage as exc:
+        raise _BadExample(f"unreadable image ({exc.reason})") from None
     try:
         with Image.open(trimap_path) as tm:
             tm.load()
             # Read raw values (a palette trimap's indices ARE the values): never convert via colors.
             trimap = np.asarray(tm)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise _BadExample(f"unreadable trimap ({exc})") from exc
+    except Exception as exc:  # Pillow's refusals come as OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise _BadExample(f"unreadable trimap ({exc})") from None
     if trimap.ndim != 2:
-        raise _BadExample(f"trimap has shape {trimap.shape}, expected one channel")
-    if trimap.shape != (image.height, image.width):
+        raise _BadExample(f"trimap is {tm.mode} with {trimap.shape[2]} channels, expected one channel of the "
+                          "values 1, 2, 3 (a grayscale or palette PNG, as the official trimaps)")
+    if trimap.shape != image.shape[:2]:
         h, w = trimap.shape
-        raise _BadExample(f"trimap size {w}x{h} differs from image size {image.width}x{image.height}")
+        raise _BadExample(f"trimap size {w}x{h} differs from image size {image.shape[1]}x{image.shape[0]}")
     try:
         labels = trimap_to_labels(trimap)  # checked at full size: resizing could hide a bad value
     except ValueError as exc:
         raise _BadExample(str(exc)) from exc
-    return resize_image(image, size), resize_mask(labels, size)
+    return resize_image(image, size), resize_mask(labels, size), note
 
 
 def _fingerprint(root: Path, split: str, names: list[str], size: int) -> str:
@@ -173,7 +174,8 @@ def _read_cache(path: Path, fingerprint: str) -> SegmentationData | None:
             if str(z["fingerprint"]) != fingerprint:
                 return None
             skipped = list(zip(z["skipped_names"].tolist(), z["skipped_reasons"].tolist()))
-            return SegmentationData(z["images"], z["labels"], z["names"].tolist(), skipped)
+            notes = list(zip(z["note_names"].tolist(), z["note_texts"].tolist()))
+            return SegmentationData(z["images"], z["labels"], z["names"].tolist(), skipped, notes)
     except Exception as exc:  # a damaged cache is only a lost speed-up: rebuild it
         warnings.warn(f"ignoring unreadable cache {path} ({exc}); rebuilding it", DataWarning, stacklevel=3)
         return None
@@ -183,6 +185,7 @@ def _write_cache(path: Path, data: SegmentationData, fingerprint: str) -> None:
     """Write atomically (temp file + os.replace) so a crash never leaves a half-written cache."""
     skipped_names = [n for n, _ in data.skipped]
     skipped_reasons = [r for _, r in data.skipped]
+    note_names, note_texts = [n for n, _ in data.notes], [t for _, t in data.notes]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -196,6 +199,8 @@ def _write_cache(path: Path, data: SegmentationData, fingerprint: str) -> None:
                     names=np.array(data.names, dtype=np.str_),
                     skipped_names=np.array(skipped_names, dtype=np.str_),
                     skipped_reasons=np.array(skipped_reasons, dtype=np.str_),
+                    note_names=np.array(note_names, dtype=np.str_),
+                    note_texts=np.array(note_texts, dtype=np.str_),
                     fingerprint=np.array(fingerprint),
                 )
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is not secret
@@ -223,6 +228,15 @@ def _warn_skipped(root: Path, split: str, total: int, skipped: list[tuple[str, s
                   DataWarning, stacklevel=3)
 
 
+def _warn_notes(root: Path, split: str, notes: list[tuple[str, str]]) -> None:
+    if not notes:
+        return
+    shown = "; ".join(f"{n}: {t}" for n, t in notes[:10])
+    more = f"; and {len(notes) - 10} more" if len(notes) > 10 else ""
+    warnings.warn(f"{len(notes)} examples of {split} in {root} read with a remark: {shown}{more}",
+                  DataWarning, stacklevel=3)
+
+
 def spread_subset(names: list, limit: int) -> list:
     """``limit`` of ``names`` (any list), evenly spaced: every (len/limit)-th, starting at the first."""
     n = len(names)
@@ -240,9 +254,11 @@ def load_pets(
 ) -> SegmentationData:
     """Load a split of Oxford-IIIT Pet, resized to ``size x size`` (aspect ratio not kept).
 
-    Bad examples (unreadable or truncated image, missing trimap, trimap size differing from the
-    image, trimap values outside {1, 2, 3}) are skipped, listed in one :class:`DataWarning` and kept
-    in ``.skipped``. Trimaps holding only background are valid and kept.
+    Photos are read as a viewer shows them (:func:`tinyunet.data.images.read_photo`). Bad examples
+    (an image Pillow refuses or warns about, missing trimap, trimap size differing from the image,
+    trimap not one channel, trimap values outside {1, 2, 3}) are skipped, listed in one
+    :class:`DataWarning` and kept in ``.skipped``; animations (their first frame) in another, and in
+    ``.notes``. Trimaps holding only background are valid and kept.
 
     Args:
         root: dataset folder in the official layout (may be read-only).
@@ -278,9 +294,14 @@ def load_pets(
         name, reason = data.skipped[0]
         raise DataError(f"bad example {name} in {root}: {reason}; fix or remove it, or skip it (without --strict; strict=False)")
     _warn_skipped(root, split, len(names), data.skipped)
+    _warn_notes(root, split, data.notes)
     if len(data) == 0:
+        # files missing: an incomplete copy, which a download mends; files there but bad: only fixing them helps
+        missing = all(reason in ("image missing", "trimap missing") for _, reason in data.skipped)
+        fix = _FIX if missing else ("fix these files (their reasons are listed above), or pass --data DIR "
+                                    "pointing at an intact Oxford-IIIT Pet folder")
         raise DataError(f"no usable examples among {len(names)} of {split} in {root}: "
-                        f"e.g. {data.skipped[0][0]}: {data.skipped[0][1]}; {_FIX}")
+                        f"e.g. {data.skipped[0][0]}: {data.skipped[0][1]}; {fix}")
     return data
 
 
@@ -290,9 +311,12 @@ def _decode_all(root: Path, split: str, names: list[str], size: int, strict: boo
     labels = np.empty((len(names), size, size), dtype=np.uint8)
     keep: list[int] = []
     skipped: list[tuple[str, str]] = []
+    notes: list[tuple[str, str]] = []
     for i, name in enumerate(tqdm(names, desc=f"decoding {split} ({size}px)", unit="img", disable=not progress)):
         try:
-            images[i], labels[i] = _load_example(root, name, size)
+            images[i], labels[i], note = _load_example(root, name, size)
+            if note:
+                notes.append((name, note))
         except _BadExample as exc:
             if strict:
                 raise DataError(f"bad example {name} in {root}: {exc}; fix or remove it, "
@@ -302,4 +326,4 @@ def _decode_all(root: Path, split: str, names: list[str], size: int, strict: boo
         keep.append(i)
     if len(keep) < len(names):
         images, labels = images[keep], labels[keep]
-    return SegmentationData(images, labels, [names[i] for i in keep], skipped)
+    return SegmentationData(images, labels, [names[i] for i in keep], skipped, notes)
