@@ -162,6 +162,11 @@ def set_acceleration(enabled: bool) -> bool:
     return previous
 
 
+def accelerate_switch() -> bool:
+    """The switch alone (True unless the acceleration was switched off), whatever the backend."""
+    return _acceleration
+
+
 def accelerate() -> bool:
     """Whether the layers may hand their work to the CPU acceleration: switched on, and on NumPy."""
     return _acceleration and name() == "numpy"

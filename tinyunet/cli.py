@@ -232,6 +232,7 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "downlo
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     formatwarning = warnings.formatwarning  # catch_warnings() does not restore it: we do
+    accelerate = backend.accelerate_switch()   # restored below: main also runs inside the tests
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
@@ -262,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     finally:
         warnings.formatwarning = formatwarning
+        backend.set_acceleration(accelerate)
 
 
 if __name__ == "__main__":
