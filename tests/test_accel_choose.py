@@ -42,13 +42,15 @@ def test_with_blas_winograd_takes_only_the_shapes_where_it_was_measured_faster()
 
 
 @pytest.mark.skipif(not compiled_loops.available(), reason="Numba is not installed")
-def test_with_the_direct_kernels_winograd_needs_128_channels():
-    """With the direct kernels the shifted sums beat Winograd up to 64 channels on a side and im2row
+def test_with_the_direct_kernels_winograd_needs_256_input_channels():
+    """With the direct kernels the shifted sums beat Winograd up to 128 channels on a side and im2row
     for every layer big enough to share between threads (2**24 multiply-adds); channels that are no
     multiple of 16 keep the BLAS rules; float64 never runs the kernels."""
     with compiled_code(True):
         assert picked(Conv2d(64, 128, 3, padding=1), (8, 64, 16, 16)) == "direct"
-        assert picked(Conv2d(128, 128, 3, padding=1), (8, 128, 16, 16)) == "winograd"
+        assert picked(Conv2d(128, 128, 3, padding=1), (8, 128, 16, 16)) == "direct"
+        assert picked(Conv2d(256, 128, 3, padding=1), (8, 256, 16, 16)) == "winograd"
+        assert picked(Conv2d(256, 64, 3, padding=1), (8, 256, 16, 16)) == "direct"
         assert picked(Conv2d(256, 256, 3, padding=1), (8, 256, 8, 8)) == "direct"     # 512 outputs
         assert picked(Conv2d(256, 256, 3, padding=1), (1, 256, 8, 8)) == "direct"     # 37.7M multiply-adds
         assert picked(Conv2d(128, 128, 3, padding=1), (1, 128, 8, 8)) == "im2row"     # 9.4M: too small to share
