@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.parallel import map_batch_blocks
 from tinyunet.backend import xp
 
 
-class ChannelsLastConcat:
+class ChannelsLastConcat(Implementation):
     """Concat's forward for one set of (N, C_i, H, W) inputs -> (N, sum C_i, H, W), channels-last."""
 
     name = "channels-last"
-
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
 
     @staticmethod
     def accepts(layer: Any, *inputs: Any) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 from tinyunet.accel import blas
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.padding import zero_padded
 from tinyunet.accel.parallel import map_batch_blocks, map_row_blocks, matmul, transposed_matmul
 from tinyunet.accel.weight_layout import flipped_kernel_stack, kernel_stack
@@ -67,7 +68,7 @@ def output_size(layer: Any, h: int, w: int) -> Tuple[int, int]:
             conv_output_size(w, kw, layer.stride, layer.padding))
 
 
-class ConvImplementation:
+class ConvImplementation(Implementation):
     """One accelerated forward and backward of a Conv2d layer (tinyunet/nn/conv.py) for one input.
 
     ``forward(x)``: x (N, Cin, H, W), any memory layout -> (N, Cout, Hout, Wout), channels-last
@@ -75,17 +76,6 @@ class ConvImplementation:
     None when the layer asks for no input gradient (``layer.input_grad`` False: the image's layer);
     adds into the layer's ``weight.grad`` and ``bias.grad``.
     """
-
-    name = ""
-
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
-        self.cache: Any = None
-
-    @staticmethod
-    def accepts(layer: Any, x: Any) -> bool:
-        """Whether this implementation computes ``layer`` for an input like x (all: any conv)."""
-        return True
 
     def forward(self, x: Any) -> Any:
         out = self._forward(x)                                  # (N, Hout, Wout, Cout)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tinyunet.accel import compiled_loops
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.parallel import map_batch_blocks
 from tinyunet.backend import xp
 
@@ -60,14 +61,10 @@ class _Rows:
         return xp.einsum("nhk,nhk->k", a, b).reshape(w, c).sum(axis=0)
 
 
-class RowsBatchNorm:
+class RowsBatchNorm(Implementation):
     """BatchNorm2d's forward and backward for one channels-last input, as NumPy passes over image rows."""
 
     name = "rows"
-
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
-        self.cache: Any = None
 
     @staticmethod
     def accepts(layer: Any, x: Any) -> bool:
@@ -139,14 +136,10 @@ class RowsBatchNorm:
         return rows.unview(dx)
 
 
-class CompiledBatchNorm:
+class CompiledBatchNorm(Implementation):
     """BatchNorm2d's forward and backward for one channels-last input, as compiled loops (Numba)."""
 
     name = "compiled"
-
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
-        self.cache: Any = None
 
     @staticmethod
     def accepts(layer: Any, x: Any) -> bool:

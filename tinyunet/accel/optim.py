@@ -8,26 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.parallel import ELEMENTWISE_WORK, map_row_blocks
 
 CHUNK = 1 << 16          # entries per chunk: 256 KB of float32 per array
 _UPDATE_PASSES = 15      # Adam reads or writes each entry's arrays about this many times
 
 
-class ChunkedStep:
+class ChunkedStep(Implementation):
     """Optimizer.step's update on chunks of the flat buffers, blocks of chunks on every core."""
 
     name = "chunks"
 
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
-
-    @staticmethod
-    def accepts(optimizer: Any) -> bool:
-        return True
-
     def step(self) -> None:
-        opt = self.optimizer
+        opt = self.layer      # the optimizer
         size = opt.data.size
 
         def some_chunks(first: int, last: int) -> None:

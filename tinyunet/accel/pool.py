@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.parallel import map_batch_blocks
 from tinyunet.backend import xp
 from tinyunet.nn.conv import conv_output_size
@@ -36,14 +37,10 @@ def _first_max(views: List[Any], out: Any = None):
     return top, arg
 
 
-class SeparablePool:
+class SeparablePool(Implementation):
     """MaxPool2d's forward and backward for one input: (N, C, H, W) -> (N, C, Hout, Wout), channels-last."""
 
     name = "separable"
-
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
-        self.cache: Any = None
 
     @staticmethod
     def accepts(layer: Any, x: Any) -> bool:

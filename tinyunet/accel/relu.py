@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tinyunet.accel import compiled_loops
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.parallel import map_batch_blocks
 from tinyunet.backend import xp
 
@@ -31,25 +32,17 @@ def _grad_where_positive(dout: Any, out: Any) -> Any:
     return dx
 
 
-class BlockedReLU:
+class BlockedReLU(Implementation):
     """ReLU's forward and backward for one input: NumPy passes on blocks of images."""
 
     name = "blocks"
 
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
-        self.out: Any = None
-
-    @staticmethod
-    def accepts(layer: Any, x: Any) -> bool:
-        return x.ndim >= 1
-
     def forward(self, x: Any) -> Any:
-        self.out = _maximum_zero(x)
-        return self.out
+        self.cache = _maximum_zero(x)
+        return self.cache
 
     def backward(self, dout: Any) -> Any:
-        out, self.out = self.out, None
+        out, self.cache = self.cache, None
         return _grad_where_positive(dout, out)
 
 
@@ -64,11 +57,11 @@ class CompiledReLU(BlockedReLU):
         return compiled_loops.usable(x)
 
     def forward(self, x: Any) -> Any:
-        self.out = compiled_loops.relu(x)
-        return self.out
+        self.cache = compiled_loops.relu(x)
+        return self.cache
 
     def backward(self, dout: Any) -> Any:
-        out, self.out = self.out, None
+        out, self.cache = self.cache, None
         if compiled_loops.usable(dout, out):
             return compiled_loops.relu_backward(dout, out)
         return _grad_where_positive(dout, out)

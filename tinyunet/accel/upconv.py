@@ -13,23 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from tinyunet.accel.conv import add_channel_vector, channel_sum, im2row, nchw, nhwc, row2im
+from tinyunet.accel.implementation import Implementation
 from tinyunet.accel.parallel import copy_images, matmul, transposed_matmul
 from tinyunet.backend import xp
 
 
-class RowsConvTranspose:
+class RowsConvTranspose(Implementation):
     """ConvTranspose2d's forward and backward for one input: (N, Cin, H, W) -> (N, Cout, Hout, Wout),
     channels-last memory."""
 
     name = "rows"
-
-    def __init__(self, layer: Any) -> None:
-        self.layer = layer
-        self.x_rows: Any = None
-
-    @staticmethod
-    def accepts(layer: Any, x: Any) -> bool:
-        return True
 
     def _w2(self) -> Any:
         """weight (Cin, Cout, kh, kw) -> (Cin, kh*kw*Cout), the column order of im2row."""
@@ -56,13 +49,13 @@ class RowsConvTranspose:
             out = row2im(stamps, out_shape, kh, kw, layer.stride, layer.padding)   # (N, Hout, Wout, Cout)
         if layer.bias is not None:
             add_channel_vector(out, layer.bias.data)
-        self.x_rows = x_rows
+        self.cache = x_rows
         return nchw(out)
 
     def backward(self, dout: Any) -> Any:
         layer = self.layer
         kh, kw = layer.kernel_size
-        x_rows, self.x_rows = self.x_rows, None
+        x_rows, self.cache = self.cache, None
         n, cout, hout, wout = dout.shape
         dout_nhwc = nhwc(dout)
         h = (hout + 2 * layer.padding - kh) // layer.stride + 1

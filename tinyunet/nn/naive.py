@@ -187,18 +187,16 @@ def cross_entropy(logits: np.ndarray, target: np.ndarray, weight: Optional[np.nd
     """
     n, c, h, w = logits.shape
     num, den = 0.0, 0.0
-    for b in range(n):
-        for i in range(h):
-            for j in range(w):
-                y = int(target[b, i, j])
-                if ignore_index is not None and y == ignore_index:
-                    continue
-                z = [float(logits[b, k, i, j]) for k in range(c)]
-                zmax = max(z)
-                nll = math.log(sum(math.exp(v - zmax) for v in z)) - (z[y] - zmax)
-                wy = 1.0 if weight is None else float(weight[y])
-                num += wy * nll
-                den += wy
+    for b, i, j in np.ndindex(n, h, w):
+        y = int(target[b, i, j])
+        if ignore_index is not None and y == ignore_index:
+            continue
+        z = [float(logits[b, k, i, j]) for k in range(c)]
+        zmax = max(z)
+        nll = math.log(sum(math.exp(v - zmax) for v in z)) - (z[y] - zmax)
+        wy = 1.0 if weight is None else float(weight[y])
+        num += wy * nll
+        den += wy
     return num / den
 
 
@@ -207,27 +205,18 @@ def cross_entropy_grad(logits: np.ndarray, target: np.ndarray, weight: Optional[
     """d loss / d logits = w[y_p] * (softmax(z_p) - onehot(y_p)) / sum_p w[y_p], per pixel."""
     n, c, h, w = logits.shape
     grad = np.zeros(logits.shape)
-    den = 0.0
-    for b in range(n):
-        for i in range(h):
-            for j in range(w):
-                y = int(target[b, i, j])
-                if ignore_index is not None and y == ignore_index:
-                    continue
-                den += 1.0 if weight is None else float(weight[y])
-    for b in range(n):
-        for i in range(h):
-            for j in range(w):
-                y = int(target[b, i, j])
-                if ignore_index is not None and y == ignore_index:
-                    continue
-                z = [float(logits[b, k, i, j]) for k in range(c)]
-                zmax = max(z)
-                e = [math.exp(v - zmax) for v in z]
-                s = sum(e)
-                wy = 1.0 if weight is None else float(weight[y])
-                for k in range(c):
-                    grad[b, k, i, j] = wy * (e[k] / s - (1.0 if k == y else 0.0)) / den
+    pixels = [(b, i, j) for b in range(n) for i in range(h) for j in range(w)
+              if ignore_index is None or int(target[b, i, j]) != ignore_index]
+    den = sum(1.0 if weight is None else float(weight[int(target[p])]) for p in pixels)
+    for b, i, j in pixels:
+        y = int(target[b, i, j])
+        z = [float(logits[b, k, i, j]) for k in range(c)]
+        zmax = max(z)
+        e = [math.exp(v - zmax) for v in z]
+        s = sum(e)
+        wy = 1.0 if weight is None else float(weight[y])
+        for k in range(c):
+            grad[b, k, i, j] = wy * (e[k] / s - (1.0 if k == y else 0.0)) / den
     return grad
 
 
