@@ -16,7 +16,7 @@ from PIL import Image
 
 from tinyunet.backend import to_device, to_host, xp
 from tinyunet.data import DataWarning
-from tinyunet.data.transforms import resize_image, to_input
+from tinyunet.data.transforms import resize_image, resize_probabilities, to_input
 from tinyunet.errors import DataError, TinyUNetError
 from tinyunet.train import TrainConfig, load_model
 from tinyunet.viz import plot_attention, save_mask_png, save_overlay_png
@@ -46,12 +46,6 @@ def read_rgb(path: Path) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
-
-
-def resize_probabilities(probs: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(C, h, w) float32 -> (C, height, width), bilinear per class (host, at the edge)."""
-    return np.stack([np.asarray(Image.fromarray(p.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
-                     for p in probs])
 
 
 def predict_image(model: Any, image: np.ndarray, size: int) -> np.ndarray:

@@ -12,8 +12,9 @@ Everything a run produces goes into its run folder::
     RUNDIR/best.npz       the same, for the epoch with the best validation mIoU
     RUNDIR/curves.png     loss and mIoU per epoch
     RUNDIR/predictions.png  image | true mask | predicted mask for fixed validation images
+    RUNDIR/augmentations.png  training images and masks as they are, then randomly augmented
 
-Determinism: every random choice of epoch ``e`` (shuffling, flips) comes from a generator seeded with
+Determinism: every random choice of epoch ``e`` (shuffling, augmentation) comes from a generator seeded with
 ``(seed, e)``, and checkpoints are written only at epoch ends. So a run killed at any moment and
 restarted with ``--resume`` replays the interrupted epoch exactly and ends with the same weights as a
 run that was never interrupted.
@@ -42,7 +43,8 @@ from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, 
                            split_train_val)
 from tinyunet.data.pets import spread_subset
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
-from tinyunet.losses import CrossEntropyLoss
+from tinyunet.data.transforms import Augmentation, augment
+from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
 from tinyunet.optim import Adam
@@ -66,7 +68,16 @@ class TrainConfig:
     batchnorm: bool = True
     seed: int = 0
     val_fraction: float = 0.1
-    augment: bool = True
+    augment: bool = True  # False: none of the transforms below
+    # the transforms, each off at its neutral value (a run saved before they existed keeps flips only);
+    # `tinyunet train` on pets sets PETS_RECIPE's instead
+    flip: bool = True
+    scale: float = 1.0  # smallest share of the area a random square crop keeps
+    rotate: float = 0.0  # largest rotation, degrees
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    loss: str = "ce"  # "ce", "dice" or "ce+dice"
     limit: Optional[int] = None  # use only the first N trainval images (quick runs)
     num_shapes: int = 800  # synthetic training images (dataset "shapes")
     strict: bool = False
@@ -74,6 +85,13 @@ class TrainConfig:
     def model_kwargs(self) -> Dict[str, Any]:
         return dict(arch=self.arch, in_channels=3, num_classes=NUM_CLASSES, base_channels=self.base_channels,
                     depth=self.depth, batchnorm=self.batchnorm)
+
+    def augmentation(self) -> Optional[Augmentation]:
+        """The training batches' random transforms (None: no augmentation)."""
+        if not self.augment:
+            return None
+        return Augmentation(flip=self.flip, scale=self.scale, rotate=self.rotate, brightness=self.brightness,
+                            contrast=self.contrast, saturation=self.saturation)
 
     def validate(self) -> None:
         """Raise TinyUNetError for settings that would otherwise fail mid-run with a traceback."""
@@ -87,6 +105,12 @@ class TrainConfig:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not self.lr > 0:
             problems.append(f"--lr must be positive, got {self.lr}")
+        try:
+            self.augmentation()
+        except ValueError as exc:
+            problems.append(f"--{str(exc)}")
+        if self.loss not in LOSSES:
+            problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.dataset == "shapes" and self.size < 16:
             problems.append(f"--size must be at least 16 for the shapes dataset, got {self.size}")
         factor = 2 ** max(self.depth, 0)
@@ -101,6 +125,15 @@ class TrainConfig:
     def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+#: The recipe `tinyunet train` uses for pets where no option says otherwise (see the README's Results).
+PETS_RECIPE: Dict[str, Any] = {"size": 128, "epochs": 10}
+#: ... and for the synthetic shapes.
+SHAPES_RECIPE: Dict[str, Any] = {"size": 64, "epochs": 3}
+
+AUGMENTATION_IMAGES = 4  # training images shown in augmentations.png, each in AUGMENTATION_VARIANTS draws
+AUGMENTATION_VARIANTS = 4
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -185,7 +218,7 @@ class Trainer:
         backend.seed(config.seed)
         self.model = create_model(**config.model_kwargs())
         self.optimizer = Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.loss_fn = CrossEntropyLoss()
+        self.loss_fn = make_loss(config.loss)
         if self.resuming:
             meta = restore(self.model, self.optimizer, last)
             self.start_epoch = int(meta["epoch"])
@@ -266,6 +299,7 @@ class Trainer:
             raise TinyUNetError(f"no validation images (--val-fraction {config.val_fraction} of {len(train)} "
                                 f"images): raise --val-fraction or use more data")
         self._prepare_run_dir()
+        self._augmentation_figure(train)
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}"
                  + ((" (compiled BatchNorm/ReLU loops and convolution kernels)" if kernels.available()
@@ -311,8 +345,8 @@ class Trainer:
     def _train_epoch(self, train: SegmentationData, epoch: int, steps: int, total_steps: int) -> float:
         config = self.config
         rng = np.random.default_rng([config.seed, epoch])
-        batches = iterate_batches(train, config.batch_size, shuffle=True, rng=rng, augment=config.augment,
-                                  drop_last=True)
+        batches = iterate_batches(train, config.batch_size, shuffle=True, rng=rng,
+                                  augment=config.augmentation() or False, drop_last=True)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=not self.progress,
                    dynamic_ncols=True)
         self.model.train()
@@ -339,6 +373,22 @@ class Trainer:
                             refresh=False)
         bar.close()
         return running / max(seen, 1)
+
+    def _augmentation_figure(self, train: SegmentationData) -> None:
+        """augmentations.png: a few training images as they are, then as the batches may show them.
+
+        Drawn from a generator seeded with (seed, 0): epoch 0 is never trained, so the figure takes
+        nothing from the training batches' random numbers and the run stays the same with or without it."""
+        settings = self.config.augmentation()
+        path = self.run_dir / "augmentations.png"
+        if settings is None or path.is_file():
+            return
+        from tinyunet.viz import save_augmentation_grid
+
+        shown = train.subset(np.array(spread_subset(list(range(len(train))), AUGMENTATION_IMAGES)))
+        rng = np.random.default_rng([self.config.seed, 0])
+        draws = [augment(shown.images, shown.labels, rng, settings) for _ in range(AUGMENTATION_VARIANTS - 1)]
+        save_augmentation_grid([(shown.images, shown.labels)] + draws, path)
 
     def _figures(self, rows: List[Dict[str, Any]], preview: SegmentationData, preview_x: np.ndarray) -> None:
         from tinyunet.viz import plot_curves, plot_predictions  # matplotlib only when figures are drawn
