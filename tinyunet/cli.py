@@ -172,9 +172,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size,
                                  progress=not args.json, limit=args.limit)
     if args.json:
-        keys = ("pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss", "num_images")
+        keys = ("pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss", "num_images", "size",
+                "native")
         # a class absent from truth and prediction has NaN IoU/Dice: null keeps the output valid JSON
-        print(json.dumps(_json_safe({k: result[k] for k in keys}), allow_nan=False))
+        print(json.dumps(_json_safe({k: result[k] for k in keys if k in result}), allow_nan=False))
     else:
         print(format_report(result))
 

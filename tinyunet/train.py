@@ -43,7 +43,7 @@ from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, 
                            split_train_val)
 from tinyunet.data.pets import spread_subset
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
-from tinyunet.data.transforms import Augmentation, augment
+from tinyunet.data.transforms import Augmentation, augment, resize_probabilities
 from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
@@ -157,23 +157,40 @@ def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationD
 
 
 def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
-                   progress: bool = False, desc: str = "eval") -> Dict[str, Any]:
-    """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``."""
+                   progress: bool = False, desc: str = "eval",
+                   native_labels: Optional[List[np.ndarray]] = None) -> Dict[str, Any]:
+    """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``.
+
+    ``native_labels``: each example's class ids at its photo's own size (``load_native_labels``);
+    then ``result["native"]`` also holds the metrics of the predictions as ``predict`` makes them:
+    the class probabilities resized back to that size (bilinear), the most probable class.
+    """
+    if native_labels is not None and len(native_labels) != len(data):
+        raise ValueError(f"{len(native_labels)} native label maps for {len(data)} images")
     model.eval()
     loss_fn = CrossEntropyLoss()
     meter = ConfusionMeter(NUM_CLASSES)
+    native = ConfusionMeter(NUM_CLASSES)
     total = backend.xp.zeros((), dtype=backend.xp.float64)
     batches = iterate_batches(data, batch_size, shuffle=False, rng=None)
-    for x, y, _ in tqdm(batches, total=math.ceil(len(data) / batch_size), desc=desc, disable=not progress,
-                        leave=False):
+    for b, (x, y, _) in enumerate(tqdm(batches, total=math.ceil(len(data) / batch_size), desc=desc,
+                                       disable=not progress, leave=False)):
         x, y = to_device(x), to_device(y)
         logits = model.forward(x)
         total += loss_fn.forward(logits, y) * x.shape[0]  # summed on the device: no sync per batch
         meter.update(logits, y)
+        if native_labels is not None:
+            e = backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = to_host(e / e.sum(axis=1, keepdims=True))
+            for p, truth in zip(probs, native_labels[b * batch_size:]):
+                pred = resize_probabilities(p, *truth.shape).argmax(axis=0)
+                native.update(to_device(pred[None]), to_device(truth[None]))
     model.train()
     result = meter.compute()
     result["loss"] = float(total) / max(len(data), 1)
     result["num_images"] = len(data)
+    if native_labels is not None:
+        result["native"] = native.compute()
     return result
 
 
