@@ -135,6 +135,49 @@ def test_evaluate_loss_is_the_mean_cross_entropy_over_all_pixels(trained, capsys
     assert loss == pytest.approx(per_image.mean(), rel=1e-5)
 
 
+def independent_native_predictions(root: Path, checkpoint: Path):
+    """[(true class ids, predicted class ids)] at each test photo's own size: softmax of the logits,
+    each class's probability map resized bilinearly by Pillow ("F" images), the most probable class."""
+    model = independent_model(checkpoint)
+    pairs = []
+    for name in TEST_NAMES:
+        with Image.open(root / "images" / f"{name}.jpg") as im:
+            rgb = im.convert("RGB")
+        x = normalize(np.asarray(rgb.resize((SIZE, SIZE), Image.BILINEAR), np.float64))[None]
+        z = np.asarray(model.forward(x), np.float64)[0]
+        probs = np.exp(z - z.max(axis=0)) / np.exp(z - z.max(axis=0)).sum(axis=0)
+        big = [np.asarray(Image.fromarray(p.astype(np.float32), mode="F").resize(rgb.size, Image.BILINEAR))
+               for p in probs]
+        with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
+            truth = np.asarray(tm).astype(np.int64) - 1  # trimap 1, 2, 3 -> classes 0, 1, 2
+        pairs.append((truth, np.argmax(big, axis=0)))
+    return pairs
+
+
+def test_evaluate_native_resolution_matches_independent_computation(trained, capsys, monkeypatch, tmp_path):
+    root, checkpoint = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    native = result["native"]
+    pairs = independent_native_predictions(root, checkpoint)
+    sizes = {truth.shape for truth, _ in pairs}
+    assert len(sizes) > 1 and (SIZE, SIZE) not in sizes  # photos of several sizes, none the training size
+    truth = np.concatenate([t.ravel() for t, _ in pairs])
+    pred = np.concatenate([p.ravel() for _, p in pairs])
+    assert len(np.unique(pred)) == 3
+    expected = [[int(np.sum((truth == t) & (pred == q))) for q in range(3)] for t in range(3)]
+    assert sum(map(sum, native["confusion"])) == truth.size  # every full-size pixel counted once
+    # a pixel whose two best classes tie within float32 rounding may go either way (batched forward)
+    assert np.abs(np.array(native["confusion"]) - expected).sum() <= 2 * 1e-3 * truth.size
+    ious = [expected[c][c] / (sum(expected[c]) + sum(row[c] for row in expected) - expected[c][c]) for c in range(3)]
+    assert native["miou"] == pytest.approx(np.mean(ious), abs=2e-3)
+    assert native["pixel_accuracy"] == pytest.approx(np.mean(pred == truth), abs=1e-3)
+    assert native["miou"] != pytest.approx(result["miou"], abs=1e-6)  # a second score, not the first repeated
+    assert result["size"] == SIZE
+
+
 def test_evaluate_table(trained, capsys, monkeypatch, tmp_path):
     root, checkpoint = trained
     monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
@@ -143,6 +186,12 @@ def test_evaluate_table(trained, capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     truth, pred = independent_predictions(root, checkpoint)
     assert f"pixel accuracy: {np.mean(pred == truth):.4f}" in out
+    native = independent_native_predictions(root, checkpoint)
+    miou = np.mean([np.sum((t == c) & (p == c)) / np.sum((t == c) | (p == c)) for c in range(3)
+                    for t, p in [(np.concatenate([a.ravel() for a, _ in native]),
+                                  np.concatenate([b.ravel() for _, b in native]))]])
+    own_size = out.index("at each photo's own size")
+    assert f"mean IoU:       {miou:.4f}" in out[own_size:]
     assert "confusion matrix" in out.lower()
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if "confusion matrix" in line.lower())

@@ -6,7 +6,7 @@ import pytest
 
 from tinyunet.nn import naive as ref
 from tinyunet.gradcheck import check_loss
-from tinyunet.losses import CrossEntropyLoss
+from tinyunet.losses import CrossEntropyLoss, DiceLoss, make_loss
 
 pytestmark = pytest.mark.usefixtures("numpy_backend")
 
@@ -117,3 +117,78 @@ def test_dtype_is_preserved(dtype):
     assert loss.backward().dtype == dtype
     assert float(value) == pytest.approx(ref.cross_entropy(logits.astype(dtype).astype(np.float64), target, WEIGHT, 1),
                                          rel=1e-5 if dtype == np.float32 else 1e-12)
+
+
+# --- soft Dice and the sum of both ---------------------------------------------------------------
+
+def dice_by_loops(logits, target, smooth=1.0):
+    """1 - mean over classes of (2 sum p y + s) / (sum p + sum y + s), pixel by pixel in plain Python."""
+    n, c, h, w = logits.shape
+    inter, psum, ysum = [0.0] * c, [0.0] * c, [0.0] * c
+    for i in range(n):
+        for r in range(h):
+            for q in range(w):
+                z = [float(logits[i, k, r, q]) for k in range(c)]
+                top = max(z)
+                e = [math.exp(v - top) for v in z]
+                for k in range(c):
+                    p = e[k] / sum(e)
+                    y = 1.0 if target[i, r, q] == k else 0.0
+                    inter[k] += p * y
+                    psum[k] += p
+                    ysum[k] += y
+    return 1 - sum((2 * inter[k] + smooth) / (psum[k] + ysum[k] + smooth) for k in range(c)) / c
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 3, 1, 3), (1, 2, 4, 4)])
+def test_dice_forward_matches_per_pixel_loops(shape):
+    logits, target = data(shape=shape, seed=11, scale=2.0)
+    target[target == shape[1] - 1] = 0  # one class absent from the target: its score rests on the smoothing
+    value = DiceLoss().forward(logits, target)
+    assert np.shape(value) == ()
+    assert float(value) == pytest.approx(dice_by_loops(logits, target), rel=1e-12)
+
+
+def test_dice_by_hand():
+    # 2 classes, logits 0: p = 1/2 at each of 4 pixels, all of class 0.
+    # class 0: I = 2, T = 2 + 4 -> (4 + 1) / (6 + 1); class 1: I = 0, T = 2 + 0 -> 1 / 3
+    logits = np.zeros((1, 2, 2, 2))
+    target = np.zeros((1, 2, 2), dtype=np.int64)
+    assert float(DiceLoss().forward(logits, target)) == pytest.approx(1 - (5 / 7 + 1 / 3) / 2, rel=1e-12)
+    # a sure, right prediction scores 1 for each class: loss 0
+    sure = np.where(np.arange(3).reshape(1, 3, 1, 1) == np.array([[[0, 1], [2, 1]]])[:, None], 50.0, -50.0)
+    assert float(DiceLoss().forward(sure, np.array([[[0, 1], [2, 1]]]))) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (3, 3, 1, 3)])
+@pytest.mark.parametrize("name", ["dice", "ce+dice"])
+def test_dice_and_sum_gradients_match_finite_differences(shape, name):
+    logits, target = data(shape=shape, seed=12, scale=2.0)
+    assert check_loss(make_loss(name), logits, target) <= 1e-7
+
+
+def test_sum_loss_is_the_sum_of_its_parts():
+    logits, target = data(seed=13)
+    ce, dice, both = CrossEntropyLoss(), DiceLoss(), make_loss("ce+dice")
+    assert float(both.forward(logits, target)) == pytest.approx(
+        ref.cross_entropy(logits, target) + dice_by_loops(logits, target), rel=1e-12)
+    g = both.backward()
+    ce.forward(logits, target)
+    dice.forward(logits, target)
+    np.testing.assert_allclose(g, ce.backward() + dice.backward(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dice_dtype_is_preserved(dtype):
+    logits, target = data(seed=14)
+    loss = DiceLoss()
+    value = loss.forward(logits.astype(dtype), target)
+    assert value.dtype == dtype and loss.backward().dtype == dtype
+    assert float(value) == pytest.approx(dice_by_loops(logits.astype(dtype), target), rel=1e-5)
+
+
+def test_make_loss_names():
+    assert isinstance(make_loss("ce"), CrossEntropyLoss) and isinstance(make_loss("dice"), DiceLoss)
+    assert [type(p) for p in make_loss("ce+dice").losses] == [CrossEntropyLoss, DiceLoss]
+    with pytest.raises(ValueError, match="ce, dice, ce\\+dice"):
+        make_loss("focal")

@@ -20,10 +20,12 @@ import pytest
 from PIL import Image
 
 from tinyunet import train as train_module
+from tinyunet.data.transforms import Augmentation
 
 TINY = ["--dataset", "shapes", "--size", "32", "--num-shapes", "48", "--base-channels", "4", "--depth", "2",
         "--batch-size", "8", "--quiet"]
 STEPS_PER_EPOCH = 48 // 8
+EVERY_TRANSFORM = ["--scale", "0.6", "--rotate", "15", "--brightness", "0.2", "--contrast", "0.2", "--saturation", "0.2"]
 METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_pixel_accuracy", "val_miou", "val_iou_pet",
                    "val_iou_background", "val_iou_outline", "lr", "seconds", "images_per_second"]
 
@@ -67,7 +69,8 @@ def test_run_folder_contents(run_cli, tmp_path):
     status, out, err = run_cli(*train_args(run, 2))
     assert status == 0, err
     assert "done: best validation mIoU" in out
-    for name in ["config.json", "metrics.csv", "last.npz", "best.npz", "curves.png", "predictions.png"]:
+    for name in ["config.json", "metrics.csv", "last.npz", "best.npz", "curves.png", "predictions.png",
+                 "augmentations.png"]:
         assert (run / name).is_file(), name
     assert not list(run.glob("*.tmp"))
 
@@ -106,6 +109,8 @@ def test_run_folder_contents(run_cli, tmp_path):
         with Image.open(run / name) as im:
             im.load()
             assert im.width > 100 and im.height > 100
+    with Image.open(run / "augmentations.png") as im:  # 4 images x 4 variants, photo above mask: 32 x 64 cells
+        assert im.size == (4 * 32 + 3 * 4, 4 * 64 + 3 * 4)
 
 
 def test_same_seed_same_weights_other_seed_different(run_cli, tmp_path, no_figures):
@@ -135,7 +140,8 @@ def test_thread_count_does_not_change_the_weights(run_cli, tmp_path, no_figures)
 
 def test_resume_after_kill_9_matches_uninterrupted_run(run_cli, cli_env, tmp_path, no_figures):
     # big enough that an epoch takes a noticeable time, so the kill lands while the child still trains
-    args = ["train", *TINY, "--num-shapes", "160", "--epochs", "4", "--seed", "3"]
+    # every random transform on, and the Dice loss: their random numbers must replay exactly too
+    args = ["train", *TINY, "--num-shapes", "160", "--epochs", "4", "--seed", "3", *EVERY_TRANSFORM, "--loss", "ce+dice"]
     run = tmp_path / "killed"
     last = run / "last.npz"
     child = subprocess.Popen([sys.executable, "-m", "tinyunet.cli", *args, "--out", str(run)], env=cli_env,
@@ -280,6 +286,9 @@ def test_out_is_a_file(run_cli, tmp_path):
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--threads", "0"], "--threads must be at least 1"),
+    (["--scale", "0"], "--scale (the smallest crop's share of the area) must be in (0, 1]"),
+    (["--rotate", "-5"], "--rotate (degrees) must be in [0, 180]"),
+    (["--saturation", "1"], "--saturation must be in [0, 1)"),
 ])
 def test_invalid_settings_are_one_line_errors(run_cli, tmp_path, extra, message):
     run = tmp_path / "run"
@@ -614,3 +623,40 @@ def test_every_epoch_has_its_own_order_and_flips(run_cli, tmp_path, monkeypatch,
     pictures = {n: p for n, p in first}
     assert sum(pictures[n] != p for n, p in second if n in pictures) > 0, "epoch 2 flips exactly epoch 1's images"
     assert again == first  # the same seed and epoch: the same order and flips
+
+
+def test_augmentation_and_loss_reach_the_batches_and_the_loss(run_cli, tmp_path, monkeypatch, no_figures):
+    seen = {}
+    real_batches = train_module.iterate_batches
+
+    def spy(data, batch_size, shuffle, rng, augment=False, drop_last=False):
+        if shuffle:
+            seen["augment"] = augment
+        return real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+
+    monkeypatch.setattr(train_module, "iterate_batches", spy)
+    status, _, err = run_cli(*train_args(tmp_path / "a", 1, *EVERY_TRANSFORM, "--no-flip", "--loss", "dice"))
+    assert status == 0, err
+    assert seen["augment"] == Augmentation(flip=False, scale=0.6, rotate=15, brightness=0.2, contrast=0.2,
+                                           saturation=0.2)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["loss"] == "dice"
+    status, _, err = run_cli(*train_args(tmp_path / "b", 1, *EVERY_TRANSFORM, "--no-augment"))
+    assert status == 0, err
+    assert seen["augment"] is False
+    assert not (tmp_path / "b" / "augmentations.png").exists()
+
+
+def test_a_run_saved_before_the_new_transforms_keeps_flips_and_cross_entropy():
+    old = {"dataset": "pets", "size": 128, "epochs": 10, "augment": True, "seed": 0}  # no flip/scale/.../loss keys
+    config = train_module.TrainConfig.from_dict(old)
+    assert config.augmentation() == Augmentation() and config.loss == "ce"
+
+
+def test_pets_runs_get_the_pets_recipe_where_no_option_is_given(run_cli, make_pets_root, tmp_path, no_figures):
+    root = make_pets_root(n_trainval=10, n_test=1)
+    status, _, err = run_cli("train", "--data", root, "--size", "16", "--depth", "2", "--base-channels", "4",
+                             "--batch-size", "4", "--epochs", "1", "--quiet", "--out", tmp_path / "run")
+    assert status == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    recipe = {k: v for k, v in train_module.PETS_RECIPE.items() if k not in ("size", "epochs")}
+    assert {k: config[k] for k in recipe} == recipe

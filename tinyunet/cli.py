@@ -36,10 +36,17 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tinyunet.losses import LOSSES
     from tinyunet.models import ARCHITECTURES
-    from tinyunet.train import TrainConfig
+    from tinyunet.train import PETS_RECIPE, SHAPES_RECIPE, TrainConfig
 
     d = TrainConfig()
+
+    def recipe(name: str) -> str:
+        pets, shapes = PETS_RECIPE.get(name, getattr(d, name)), SHAPES_RECIPE.get(name, getattr(d, name))
+        return f"{pets:g}" if pets == shapes and not isinstance(pets, str) else (
+            str(pets) if pets == shapes else f"{pets} for pets, {shapes} for shapes")
+
     parser = argparse.ArgumentParser(prog="tinyunet", description="A from-scratch U-Net in NumPy/CuPy.")
     parser.add_argument("--version", action="version", version=f"tinyunet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -60,9 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
                    help="model architecture: unet, resunet (residual blocks) or attunet (attention gates on the "
                         f"skip connections) (default: {d.arch})")
-    p.add_argument("--size", type=int, default=None, help="square training size (default: 128 for pets, 64 for shapes)")
+    p.add_argument("--size", type=int, default=None, help=f"square training size (default: {recipe('size')})")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default: 10 for pets, 3 for shapes; with --resume, a larger number extends the run")
+                   help=f"default: {recipe('epochs')}; with --resume, a larger number extends the run")
     p.add_argument("--batch-size", type=int, default=None, help=f"default: {d.batch_size}")
     p.add_argument("--lr", type=float, default=None, help=f"Adam's learning rate (default: {d.lr:g})")
     p.add_argument("--weight-decay", type=float, default=None, help=f"L2 penalty (default: {d.weight_decay:g})")
@@ -74,8 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batchnorm", dest="batchnorm", action="store_false", default=None,
                    help="convolution blocks without BatchNorm2d")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="no random horizontal flips")
-    p.add_argument("--seed", type=int, default=None, help=f"weights, shuffling and flips (default: {d.seed})")
+                   help="no augmentation at all (none of the transforms below)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                   help="no random left-right flips")
+    p.add_argument("--scale", type=float, default=None, metavar="MIN_AREA",
+                   help="random square crops keeping a share of the area in [MIN_AREA, 1], stretched to the full "
+                        f"size; 1: none (default: {recipe('scale')})")
+    p.add_argument("--rotate", type=float, default=None, metavar="DEGREES",
+                   help=f"random rotations up to DEGREES either way; 0: none (default: {recipe('rotate')})")
+    for name in ("brightness", "contrast", "saturation"):
+        p.add_argument(f"--{name}", type=float, default=None, metavar="F",
+                       help=f"random {name} factor in [1 - F, 1 + F]; 0: none (default: {recipe(name)})")
+    p.add_argument("--loss", choices=list(LOSSES), default=None,
+                   help=f"cross-entropy, soft Dice or their sum (default: {recipe('loss')})")
+    p.add_argument("--seed", type=int, default=None, help=f"weights, shuffling and augmentation (default: {d.seed})")
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"share of trainval held out for validation, pets only (default: {d.val_fraction:g}; "
                         "shapes draw their own num-shapes/8 validation images)")
@@ -135,13 +154,13 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> None:
     from dataclasses import fields
 
-    from tinyunet.train import TrainConfig, Trainer
+    from tinyunet.train import PETS_RECIPE, SHAPES_RECIPE, TrainConfig, Trainer
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if "data" in given:  # absolute: the run's config must still find it when --resume or evaluate runs
         given["data"] = os.path.abspath(given["data"])  # from another directory
     shapes = given.get("dataset", TrainConfig.dataset) == "shapes"
-    config = TrainConfig(**{"size": 64 if shapes else 128, "epochs": 3 if shapes else 10, **given})
+    config = TrainConfig(**{**(SHAPES_RECIPE if shapes else PETS_RECIPE), **given})
     summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=_progress(args),
                       explicit=given).fit()
     print(f"done: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
@@ -167,9 +186,9 @@ def _evaluate(args: argparse.Namespace) -> None:
                                  progress=_progress(args) and not args.json, limit=args.limit)
     if args.json:
         keys = ("checkpoint", "data", "split", "pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss",
-                "num_images")
+                "num_images", "size", "native")
         # a class absent from truth and prediction has NaN IoU/Dice: null keeps the output valid JSON
-        print(json.dumps(_json_safe({k: result[k] for k in keys}), allow_nan=False))
+        print(json.dumps(_json_safe({k: result[k] for k in keys if k in result}), allow_nan=False))
     else:
         print(format_report(result))
 

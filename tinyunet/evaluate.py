@@ -5,20 +5,24 @@ import os
 from typing import Any, Dict, Optional
 
 from tinyunet.classes import CLASS_NAMES
-from tinyunet.data import default_data_dir, load_pets, make_shapes
+from tinyunet.data import default_data_dir, load_native_labels, load_pets, make_shapes
 from tinyunet.errors import TinyUNetError
 from tinyunet.train import TrainConfig, checkpoint_file, evaluate_model, load_model
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
-                        batch_size: int = 16, progress: bool = True, limit: Optional[int] = None) -> Dict[str, Any]:
+                        batch_size: int = 16, progress: bool = True, limit: Optional[int] = None,
+                        native: bool = True) -> Dict[str, Any]:
     """Metrics of the checkpoint's model on ``split`` of its dataset, at the size it was trained at.
 
     The dataset and the image size come from the checkpoint. Pets: ``split`` (default "test") of
     ``data`` (default: the folder it was trained on). Shapes: its own held-out synthetic images,
     which have no splits - or, when ``data`` is given, that Oxford-IIIT Pet folder.
-    Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images, and what was
-    scored: checkpoint (the file), data (the folder, or "held-out synthetic shapes"), split (None for shapes).
+    Returns pixel_accuracy, miou, iou/dice per class name, confusion, loss, num_images, size (the
+    training size), what was scored: checkpoint (the file), data (the folder, or "held-out synthetic
+    shapes"), split (None for shapes); for pets with ``native`` also "native": the same metrics at each
+    photo's own size (the class probabilities resized back to it, as ``predict`` does, against the
+    full-size trimap).
     """
     if batch_size < 1:
         raise TinyUNetError(f"--batch-size must be at least 1, got {batch_size}")
@@ -37,23 +41,36 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
         root = data or config.data or str(default_data_dir())
         dataset = load_pets(root, split, config.size, progress=progress, limit=limit)
         desc = f"evaluate {split}"
+        if native:
+            labels = load_native_labels(root, dataset.names)
+            result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc,
+                                    native_labels=labels)
+            return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size}
     result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc)
-    return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result}
+    return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size}
 
 
-def format_report(result: Dict[str, Any]) -> str:
-    """A human-readable table of the metrics and the confusion matrix."""
-    width = max(len(n) for n in CLASS_NAMES) + 2
-    lines = [f"checkpoint: {result['checkpoint']}",
-             f"data: {result['data']}" + (f", split {result['split']}" if result.get("split") else ""),
-             f"images: {result['num_images']}",
-             f"pixel accuracy: {result['pixel_accuracy']:.4f}",
+def _scores(result: Dict[str, Any], width: int) -> list:
+    lines = [f"pixel accuracy: {result['pixel_accuracy']:.4f}",
              f"mean IoU:       {result['miou']:.4f}",
              f"mean Dice:      {result['mdice']:.4f}",
              "",
              f"{'class':<{width}}{'IoU':>8}{'Dice':>8}"]
-    lines += [f"{n:<{width}}{result['iou'][n]:>8.4f}{result['dice'][n]:>8.4f}" for n in CLASS_NAMES]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+    return lines + [f"{n:<{width}}{result['iou'][n]:>8.4f}{result['dice'][n]:>8.4f}" for n in CLASS_NAMES]
+
+
+def format_report(result: Dict[str, Any]) -> str:
+    """A human-readable table of the metrics (at the training size, then at the photos' own sizes
+    when measured) and the confusion matrix at the training size."""
+    width = max(len(n) for n in CLASS_NAMES) + 2
+    size = f" ({result['size']}x{result['size']})" if "size" in result else ""
+    lines = [f"checkpoint: {result['checkpoint']}",
+             f"data: {result['data']}" + (f", split {result['split']}" if result.get("split") else ""),
+             f"images: {result['num_images']}", "", f"at the training size{size}:"] + _scores(result, width)
+    if "native" in result:
+        lines += ["", "at each photo's own size (class probabilities resized back, as `predict` does):"]
+        lines += _scores(result["native"], width)
+    lines += ["", "confusion matrix at the training size (rows: true class, columns: predicted)",
               " " * width + "".join(f"{n:>{width + 2}}" for n in CLASS_NAMES)]
     lines += [f"{n:<{width}}" + "".join(f"{v:>{width + 2}}" for v in row)
               for n, row in zip(CLASS_NAMES, result["confusion"])]

@@ -1,4 +1,5 @@
-"""Softmax cross-entropy over pixels: the loss a segmentation network is trained with.
+"""The losses a segmentation network is trained with: softmax cross-entropy over pixels, soft Dice,
+and their sum (:func:`make_loss`).
 
 For each pixel with logits z (C values) and true class y:
 
@@ -58,3 +59,81 @@ class CrossEntropyLoss:
         probs -= onehot
         probs *= (w / norm)[:, None]
         return probs
+
+
+class DiceLoss:
+    """Soft multi-class Dice loss: one minus the mean over classes of a batch's soft Dice score.
+
+    With p = softmax(z) over classes and y the one-hot target, for class c (sums over every pixel
+    of the batch, so a class missing from one image does not make that image's score 0/0):
+
+        I_c = sum_i p_ci y_ci,   T_c = sum_i p_ci + sum_i y_ci,   dice_c = (2 I_c + s) / (T_c + s)
+        loss = 1 - mean_c dice_c
+
+    Unlike cross-entropy, every class weighs the same however few pixels it has: the thin outline
+    band counts as much as the background. The smoothing s (1 pixel) keeps an absent class finite.
+
+    Backward, first to the probabilities, then through the softmax:
+
+        dloss/dp_ci = -(1/C) (2 y_ci (T_c + s) - (2 I_c + s)) / (T_c + s)^2
+        dloss/dz_ci = p_ci (g_ci - sum_k p_ki g_ki)          (g = dloss/dp)
+    """
+
+    def __init__(self, smooth: float = 1.0) -> None:
+        self.smooth = smooth
+        self.cache: Any = None
+
+    def __call__(self, logits: Any, target: Any) -> Any:
+        return self.forward(logits, target)
+
+    def forward(self, logits: Any, target: Any) -> Any:
+        """logits: (N, C, H, W) float, target: (N, H, W) int -> 0-d array (on the device)."""
+        num_classes = logits.shape[1]
+        logits = xp.ascontiguousarray(logits)  # see CrossEntropyLoss.forward
+        probs = xp.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        onehot = (xp.arange(num_classes).reshape(1, -1, 1, 1) == target[:, None]).astype(probs.dtype)
+        inter = (probs * onehot).sum(axis=(0, 2, 3))  # (C,)
+        total = probs.sum(axis=(0, 2, 3)) + onehot.sum(axis=(0, 2, 3)) + self.smooth
+        self.cache = (probs, onehot, inter, total)
+        return 1 - ((2 * inter + self.smooth) / total).mean()
+
+    def backward(self) -> Any:
+        """-> dlogits: (N, C, H, W)."""
+        probs, onehot, inter, total = self.cache
+        self.cache = None
+        num_classes = probs.shape[1]
+        per_class = (1, -1, 1, 1)
+        g = (2 * inter + self.smooth).reshape(per_class) - 2 * onehot * total.reshape(per_class)
+        g *= (1 / (num_classes * total * total)).reshape(per_class)
+        return probs * (g - (probs * g).sum(axis=1, keepdims=True))
+
+
+class SumLoss:
+    """The sum of several losses (e.g. cross-entropy + Dice); its gradient is the sum of theirs."""
+
+    def __init__(self, *losses: Any) -> None:
+        self.losses = losses
+
+    def __call__(self, logits: Any, target: Any) -> Any:
+        return self.forward(logits, target)
+
+    def forward(self, logits: Any, target: Any) -> Any:
+        return sum(loss.forward(logits, target) for loss in self.losses)
+
+    def backward(self) -> Any:
+        grads = [loss.backward() for loss in self.losses]
+        for g in grads[1:]:
+            grads[0] += g
+        return grads[0]
+
+
+LOSSES = ("ce", "dice", "ce+dice")
+
+
+def make_loss(name: str) -> Any:
+    """``"ce"`` (cross-entropy), ``"dice"`` (soft Dice) or ``"ce+dice"`` (their sum)."""
+    parts = {"ce": CrossEntropyLoss, "dice": DiceLoss}
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    return SumLoss(*(parts[p]() for p in name.split("+"))) if "+" in name else parts[name]()

@@ -22,7 +22,7 @@ from PIL import Image
 from tinyunet.backend import to_device, to_host, xp
 from tinyunet.data import DataWarning
 from tinyunet.data.images import open_photo, read_photo
-from tinyunet.data.transforms import resize_image, to_input
+from tinyunet.data.transforms import resize_image, resize_probabilities, to_input
 from tinyunet.errors import DataError, TinyUNetError
 from tinyunet.train import TrainConfig, load_model
 from tinyunet.viz import plot_attention, save_mask_png, save_overlay_png
@@ -53,18 +53,6 @@ def read_rgb(path: Path) -> np.ndarray:
     if note:
         warnings.warn(f"{path}: {note}", DataWarning, stacklevel=2)
     return image
-
-
-def resize_probabilities(probs: np.ndarray, height: int, width: int, top: int = 0,
-                         bottom: int | None = None) -> np.ndarray:
-    """(C, h, w) float32 -> rows [top, bottom) of the (C, height, width) bilinear resize, per class
-    (host, at the edge). A band is exactly those rows of the whole resize: Pillow places output row
-    r at input row (r + 0.5) * h / height - 0.5 whether it resizes the whole or a box of it."""
-    bottom = height if bottom is None else bottom
-    h, w = probs.shape[1:]
-    box = (0.0, top * h / height, float(w), bottom * h / height)
-    return np.stack([np.asarray(Image.fromarray(p.astype(np.float32), mode="F")
-                                .resize((width, bottom - top), Image.BILINEAR, box=box)) for p in probs])
 
 
 def predict_image(model: Any, image: np.ndarray | Image.Image, size: int) -> np.ndarray:

@@ -12,8 +12,9 @@ Everything a run produces goes into its run folder::
     RUNDIR/best.npz       the same, for the epoch with the best validation mIoU
     RUNDIR/curves.png     loss and mIoU per epoch
     RUNDIR/predictions.png  image | true mask | predicted mask for fixed validation images
+    RUNDIR/augmentations.png  training images and masks as they are, then randomly augmented
 
-Determinism: every random choice of epoch ``e`` (shuffling, flips) comes from a generator seeded with
+Determinism: every random choice of epoch ``e`` (shuffling, augmentation) comes from a generator seeded with
 ``(seed, e)``, and checkpoints are written only at epoch ends. So a run killed at any moment and
 restarted with ``--resume`` replays the interrupted epoch exactly and ends with the same weights as a
 run that was never interrupted.
@@ -44,7 +45,8 @@ from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, 
                            split_train_val)
 from tinyunet.data.pets import spread_subset
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
-from tinyunet.losses import CrossEntropyLoss
+from tinyunet.data.transforms import Augmentation, augment, resize_probabilities
+from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss
 from tinyunet.memory import check_training_fits
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
@@ -70,7 +72,16 @@ class TrainConfig:
     batchnorm: bool = True
     seed: int = 0
     val_fraction: float = 0.1
-    augment: bool = True
+    augment: bool = True  # False: none of the transforms below
+    # the transforms, each off at its neutral value (a run saved before they existed keeps flips only);
+    # `tinyunet train` on pets sets PETS_RECIPE's instead
+    flip: bool = True
+    scale: float = 1.0  # smallest share of the area a random square crop keeps
+    rotate: float = 0.0  # largest rotation, degrees
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    loss: str = "ce"  # "ce", "dice" or "ce+dice"
     limit: Optional[int] = None  # use only the first N trainval images (quick runs)
     num_shapes: int = 800  # synthetic training images (dataset "shapes")
     strict: bool = False
@@ -78,6 +89,13 @@ class TrainConfig:
     def model_kwargs(self) -> Dict[str, Any]:
         return dict(arch=self.arch, in_channels=3, num_classes=NUM_CLASSES, base_channels=self.base_channels,
                     depth=self.depth, batchnorm=self.batchnorm)
+
+    def augmentation(self) -> Optional[Augmentation]:
+        """The training batches' random transforms (None: no augmentation)."""
+        if not self.augment:
+            return None
+        return Augmentation(flip=self.flip, scale=self.scale, rotate=self.rotate, brightness=self.brightness,
+                            contrast=self.contrast, saturation=self.saturation)
 
     def validate(self) -> None:
         """Raise TinyUNetError for settings that would otherwise fail mid-run with a traceback."""
@@ -91,6 +109,12 @@ class TrainConfig:
             problems.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not self.lr > 0:
             problems.append(f"--lr must be positive, got {self.lr}")
+        try:
+            self.augmentation()
+        except ValueError as exc:
+            problems.append(f"--{str(exc)}")
+        if self.loss not in LOSSES:
+            problems.append(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.dataset == "shapes" and self.size < 16:
             problems.append(f"--size must be at least 16 for the shapes dataset, got {self.size}")
         factor = 2 ** max(self.depth, 0)
@@ -110,6 +134,15 @@ class TrainConfig:
 def accel_description() -> str:
     from tinyunet.accel import describe   # imported only where the acceleration runs
     return describe()
+
+
+#: The recipe `tinyunet train` uses for pets where no option says otherwise (see the README's Results).
+PETS_RECIPE: Dict[str, Any] = {"size": 128, "epochs": 10}
+#: ... and for the synthetic shapes.
+SHAPES_RECIPE: Dict[str, Any] = {"size": 64, "epochs": 3}
+
+AUGMENTATION_IMAGES = 4  # training images shown in augmentations.png, each in AUGMENTATION_VARIANTS draws
+AUGMENTATION_VARIANTS = 4
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -145,23 +178,40 @@ def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationD
 
 
 def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
-                   progress: bool = False, desc: str = "eval") -> Dict[str, Any]:
-    """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``."""
+                   progress: bool = False, desc: str = "eval",
+                   native_labels: Optional[List[np.ndarray]] = None) -> Dict[str, Any]:
+    """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``.
+
+    ``native_labels``: each example's class ids at its photo's own size (``load_native_labels``);
+    then ``result["native"]`` also holds the metrics of the predictions as ``predict`` makes them:
+    the class probabilities resized back to that size (bilinear), the most probable class.
+    """
+    if native_labels is not None and len(native_labels) != len(data):
+        raise ValueError(f"{len(native_labels)} native label maps for {len(data)} images")
     model.eval()
     loss_fn = CrossEntropyLoss()
     meter = ConfusionMeter(NUM_CLASSES)
+    native = ConfusionMeter(NUM_CLASSES)
     total = backend.xp.zeros((), dtype=backend.xp.float64)
     batches = iterate_batches(data, batch_size, shuffle=False, rng=None)
-    for x, y, _ in tqdm(batches, total=math.ceil(len(data) / batch_size), desc=desc, disable=not progress,
-                        leave=False):
+    for b, (x, y, _) in enumerate(tqdm(batches, total=math.ceil(len(data) / batch_size), desc=desc,
+                                       disable=not progress, leave=False)):
         x, y = to_device(x), to_device(y)
         logits = model.forward(x)
         total += loss_fn.forward(logits, y) * x.shape[0]  # summed on the device: no sync per batch
         meter.update(logits, y)
+        if native_labels is not None:
+            e = backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = to_host(e / e.sum(axis=1, keepdims=True))
+            for p, truth in zip(probs, native_labels[b * batch_size:]):
+                pred = resize_probabilities(p, *truth.shape).argmax(axis=0)
+                native.update(to_device(pred[None]), to_device(truth[None]))
     model.train()
     result = meter.compute()
     result["loss"] = float(total) / max(len(data), 1)
     result["num_images"] = len(data)
+    if native_labels is not None:
+        result["native"] = native.compute()
     return result
 
 
@@ -227,7 +277,7 @@ class Trainer:
         backend.seed(config.seed)
         self.model = create_model(**config.model_kwargs())
         self.optimizer = Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.loss_fn = CrossEntropyLoss()
+        self.loss_fn = make_loss(config.loss)
         if self.resuming:
             meta = restore(self.model, self.optimizer, last)
             self.start_epoch = self.saved_epoch = int(meta["epoch"])
@@ -369,6 +419,7 @@ class Trainer:
 
     def _fit(self, train: SegmentationData, val: SegmentationData) -> Dict[str, Any]:
         config = self.config
+        self._augmentation_figure(train)
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}; "
                  + (accel_description() if backend.accelerate() else "the reference layers (tinyunet/nn) alone"))
@@ -414,8 +465,8 @@ class Trainer:
     def _train_epoch(self, train: SegmentationData, epoch: int, steps: int, total_steps: int) -> float:
         config = self.config
         rng = np.random.default_rng([config.seed, epoch])
-        batches = iterate_batches(train, config.batch_size, shuffle=True, rng=rng, augment=config.augment,
-                                  drop_last=True)
+        batches = iterate_batches(train, config.batch_size, shuffle=True, rng=rng,
+                                  augment=config.augmentation() or False, drop_last=True)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=not self.progress,
                    dynamic_ncols=True)
         self.model.train()
@@ -442,6 +493,22 @@ class Trainer:
                             refresh=False)
         bar.close()
         return running / max(seen, 1)
+
+    def _augmentation_figure(self, train: SegmentationData) -> None:
+        """augmentations.png: a few training images as they are, then as the batches may show them.
+
+        Drawn from a generator seeded with (seed, 0): epoch 0 is never trained, so the figure takes
+        nothing from the training batches' random numbers and the run stays the same with or without it."""
+        settings = self.config.augmentation()
+        path = self.run_dir / "augmentations.png"
+        if settings is None or path.is_file():
+            return
+        from tinyunet.viz import save_augmentation_grid
+
+        shown = train.subset(np.array(spread_subset(list(range(len(train))), AUGMENTATION_IMAGES)))
+        rng = np.random.default_rng([self.config.seed, 0])
+        draws = [augment(shown.images, shown.labels, rng, settings) for _ in range(AUGMENTATION_VARIANTS - 1)]
+        save_augmentation_grid([(shown.images, shown.labels)] + draws, path)
 
     def _figures(self, rows: List[Dict[str, Any]], preview: SegmentationData, preview_x: np.ndarray) -> None:
         from tinyunet.viz import plot_curves, plot_predictions  # matplotlib only when figures are drawn

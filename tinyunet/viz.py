@@ -18,7 +18,7 @@ from tinyunet.backend import to_host
 from tinyunet.classes import CLASS_NAMES, PALETTE, labels_to_rgb
 
 __all__ = ["colorize", "save_mask_png", "overlay", "save_overlay_png", "plot_curves", "plot_predictions",
-           "plot_attention"]
+           "plot_attention", "save_augmentation_grid"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -240,3 +240,21 @@ def plot_attention(image: Any, maps: Sequence[Any], path: PathLike, titles: Opti
         ax.set_yticks([])
     fig.colorbar(heat, ax=list(axes), shrink=0.85, label="attention coefficient")
     fig.savefig(os.fspath(path), dpi=100)
+
+
+def save_augmentation_grid(pairs: Sequence[Any], path: PathLike, gap: int = 4) -> None:
+    """One PNG of augmented pairs: a column per variant (e.g. the original, then random draws), a
+    row per image, each cell the photo with its colored mask below it.
+
+    Args:
+        pairs: ``[(images uint8 (N, S, S, 3), masks (N, S, S)), ...]``, one per column, same N and S.
+    """
+    columns = [[np.concatenate([_image(img), colorize(mask)], axis=0) for img, mask in zip(images, masks)]
+               for images, masks in pairs]
+    cell_h, cell_w = columns[0][0].shape[:2]
+    rows = len(columns[0])
+    canvas = np.full((rows * (cell_h + gap) - gap, len(columns) * (cell_w + gap) - gap, 3), 255, dtype=np.uint8)
+    for c, column in enumerate(columns):
+        for r, cell in enumerate(column):
+            canvas[r * (cell_h + gap):r * (cell_h + gap) + cell_h, c * (cell_w + gap):c * (cell_w + gap) + cell_w] = cell
+    Image.fromarray(canvas).save(os.fspath(path))

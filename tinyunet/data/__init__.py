@@ -5,7 +5,8 @@ batch at a time to the device with ``tinyunet.backend.to_device``.
 """
 from tinyunet.data.dataset import SegmentationData, iterate_batches, split_train_val
 from tinyunet.data.download import OFFICIAL_FILES, download_pets
-from tinyunet.data.pets import DataWarning, check_layout, default_cache_dir, default_data_dir, load_pets, read_split
+from tinyunet.data.pets import (DataWarning, check_layout, default_cache_dir, default_data_dir, load_native_labels,
+                                load_pets, read_split)
 from tinyunet.data.shapes import make_shapes
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "default_cache_dir",
     "default_data_dir",
     "load_pets",
+    "load_native_labels",
     "read_split",
     "make_shapes",
 ]

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinyunet.classes import NUM_CLASSES
+from tinyunet.data.transforms import Augmentation, to_input
 from tinyunet.data.transforms import augment as _augment
-from tinyunet.data.transforms import to_input
 
 __all__ = ["SegmentationData", "split_train_val", "iterate_batches"]
 
@@ -102,7 +102,7 @@ def iterate_batches(
     batch_size: int,
     shuffle: bool,
     rng: np.random.Generator | None,
-    augment: bool = False,
+    augment: bool | Augmentation = False,
     drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """Yield host batches ready for ``backend.to_device``.
@@ -112,7 +112,8 @@ def iterate_batches(
         batch_size: examples per batch (the last batch may be smaller unless ``drop_last``).
         shuffle: visit examples in a random order drawn from ``rng``.
         rng: required when ``shuffle`` or ``augment``; the same rng state gives the same batches.
-        augment: random horizontal flips (photo and mask together).
+        augment: an :class:`Augmentation` (random flips, crops, rotations, color jitter; photo and
+            mask together), True for random horizontal flips only, False for none.
         drop_last: drop a final incomplete batch (keeps BatchNorm statistics stable).
     Yields:
         x float32 (B, 3, S, S) normalized; y int64 (B, S, S) class ids; names list of B strings.
@@ -122,12 +123,13 @@ def iterate_batches(
     if rng is None and (shuffle or augment):
         # A silent default seed would give the same "random" order every epoch.
         raise ValueError("pass rng=np.random.Generator when shuffle or augment is on")
+    settings = Augmentation() if augment is True else augment or None
     n = len(data)
     order = rng.permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
         images, labels = data.images[idx], data.labels[idx]
-        if augment:
-            images, labels = _augment(images, labels, rng)
+        if settings is not None:
+            images, labels = _augment(images, labels, rng, settings)
         yield to_input(images), labels.astype(np.int64), [data.names[i] for i in idx]

@@ -36,6 +36,7 @@ __all__ = [
     "check_layout",
     "read_split",
     "load_pets",
+    "load_native_labels",
     "split_train_val",
     "iterate_batches",
 ]
@@ -327,3 +328,21 @@ def _decode_all(root: Path, split: str, names: list[str], size: int, strict: boo
     if len(keep) < len(names):
         images, labels = images[keep], labels[keep]
     return SegmentationData(images, labels, [names[i] for i in keep], skipped, notes)
+
+
+def load_native_labels(root: str | Path, names: list[str]) -> list[np.ndarray]:
+    """The class ids of each example's trimap at its own (full) size: what a prediction resized back
+    to the photo's size is scored against. Not cached: 2,669 small PNGs decode in a few seconds.
+
+    Raises:
+        DataError: a trimap is missing or unreadable (the examples of a loaded split were checked).
+    """
+    labels = []
+    for name in names:
+        path = _paths(Path(root), name)[1]
+        try:
+            with Image.open(path) as tm:
+                labels.append(trimap_to_labels(np.asarray(tm)))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read the trimap {path} ({exc}); the split changed since it was loaded?") from exc
+    return labels
