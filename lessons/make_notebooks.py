@@ -33,7 +33,7 @@ import nbformat
 REPO = Path(__file__).resolve().parents[1]
 LESSONS_DIR = REPO / "lessons"
 # every numbered lesson, and the notebook that trains on a GPU
-SOURCES = sorted(LESSONS_DIR.glob("[0-9][0-9]-*.md")) + [LESSONS_DIR / "gpu-training.md"]
+SOURCES = sorted(LESSONS_DIR.glob("[0-9][0-9]-*.md")) + sorted(LESSONS_DIR.glob("gpu-*.md"))
 
 EXERCISE = re.compile(r"^# Exercise\b")
 

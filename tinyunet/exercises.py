@@ -57,16 +57,17 @@ def compare(what: str, mine: Any, expected: Any, against: str,
     if mine is None:
         raise Mismatch(f"{where}: your function returned None", "return the array (a function that only assigns returns None)")
     mine, expected = np.asarray(to_host(mine)), host(expected)
+    matched = [hint for wrong, hint in known if wrong is not None and np.shape(wrong) == mine.shape
+               and relative_error(mine, host(wrong)) < TOLERANCE]     # a known mistake gives exactly yours
     if mine.shape != expected.shape:
         hint = f"your {what} has shape {mine.shape}, the right one {expected.shape}"
         if sorted(mine.shape) == sorted(expected.shape):
             hint += ": the right numbers of elements in the wrong axis order (a transpose, or a reshape in the wrong order?)"
-        raise Mismatch(f"{where}: wrong shape", hint)
+        raise Mismatch(f"{where}: wrong shape", "; ".join(matched + [hint]))
     err = relative_error(mine, expected)
     if err > TOLERANCE:
-        for wrong, hint in known:
-            if wrong is not None and np.shape(wrong) == mine.shape and relative_error(mine, host(wrong)) < TOLERANCE:
-                break
+        if matched:
+            hint = matched[0]
         else:
             hint = ("the same numbers in another order: check the order of the axes (and of the rows of a reshape)"
                     if np.allclose(np.sort(mine, axis=None), np.sort(expected, axis=None)) else
