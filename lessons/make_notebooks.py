@@ -78,6 +78,9 @@ def stub_functions(code: str) -> str:
         stub = [f"{indent}# your code here: the text above derives it, the check below tells you if it is right",
                 f'{indent}raise NotImplementedError("{node.name}: not written yet")']
         replacements.append((start, node.end_lineno, stub))
+    for i in marked:   # "in the notebook, this function's body is yours to write" -> "write this function's body"
+        lines[i] = re.sub(r"in the notebook, (this function's body|these two functions' bodies) (is|are) yours to write",
+                          r"write \1", lines[i])
     for start, stop, stub in sorted(replacements, reverse=True):
         lines[start:stop] = stub
     return "\n".join(lines)
