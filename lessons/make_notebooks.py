@@ -14,7 +14,8 @@ The notebooks are the learner's copy, converted by jupytext (Markdown cells and 
   it (``name = check_name(name)``, tinyunet/exercises.py) then reports the failure, with a hint, and
   lets the package's reference stand in, so the notebook runs on to the end;
 - ```bash blocks stay text (commands to read or to type in a terminal, not to run in the notebook);
-- ``<details>`` answer folds become a plain heading (a fold cannot span several notebook cells).
+- ``<details>`` answer folds become a plain heading (a fold cannot span several notebook cells), and
+  links to other lessons point to their notebooks.
 
 ``notebook(path, solutions=True)`` gives the same notebook with the solutions in place: the tests run
 both versions.
@@ -102,6 +103,7 @@ def notebook(path: Path, solutions: bool = False) -> Any:
         if cell.cell_type == "markdown":
             source = re.sub(r"^<details><summary>(.*?)</summary>\s*$", r"**\1**", source, flags=re.M)
             source = re.sub(r"^</details>\s*\n?", "", source, flags=re.M).strip("\n")
+            source = re.sub(r"\]\((\d\d-[a-z0-9-]+)\.md\)", r"](\1.ipynb)", source)   # lesson links: to the notebooks
             if not source:
                 continue
             if cells and cells[-1].cell_type == "markdown":   # one text cell between two code cells
