@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-import os
+import json
 import re
 import sys
 from pathlib import Path
@@ -57,14 +57,23 @@ def test_stub_functions_keeps_signature_and_docstring() -> None:
         make_notebooks.stub_functions("# Exercise: nothing follows\nx = 1\n")
 
 
-def run_notebook(nb, monkeypatch) -> List[str]:
-    """Execute ``nb`` in a fresh kernel started in lessons/; -> the text output of every code cell."""
+def run_notebook(nb, monkeypatch, tmp_path: Path) -> List[str]:
+    """Execute ``nb`` in a fresh kernel started in lessons/; -> the text output of every code cell.
+
+    The kernel is this very interpreter (a kernelspec written for the test, found first through
+    JUPYTER_PATH), whatever other "python3" kernels the machine has."""
+    spec = tmp_path / "kernels" / "tinyunet-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "tinyunet tests", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     monkeypatch.setenv("TINYUNET_LESSON_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(name, "1")
     monkeypatch.delenv("TINYUNET_BACKEND", raising=False)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="tinyunet-test",
                                      resources={"metadata": {"path": str(REPO / "lessons")}})
     client.execute()
     outputs = []
@@ -82,9 +91,9 @@ def skip_without_pets(md: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("md", SOURCES, ids=lambda p: p.stem)
-def test_notebook_runs_with_solutions(md: Path, monkeypatch) -> None:
+def test_notebook_runs_with_solutions(md: Path, monkeypatch, tmp_path: Path) -> None:
     skip_without_pets(md)
-    outputs = run_notebook(make_notebooks.notebook(md, solutions=True), monkeypatch)
+    outputs = run_notebook(make_notebooks.notebook(md, solutions=True), monkeypatch, tmp_path)
     text = "\n".join(outputs)
     checks = CHECK_CALL.findall(md.read_text(encoding="utf-8"))
     assert "FAIL" not in text, text[text.index("FAIL") - 200:text.index("FAIL") + 400]
@@ -93,13 +102,13 @@ def test_notebook_runs_with_solutions(md: Path, monkeypatch) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("md", exercise_sources(), ids=lambda p: p.stem)
-def test_notebook_runs_with_stubs(md: Path, monkeypatch) -> None:
+def test_notebook_runs_with_stubs(md: Path, monkeypatch, tmp_path: Path) -> None:
     """The learner's notebook before any exercise is done: each check fails clearly, the rest runs."""
     skip_without_pets(md)
     import nbformat
 
     nb = nbformat.read(make_notebooks.notebook_path(md), as_version=4)
-    outputs = run_notebook(nb, monkeypatch)
+    outputs = run_notebook(nb, monkeypatch, tmp_path)
     checks = CHECK_CALL.findall(md.read_text(encoding="utf-8"))
     failures = [line for out in outputs for line in out.splitlines() if ": FAIL " in line]
     assert len(failures) == len(checks), f"expected {len(checks)} FAIL lines, got {failures}"
