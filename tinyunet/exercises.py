@@ -80,6 +80,7 @@ def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Calla
             against: str) -> Callable:
     """Run the cases on your function, print PASS or FAIL with the worst error and a hint; return your
     function when it passed, else ``reference``."""
+    name = mine.__name__ if getattr(mine, "__name__", "<lambda>").isidentifier() else name   # as you named it
     try:
         errors = run(mine)
     except Mismatch as failure:
