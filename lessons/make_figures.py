@@ -66,7 +66,7 @@ def blank(ax, xlim, ylim):
     ax.axis("off")
 
 
-# --- lesson 02 ---------------------------------------------------------------------------------------
+# --- lesson 03 ---------------------------------------------------------------------------------------
 
 def conv_sliding() -> None:
     """A 3x3 kernel sliding over a padded 5x5 input (stride 1): two positions and their outputs."""
@@ -90,7 +90,7 @@ def conv_sliding() -> None:
         ax.text(14, 6.25, f"output 5x5\nout[{oy}, {ox}] = sum(kernel * patch)", ha="center", va="top", fontsize=9)
         blank(ax, (-0.3, 17.5), (-0.3, 8.5))
     fig.suptitle("A 3x3 kernel slides over the input; each position gives one output pixel", fontsize=11)
-    save(fig, "02-conv-sliding", dpi=85)
+    save(fig, "03-conv-sliding", dpi=85)
 
 
 def im2col_picture() -> None:
@@ -122,10 +122,10 @@ def im2col_picture() -> None:
     grid(ax, np.zeros((2, 2)), [patch_colors[:2], patch_colors[2:]], fmt=None, origin=(15.5, 8.2))
     blank(ax, (-0.3, 20.5), (-0.3, 11.8))
     fig.suptitle("im2col: copy every patch into a column, then the convolution is one matrix product", fontsize=11)
-    save(fig, "02-im2col", dpi=85)
+    save(fig, "03-im2col", dpi=85)
 
 
-# --- lesson 04 ---------------------------------------------------------------------------------------
+# --- lesson 05 ---------------------------------------------------------------------------------------
 
 def pooling() -> None:
     """Max-pool 2x2 forward (which input wins each window) and backward (the gradient goes to the winner)."""
@@ -158,10 +158,10 @@ def pooling() -> None:
     blank(ax, (-0.3, 19.3), (-0.3, 5.2))
     fig.suptitle("Max-pooling keeps the largest value of each window; backward sends dout to that position only",
                  fontsize=11)
-    save(fig, "04-maxpool-argmax", dpi=85)
+    save(fig, "05-maxpool-argmax", dpi=85)
 
 
-# --- lesson 05 ---------------------------------------------------------------------------------------
+# --- lesson 06 ---------------------------------------------------------------------------------------
 
 def checkerboard() -> None:
     """How many stamps of a stride-2 transposed convolution cover each output pixel, for kernels 2, 3, 4."""
@@ -184,7 +184,7 @@ def checkerboard() -> None:
         ax.set_yticks([])
     fig.suptitle("Transposed convolution of a constant 5x5 input with an all-ones kernel: "
                  "each number counts the stamps covering that pixel", fontsize=11)
-    save(fig, "05-checkerboard", dpi=85)
+    save(fig, "06-checkerboard", dpi=85)
 
 
 def transposed_stamp() -> None:
@@ -219,7 +219,7 @@ def transposed_stamp() -> None:
     blank(ax, (-0.3, 18.5), (-0.7, 5.2))
     fig.suptitle("A transposed convolution: every input pixel paints its value times the kernel; stamps stride apart, overlaps summed",
                  fontsize=10)
-    save(fig, "05-transposed-stamp", dpi=85)
+    save(fig, "06-transposed-stamp", dpi=85)
 
 
 def conv_as_matrix() -> None:
@@ -244,7 +244,7 @@ def conv_as_matrix() -> None:
         ax.set_title(title, fontsize=10)
     fig.suptitle("A 3x3 kernel (1..9) on a 4x4 image, no padding: each row of A is the kernel laid over the image",
                  fontsize=10, y=1.04)
-    save(fig, "05-conv-as-matrix", dpi=85)
+    save(fig, "06-conv-as-matrix", dpi=85)
 
 
 def plt_color(v: float) -> str:
@@ -257,7 +257,7 @@ def plt_color(v: float) -> str:
 
 
 def ravine() -> None:
-    """Lesson 23: gradient descent and momentum on L = (a^2 + 50 b^2) / 2 from (-4, 1)."""
+    """Lesson 11: gradient descent and momentum on L = (a^2 + 50 b^2) / 2 from (-4, 1)."""
     def run(lr: float, momentum: float, steps: int) -> np.ndarray:
         p, v, path = np.array([-4.0, 1.0]), np.zeros(2), []
         for _ in range(steps):
@@ -278,7 +278,7 @@ def ravine() -> None:
     axes[0].set_ylabel("b (steep direction)")
     fig.suptitle("The ravine L = (a² + 50 b²)/2: gradient descent bounces across and creeps along; momentum adds up the steps along",
                  fontsize=10)
-    save(fig, "23-ravine", dpi=80)
+    save(fig, "11-ravine", dpi=80)
 
 
 def from_lesson(lesson: str, produced: str, name: str) -> None:
@@ -300,14 +300,14 @@ def from_lesson(lesson: str, produced: str, name: str) -> None:
 
 
 def learning_rates() -> None:
-    from_lesson("23-optimizers.md", "runs/lesson-23/learning-rates.png", "23-learning-rates")
+    from_lesson("11-optimizers.md", "runs/lesson-11/learning-rates.png", "11-learning-rates")
 
 
 def with_and_without_skips() -> None:
-    from_lesson("24-what-the-skips-buy.md", "runs/lesson-24/with-and-without-skips.png", "24-with-and-without-skips")
+    from_lesson("14-what-the-skips-buy.md", "runs/lesson-14/with-and-without-skips.png", "14-with-and-without-skips")
 
 
-# --- lesson 08 ---------------------------------------------------------------------------------------
+# --- lesson 09 ---------------------------------------------------------------------------------------
 
 def unet_diagram() -> None:
     """The U-Net of tinyunet (base 16, depth 4) on a 128x128 input: shapes at every level, and the arrows."""
@@ -370,7 +370,7 @@ def unet_diagram() -> None:
     ax.axis("off")
     fig.suptitle("tinyunet's standard U-Net (base 16, depth 4) on a 128x128 image: channels x height x width of every block's "
                  "output", fontsize=10)
-    save(fig, "08-unet-diagram", dpi=90)
+    save(fig, "09-unet-diagram", dpi=90)
 
 
 def memory_per_layer() -> None:
@@ -410,10 +410,10 @@ def memory_per_layer() -> None:
     ax_flops.set_xticks(xs, [labels[k] for k in order], fontsize=8)
     for ax in (ax_mem, ax_flops):
         ax.grid(axis="y", alpha=0.3)
-    save(fig, "08-memory-per-layer", dpi=85)
+    save(fig, "09-memory-per-layer", dpi=85)
 
 
-# --- lesson 09 ---------------------------------------------------------------------------------------
+# --- lesson 12 ---------------------------------------------------------------------------------------
 
 def pets_root() -> Path:
     env = os.environ.get("TINYUNET_DATA")
@@ -455,16 +455,16 @@ def pets() -> None:
     fig.legend(handles=[Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=f"{n} (trimap {i + 1})")
                         for i, (n, c) in enumerate(zip(CLASS_NAMES, PALETTE))],
                loc="outside lower center", ncol=3)
-    save(fig, "09-pets-trimaps", dpi=80)
+    save(fig, "12-pets-trimaps", dpi=80)
 
 
-# --- lessons 10 and 06: one training run on shapes, with the real settings of lesson 10 -----------------
+# --- lessons 13 and 07: one training run on shapes, with the real settings of lesson 13 -----------------
 
 _TRAINED: dict = {}
 
 
 def trained_shapes_model() -> dict:
-    """Lesson 10's loop at its real settings (64x64, 800 shapes, 3 epochs, base 16), logging every step.
+    """Lesson 13's loop at its real settings (64x64, 800 shapes, 3 epochs, base 16), logging every step.
 
     Returns {"model", "val", "losses", "evals": [(step, {class: IoU}, miou)]}; computed once per run.
     """
@@ -486,7 +486,7 @@ def trained_shapes_model() -> dict:
     loss_fn = CrossEntropyLoss()
     rng = np.random.default_rng(0)
     losses, evals = [], []
-    print("training the shapes model of lesson 10 (a minute or two)...")
+    print("training the shapes model of lesson 13 (a minute or two)...")
     for epoch in range(epochs):
         for x, y, _ in iterate_batches(train, batch_size=8, shuffle=True, rng=rng, augment=True, drop_last=True):
             model.train()
@@ -530,8 +530,8 @@ def training_curves() -> None:
     ax_iou.legend(fontsize=8, loc="lower right")
     for ax in (ax_loss, ax_iou):
         ax.grid(alpha=0.3)
-    fig.suptitle("Lesson 10's loop on shapes: 64x64, 800 images, 3 epochs, Adam lr 1e-3", fontsize=11)
-    save(fig, "10-training-curves", dpi=85)
+    fig.suptitle("Lesson 13's loop on shapes: 64x64, 800 images, 3 epochs, Adam lr 1e-3", fontsize=11)
+    save(fig, "13-training-curves", dpi=85)
 
 
 def _activations(model, x):
@@ -582,7 +582,7 @@ def predictions() -> None:
     from tinyunet.classes import CLASS_NAMES, PALETTE
     fig.legend(handles=[Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in zip(CLASS_NAMES, PALETTE)],
                loc="outside lower center", ncol=3)
-    save(fig, "10-predictions", dpi=75)
+    save(fig, "13-predictions", dpi=75)
 
 
 def feature_maps() -> None:
@@ -606,7 +606,7 @@ def feature_maps() -> None:
             ax.set_yticks([])
     fig.suptitle("Feature maps of the trained network: the 6 most varied channels of the first block and of the bottleneck",
                  fontsize=10)
-    save(fig, "10-feature-maps", dpi=80)
+    save(fig, "13-feature-maps", dpi=80)
 
 
 def skip_features() -> None:
@@ -630,13 +630,13 @@ def skip_features() -> None:
         ax.set_yticks([])
     fig.suptitle("At the top decoder level: the skip (sharp, local) and the upsampled path (coarse, knows the region)",
                  fontsize=10)
-    save(fig, "06-skip-features", dpi=80)
+    save(fig, "07-skip-features", dpi=80)
 
 
-# --- lesson 12 ---------------------------------------------------------------------------------------
+# --- lesson 16 ---------------------------------------------------------------------------------------
 
 def attention_maps() -> None:
-    """Lesson 12's run: an Attention U-Net trained like lesson 10's U-Net (64x64 shapes, 800 images,
+    """Lesson 16's run: an Attention U-Net trained like lesson 13's U-Net (64x64 shapes, 800 images,
     3 epochs, base 16); the coefficients of its four gates over three validation images."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -656,7 +656,7 @@ def attention_maps() -> None:
     model = create_model("attunet", in_channels=3, num_classes=3, base_channels=base, depth=4)
     optimizer, loss_fn = Adam(model.parameters(), lr=1e-3), CrossEntropyLoss()
     rng = np.random.default_rng(0)
-    print("training the Attention U-Net of lesson 12 (a minute or two)...")
+    print("training the Attention U-Net of lesson 16 (a minute or two)...")
     for epoch in range(epochs):
         model.train()
         for x, y, _ in iterate_batches(train, batch_size=8, shuffle=True, rng=rng, augment=True, drop_last=True):
@@ -690,7 +690,7 @@ def attention_maps() -> None:
     fig.colorbar(heat, ax=list(axes.ravel()), shrink=0.6, label="attention coefficient")
     fig.suptitle("Attention U-Net after 3 epochs on 64x64 shapes: each gate's coefficients over validation images",
                  fontsize=10)
-    save(fig, "12-attention-maps", dpi=80)
+    save(fig, "16-attention-maps", dpi=80)
 
 
 FIGURES = {

@@ -4,7 +4,7 @@ line by line into a Python prompt (``code.InteractiveConsole``), as a learner wh
 lesson that stops working fails here, with the line of the .md file where the failing statement starts.
 
 Long lessons read ``TINYUNET_LESSON_FAST=1`` (set below) and use fewer images and steps; the text shows
-the real settings. Lesson 09 needs the real Oxford-IIIT Pet folder and is skipped only when it is
+the real settings. Lesson 12 needs the real Oxford-IIIT Pet folder and is skipped only when it is
 truly absent. Also checked: each lesson's first line after the title ("You will be able to: ..."),
 its link to the next lesson, every relative link and image, the figures' size budget, and that
 lessons/README.md lists every lesson.
@@ -102,7 +102,7 @@ def run_lesson(path: Path, env: dict, timeout: float = 600) -> subprocess.Comple
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_runs(path: Path, tmp_path: Path) -> None:
     if path.stem.endswith("oxford-iiit-pet-trimaps") and not pets_root().is_dir():
-        pytest.skip(f"lesson 09 needs the Oxford-IIIT Pet folder, not found at {pets_root()}")
+        pytest.skip(f"lesson 12 needs the Oxford-IIIT Pet folder, not found at {pets_root()}")
     env = dict(os.environ)
     env.update(
         TINYUNET_LESSON_FAST="1",
