@@ -66,7 +66,7 @@ def blank(ax, xlim, ylim):
     ax.axis("off")
 
 
-# --- lesson 02 ---------------------------------------------------------------------------------------
+# --- lesson 03 ---------------------------------------------------------------------------------------
 
 def conv_sliding() -> None:
     """A 3x3 kernel sliding over a padded 5x5 input (stride 1): two positions and their outputs."""
@@ -90,7 +90,7 @@ def conv_sliding() -> None:
         ax.text(14, 6.25, f"output 5x5\nout[{oy}, {ox}] = sum(kernel * patch)", ha="center", va="top", fontsize=9)
         blank(ax, (-0.3, 17.5), (-0.3, 8.5))
     fig.suptitle("A 3x3 kernel slides over the input; each position gives one output pixel", fontsize=11)
-    save(fig, "02-conv-sliding", dpi=85)
+    save(fig, "03-conv-sliding", dpi=85)
 
 
 def im2col_picture() -> None:
@@ -122,10 +122,10 @@ def im2col_picture() -> None:
     grid(ax, np.zeros((2, 2)), [patch_colors[:2], patch_colors[2:]], fmt=None, origin=(15.5, 8.2))
     blank(ax, (-0.3, 20.5), (-0.3, 11.8))
     fig.suptitle("im2col: copy every patch into a column, then the convolution is one matrix product", fontsize=11)
-    save(fig, "02-im2col", dpi=85)
+    save(fig, "03-im2col", dpi=85)
 
 
-# --- lesson 04 ---------------------------------------------------------------------------------------
+# --- lesson 05 ---------------------------------------------------------------------------------------
 
 def pooling() -> None:
     """Max-pool 2x2 forward (which input wins each window) and backward (the gradient goes to the winner)."""
@@ -158,10 +158,10 @@ def pooling() -> None:
     blank(ax, (-0.3, 19.3), (-0.3, 5.2))
     fig.suptitle("Max-pooling keeps the largest value of each window; backward sends dout to that position only",
                  fontsize=11)
-    save(fig, "04-maxpool-argmax", dpi=85)
+    save(fig, "05-maxpool-argmax", dpi=85)
 
 
-# --- lesson 05 ---------------------------------------------------------------------------------------
+# --- lesson 06 ---------------------------------------------------------------------------------------
 
 def checkerboard() -> None:
     """How many stamps of a stride-2 transposed convolution cover each output pixel, for kernels 2, 3, 4."""
@@ -184,10 +184,130 @@ def checkerboard() -> None:
         ax.set_yticks([])
     fig.suptitle("Transposed convolution of a constant 5x5 input with an all-ones kernel: "
                  "each number counts the stamps covering that pixel", fontsize=11)
-    save(fig, "05-checkerboard", dpi=85)
+    save(fig, "06-checkerboard", dpi=85)
 
 
-# --- lesson 08 ---------------------------------------------------------------------------------------
+def transposed_stamp() -> None:
+    """A transposed convolution (kernel 3, stride 2) as stamps: one input pixel paints a kernel-sized
+    block of the output, its neighbour paints the next block 2 pixels further, and the overlap adds."""
+    x = np.array([[1.0, 2.0], [0.0, 0.0]])
+    w = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
+    out = np.zeros((5, 5))
+    out[0:3, 0:3] += x[0, 0] * w
+    out[0:3, 2:5] += x[0, 1] * w
+    fig = Figure(figsize=(10, 3.4))
+    ax = fig.subplots()
+    colors_in = [[ORANGE, BLUE], ["white", "white"]]
+    grid(ax, x, colors_in, origin=(0, 1.5))
+    ax.text(1, 1.2, "input x (2x2)", ha="center", fontsize=10)
+    grid(ax, w, origin=(3.5, 1))
+    ax.text(5, 0.7, "kernel w (3x3)", ha="center", fontsize=10)
+    cols = [["white"] * 5 for _ in range(5)]
+    for r in range(3):
+        for c in range(3):
+            cols[r][c] = "#f6c48f"
+            cols[r][c + 2] = "#a9c4e6"
+        cols[r][2] = "#c9a3c9"                             # the shared column: both stamps
+    grid(ax, out, cols, origin=(8.5, 0))
+    ax.text(11, -0.3, "output (5x5) = 1 * w at (0, 0) + 2 * w at (0, 2)", ha="center", fontsize=10)
+    ax.add_patch(FancyArrowPatch((0.5, 2.0), (8.9, 0.4), arrowstyle="->", mutation_scale=14, color=ORANGE, lw=1.5,
+                                 connectionstyle="arc3,rad=-0.25"))
+    ax.add_patch(FancyArrowPatch((1.5, 2.0), (11.4, 0.4), arrowstyle="->", mutation_scale=14, color=BLUE, lw=1.5,
+                                 connectionstyle="arc3,rad=-0.3"))
+    ax.text(14.2, 1.5, "orange: stamp of x[0,0] = 1\nblue: stamp of x[0,1] = 2,\n    2 pixels to the right (stride 2)\n"
+            "purple: both stamps overlap,\n    their values add", fontsize=9, va="center")
+    blank(ax, (-0.3, 18.5), (-0.7, 5.2))
+    fig.suptitle("A transposed convolution: every input pixel paints its value times the kernel; stamps stride apart, overlaps summed",
+                 fontsize=10)
+    save(fig, "06-transposed-stamp", dpi=85)
+
+
+def conv_as_matrix() -> None:
+    """A 3x3 convolution of a 4x4 image (no padding, stride 1) as a 4x16 sparse matrix A, and the
+    transposed convolution as its transpose A^T (16x4)."""
+    from tinyunet.nn import Conv2d
+
+    w = np.arange(1, 10, dtype=float).reshape(3, 3)
+    conv = Conv2d(1, 1, 3, bias=False).double()
+    conv.weight.data[...] = w
+    A = np.stack([conv.forward(np.eye(16)[k].reshape(1, 1, 4, 4)).ravel() for k in range(16)], axis=1)   # column k = conv(e_k)
+    fig = Figure(figsize=(10.5, 4.6))
+    ax_a, ax_t = fig.subplots(1, 2, gridspec_kw={"width_ratios": [16, 6]})
+    for ax, M, title in [(ax_a, A, "convolution: y = A x\nA: 4 outputs x 16 input pixels"),
+                         (ax_t, A.T, "transposed convolution: z -> A^T z\nA^T: 16 outputs x 4 inputs")]:
+        colors = [[plt_color(v) for v in row] for row in M]
+        grid(ax, M, colors, fmt="{:.0f}", fontsize=8, edge="#999999")
+        for (r, c), v in np.ndenumerate(M):
+            if v == 0:
+                ax.texts[-M.size + r * M.shape[1] + c].set_text("")
+        blank(ax, (-0.2, M.shape[1] + 0.2), (-0.2, M.shape[0] + 0.2))
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("A 3x3 kernel (1..9) on a 4x4 image, no padding: each row of A is the kernel laid over the image",
+                 fontsize=10, y=1.04)
+    save(fig, "06-conv-as-matrix", dpi=85)
+
+
+def plt_color(v: float) -> str:
+    """White for 0, shades of blue for 1..9."""
+    if v == 0:
+        return "white"
+    t = min(v / 9.0, 1.0)
+    r, g, b = (int(255 - t * (255 - c)) for c in (59, 111, 182))
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def ravine() -> None:
+    """Lesson 11: gradient descent and momentum on L = (a^2 + 50 b^2) / 2 from (-4, 1)."""
+    def run(lr: float, momentum: float, steps: int) -> np.ndarray:
+        p, v, path = np.array([-4.0, 1.0]), np.zeros(2), []
+        for _ in range(steps):
+            path.append(p.copy())
+            v = momentum * v + p * [1.0, 50.0]
+            p = p - lr * v
+        return np.array(path)
+    a, b = np.meshgrid(np.linspace(-4.5, 1, 200), np.linspace(-1.3, 1.3, 120))
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, (title, path) in zip(axes, [("gradient descent, lr 0.035 (first 40 steps)", run(0.035, 0.0, 40)),
+                                        ("momentum 0.9, lr 0.01 (first 40 steps)", run(0.01, 0.9, 40))]):
+        ax.contour(a, b, 0.5 * (a ** 2 + 50 * b ** 2), levels=np.geomspace(0.05, 60, 12), colors="#bbbbbb", linewidths=0.7)
+        ax.plot(path[:, 0], path[:, 1], "o-", color=ORANGE, ms=3, lw=1)
+        ax.plot([0], [0], "k*", ms=10)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("a (shallow direction)")
+    axes[0].set_ylabel("b (steep direction)")
+    fig.suptitle("The ravine L = (a² + 50 b²)/2: gradient descent bounces across and creeps along; momentum adds up the steps along",
+                 fontsize=10)
+    save(fig, "11-ravine", dpi=80)
+
+
+def from_lesson(lesson: str, produced: str, name: str) -> None:
+    """Run a lesson with its real settings (pasted, as the tests do) and keep the picture it draws."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TINYUNET_LESSON_FAST"}
+    env.update(MPLBACKEND="Agg")
+    runner = ("import sys; sys.path.insert(0, 'tests'); from test_lessons import PastedLesson, python_blocks; "
+              f"c = PastedLesson('lessons/{lesson}'); "
+              f"[c.paste(n, b) for n, b in python_blocks(open('lessons/{lesson}').read())]")
+    print(f"running lessons/{lesson} with its real settings (a few minutes)...")
+    subprocess.run([sys.executable, "-c", runner], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    image = Image.open(REPO / produced).convert("RGB")
+    buf = io.BytesIO()
+    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, format="png", optimize=True)
+    (OUT / f"{name}.png").write_bytes(buf.getvalue())
+    print(f"lessons/figures/{name}.png: {image.width}x{image.height}, {len(buf.getvalue()) / 1024:.0f} KB")
+
+
+def learning_rates() -> None:
+    from_lesson("11-optimizers.md", "runs/lesson-11/learning-rates.png", "11-learning-rates")
+
+
+def with_and_without_skips() -> None:
+    from_lesson("14-what-the-skips-buy.md", "runs/lesson-14/with-and-without-skips.png", "14-with-and-without-skips")
+
+
+# --- lesson 09 ---------------------------------------------------------------------------------------
 
 def unet_diagram() -> None:
     """The U-Net of tinyunet (base 16, depth 4) on a 128x128 input: shapes at every level, and the arrows."""
@@ -202,7 +322,8 @@ def unet_diagram() -> None:
         yc = -1.55 * lvl
         ax.add_patch(Rectangle((xc - w / 2, yc - h / 2), w, h, facecolor=color, edgecolor="black", lw=0.8))
         if label:
-            ax.text(xc, yc + h / 2 + 0.07, f"{channels}", ha="center", va="bottom", fontsize=9)
+            s = size >> lvl
+            ax.text(xc, yc + h / 2 + 0.07, f"{channels}x{s}x{s}", ha="center", va="bottom", fontsize=7.5)
         return xc, yc, w, h
 
     enc_color, dec_color, up_color = "#9ecae1", "#fdd0a2", "#c7e9c0"
@@ -218,6 +339,8 @@ def unet_diagram() -> None:
         xu = xd - 0.33
         box(xu, lvl, base << lvl, up_color, label=False)
         box(xd, lvl, base << lvl, dec_color)
+        ax.text(xd - 0.17, yc - heights[lvl] / 2 - 0.08, f"concat {base << lvl}+{base << lvl}", ha="center", va="top",
+                fontsize=7, color="#555555")
         # skip arrow
         ax.add_patch(FancyArrowPatch((xc + w / 2 + 0.03, yc), (xu - 0.14, yc), arrowstyle="->", mutation_scale=14,
                                      color="#777777", lw=1.4, linestyle="--"))
@@ -245,8 +368,9 @@ def unet_diagram() -> None:
     ax.set_ylim(-8.9, 1.3)
     ax.set_aspect("equal")
     ax.axis("off")
-    fig.suptitle("tinyunet's U-Net (base 16, depth 4) on a 128x128 image; numbers on boxes are channels", fontsize=11)
-    save(fig, "08-unet-diagram", dpi=90)
+    fig.suptitle("tinyunet's standard U-Net (base 16, depth 4) on a 128x128 image: channels x height x width of every block's "
+                 "output", fontsize=10)
+    save(fig, "09-unet-diagram", dpi=90)
 
 
 def memory_per_layer() -> None:
@@ -286,10 +410,10 @@ def memory_per_layer() -> None:
     ax_flops.set_xticks(xs, [labels[k] for k in order], fontsize=8)
     for ax in (ax_mem, ax_flops):
         ax.grid(axis="y", alpha=0.3)
-    save(fig, "08-memory-per-layer", dpi=85)
+    save(fig, "09-memory-per-layer", dpi=85)
 
 
-# --- lesson 09 ---------------------------------------------------------------------------------------
+# --- lesson 12 ---------------------------------------------------------------------------------------
 
 def pets_root() -> Path:
     env = os.environ.get("TINYUNET_DATA")
@@ -331,16 +455,16 @@ def pets() -> None:
     fig.legend(handles=[Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=f"{n} (trimap {i + 1})")
                         for i, (n, c) in enumerate(zip(CLASS_NAMES, PALETTE))],
                loc="outside lower center", ncol=3)
-    save(fig, "09-pets-trimaps", dpi=80)
+    save(fig, "12-pets-trimaps", dpi=80)
 
 
-# --- lessons 10 and 06: one training run on shapes, with the real settings of lesson 10 -----------------
+# --- lessons 13 and 07: one training run on shapes, with the real settings of lesson 13 -----------------
 
 _TRAINED: dict = {}
 
 
 def trained_shapes_model() -> dict:
-    """Lesson 10's loop at its real settings (64x64, 800 shapes, 3 epochs, base 16), logging every step.
+    """Lesson 13's loop at its real settings (64x64, 800 shapes, 3 epochs, base 16), logging every step.
 
     Returns {"model", "val", "losses", "evals": [(step, {class: IoU}, miou)]}; computed once per run.
     """
@@ -362,7 +486,7 @@ def trained_shapes_model() -> dict:
     loss_fn = CrossEntropyLoss()
     rng = np.random.default_rng(0)
     losses, evals = [], []
-    print("training the shapes model of lesson 10 (a minute or two)...")
+    print("training the shapes model of lesson 13 (a minute or two)...")
     for epoch in range(epochs):
         for x, y, _ in iterate_batches(train, batch_size=8, shuffle=True, rng=rng, augment=True, drop_last=True):
             model.train()
@@ -406,8 +530,8 @@ def training_curves() -> None:
     ax_iou.legend(fontsize=8, loc="lower right")
     for ax in (ax_loss, ax_iou):
         ax.grid(alpha=0.3)
-    fig.suptitle("Lesson 10's loop on shapes: 64x64, 800 images, 3 epochs, Adam lr 1e-3", fontsize=11)
-    save(fig, "10-training-curves", dpi=85)
+    fig.suptitle("Lesson 13's loop on shapes: 64x64, 800 images, 3 epochs, Adam lr 1e-3", fontsize=11)
+    save(fig, "13-training-curves", dpi=85)
 
 
 def _activations(model, x):
@@ -458,7 +582,7 @@ def predictions() -> None:
     from tinyunet.classes import CLASS_NAMES, PALETTE
     fig.legend(handles=[Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in zip(CLASS_NAMES, PALETTE)],
                loc="outside lower center", ncol=3)
-    save(fig, "10-predictions", dpi=75)
+    save(fig, "13-predictions", dpi=75)
 
 
 def feature_maps() -> None:
@@ -482,7 +606,7 @@ def feature_maps() -> None:
             ax.set_yticks([])
     fig.suptitle("Feature maps of the trained network: the 6 most varied channels of the first block and of the bottleneck",
                  fontsize=10)
-    save(fig, "10-feature-maps", dpi=80)
+    save(fig, "13-feature-maps", dpi=80)
 
 
 def skip_features() -> None:
@@ -506,13 +630,13 @@ def skip_features() -> None:
         ax.set_yticks([])
     fig.suptitle("At the top decoder level: the skip (sharp, local) and the upsampled path (coarse, knows the region)",
                  fontsize=10)
-    save(fig, "06-skip-features", dpi=80)
+    save(fig, "07-skip-features", dpi=80)
 
 
-# --- lesson 12 ---------------------------------------------------------------------------------------
+# --- lesson 16 ---------------------------------------------------------------------------------------
 
 def attention_maps() -> None:
-    """Lesson 12's run: an Attention U-Net trained like lesson 10's U-Net (64x64 shapes, 800 images,
+    """Lesson 16's run: an Attention U-Net trained like lesson 13's U-Net (64x64 shapes, 800 images,
     3 epochs, base 16); the coefficients of its four gates over three validation images."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -532,7 +656,7 @@ def attention_maps() -> None:
     model = create_model("attunet", in_channels=3, num_classes=3, base_channels=base, depth=4)
     optimizer, loss_fn = Adam(model.parameters(), lr=1e-3), CrossEntropyLoss()
     rng = np.random.default_rng(0)
-    print("training the Attention U-Net of lesson 12 (a minute or two)...")
+    print("training the Attention U-Net of lesson 16 (a minute or two)...")
     for epoch in range(epochs):
         model.train()
         for x, y, _ in iterate_batches(train, batch_size=8, shuffle=True, rng=rng, augment=True, drop_last=True):
@@ -566,7 +690,7 @@ def attention_maps() -> None:
     fig.colorbar(heat, ax=list(axes.ravel()), shrink=0.6, label="attention coefficient")
     fig.suptitle("Attention U-Net after 3 epochs on 64x64 shapes: each gate's coefficients over validation images",
                  fontsize=10)
-    save(fig, "12-attention-maps", dpi=80)
+    save(fig, "16-attention-maps", dpi=80)
 
 
 FIGURES = {
@@ -574,6 +698,8 @@ FIGURES = {
     "im2col": im2col_picture,
     "pooling": pooling,
     "checkerboard": checkerboard,
+    "transposed_stamp": transposed_stamp,
+    "conv_as_matrix": conv_as_matrix,
     "unet_diagram": unet_diagram,
     "memory_per_layer": memory_per_layer,
     "pets": pets,
@@ -582,6 +708,9 @@ FIGURES = {
     "feature_maps": feature_maps,
     "skip_features": skip_features,
     "attention_maps": attention_maps,
+    "ravine": ravine,
+    "learning_rates": learning_rates,
+    "with_and_without_skips": with_and_without_skips,
 }
 
 

@@ -1,15 +1,17 @@
 """The lessons are executable: every ```python block of lessons/NN-*.md runs, in order, in one namespace
-per lesson (a fresh Python process each), with the repository root as the working directory. A lesson
-that stops working fails here, with the traceback pointing at the line of the .md file.
+per lesson (a fresh Python process each), with the repository root as the working directory, pasted
+line by line into a Python prompt (``code.InteractiveConsole``), as a learner who types along does. A
+lesson that stops working fails here, with the line of the .md file where the failing statement starts.
 
 Long lessons read ``TINYUNET_LESSON_FAST=1`` (set below) and use fewer images and steps; the text shows
-the real settings. Lesson 09 needs the real Oxford-IIIT Pet folder and is skipped only when it is
+the real settings. Lesson 12 needs the real Oxford-IIIT Pet folder and is skipped only when it is
 truly absent. Also checked: each lesson's first line after the title ("You will be able to: ..."),
 its link to the next lesson, every relative link and image, the figures' size budget, and that
 lessons/README.md lists every lesson.
 """
 from __future__ import annotations
 
+import code
 import os
 import re
 import subprocess
@@ -45,16 +47,48 @@ def test_lessons_exist():
     assert len(LESSONS) >= 11
 
 
-# Runs in a fresh interpreter, exactly like a learner typing the blocks into an empty session.
+class PastedLesson(code.InteractiveConsole):
+    """A plain Python prompt into which a learner pastes the lesson's blocks, one line at a time.
+
+    Lesson 01 says "type along": every block must work when pasted into ``python`` (not only when run
+    as a file). At the prompt a blank line ends an indented block, and a statement after an indented
+    block needs a blank line before it; a block that breaks either rule fails here. Any error stops
+    the lesson with the line of the .md file where the failing statement starts.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__({"__name__": "__lesson__"}, filename=path)
+        self.path, self.statement_line = path, 0
+
+    def showsyntaxerror(self, filename=None, **kwargs) -> None:
+        super().showsyntaxerror(filename, **kwargs)
+        self.stop("does not paste into a Python prompt (a blank line inside an indented block, or no blank line after one?)")
+
+    def showtraceback(self) -> None:
+        super().showtraceback()
+        self.stop("raised")
+
+    def stop(self, what: str) -> None:
+        sys.stderr.write(f"{self.path}:{self.statement_line}: the statement starting here {what}\n")
+        raise SystemExit(1)
+
+    def paste(self, first_line: int, block: str) -> None:
+        waiting = False
+        for offset, line in enumerate(block.splitlines() + [""]):   # the final Enter after a paste
+            if not waiting:
+                self.statement_line = first_line + offset
+            waiting = self.push(line)
+
+
+# Runs in a fresh interpreter, exactly like a learner pasting the blocks into an empty session.
 _RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_lessons import python_blocks
+from test_lessons import PastedLesson, python_blocks
 path = {path!r}
-namespace = {{"__name__": "__lesson__"}}
-for line, code in python_blocks(open(path, encoding="utf-8").read()):
-    # pad with newlines so that a traceback points at the line of the .md file
-    exec(compile("\\n" * (line - 1) + code, path, "exec"), namespace)
+console = PastedLesson(path)
+for line, block in python_blocks(open(path, encoding="utf-8").read()):
+    console.paste(line, block)
 """
 
 
@@ -67,8 +101,8 @@ def run_lesson(path: Path, env: dict, timeout: float = 600) -> subprocess.Comple
 @pytest.mark.slow
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_runs(path: Path, tmp_path: Path) -> None:
-    if path.name.startswith("09-") and not pets_root().is_dir():
-        pytest.skip(f"lesson 09 needs the Oxford-IIIT Pet folder, not found at {pets_root()}")
+    if path.stem.endswith("oxford-iiit-pet-trimaps") and not pets_root().is_dir():
+        pytest.skip(f"lesson 12 needs the Oxford-IIIT Pet folder, not found at {pets_root()}")
     env = dict(os.environ)
     env.update(
         TINYUNET_LESSON_FAST="1",
@@ -146,3 +180,23 @@ def test_figures_are_small_and_used() -> None:
     text = "".join(p.read_text(encoding="utf-8") for p in LESSONS)
     unused = [n for n in sizes if f"figures/{n}" not in text]
     assert not unused, f"figures no lesson shows: {unused}"
+
+
+@pytest.mark.parametrize("block, fails", [
+    ("def f(x):\n    y = x + 1\n\n    return y\n", True),          # a blank line inside a function
+    ("for i in range(2):\n    pass\nprint('after')\n", True),      # no blank line after an indented block
+    ("if True:\n    a = 1\nelse:\n    a = 2\n\nprint(a)\n", False),
+    ("def f(x):\n    return x\n\nprint(f(1))\n", False),
+    ("1 / 0\n", True),
+])
+def test_pasted_lesson_catches_what_a_prompt_rejects(block: str, fails: bool, tmp_path: Path) -> None:
+    lesson = tmp_path / "01-x.md"
+    lesson.write_text(f"# t\n\n```python\n{block}```\n", encoding="utf-8")
+    code_ = f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n" \
+            "from test_lessons import PastedLesson, python_blocks\n" \
+            f"c = PastedLesson({str(lesson)!r})\n" \
+            f"[c.paste(n, b) for n, b in python_blocks(open({str(lesson)!r}).read())]\n"
+    result = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, timeout=60)
+    assert (result.returncode != 0) == fails, result.stderr
+    if fails:
+        assert f"{lesson}:4:" in result.stderr or f"{lesson}:" in result.stderr

@@ -4,7 +4,7 @@ Every parameter of the model moves into one flat buffer, and every gradient into
 ``p.data`` and ``p.grad`` becomes a view of its slice (the layers never notice: they read ``p.data``
 and add into ``p.grad`` in place). An update is then a handful of whole-array operations for the
 whole model rather than a handful per parameter tensor - on a GPU each operation is a kernel launch,
-and the standard U-Net has 64 tensors (lesson 11). The optimizer's own state (Adam's m and v) is flat
+and the standard U-Net has 64 tensors (lesson 15). The optimizer's own state (Adam's m and v) is flat
 too, and ``update`` works on any slice of the buffers, since every entry is updated on its own.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 tinyunet/nn is the reference: what the lessons derive, what a GPU runs, and what ``TINYUNET_ACCEL=0``
 (or ``--no-accel``) runs alone. On NumPy every layer that has a faster version here asks for it in
 the first lines of its forward (``accelerated`` in nn/module.py), and :mod:`~tinyunet.accel.choose`
-answers: the one place with every rule and threshold. Lesson 13, "Making it fast on a CPU", teaches
+answers: the one place with every rule and threshold. Lesson 17, "Making it fast on a CPU", teaches
 what is here:
 
     choose.py          which implementation for which layer and input (all thresholds)

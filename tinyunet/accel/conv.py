@@ -209,7 +209,7 @@ class Im2rowConv(ConvImplementation):
             return None
         if layer.stride == 1 and kh == kw and layer.padding <= kh - 1:
             # a gather instead of a scatter: dx is dout, zero-padded by k - 1 - padding, correlated
-            # with the kernel flipped in both directions and its channel axes swapped (lesson 03):
+            # with the kernel flipped in both directions and its channel axes swapped (lesson 04):
             # one product, no overlapping adds into dx
             w_flip = flipped_kernel_stack(layer.weight.data)[::-1].reshape(-1, c)   # (kh*kw*Cout, Cin)
             drows = im2row(dout, kh, kw, 1, kh - 1 - layer.padding)                # (N*H*W, kh*kw*Cout)

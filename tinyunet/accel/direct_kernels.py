@@ -1,6 +1,6 @@
 """Register-blocked direct convolution (optional, with Numba): the shifted products at the CPU's speed.
 
-A stride-1 convolution is a sum of shifted products (conv.py, lesson 02): each kernel offset, a
+A stride-1 convolution is a sum of shifted products (conv.py, lesson 03): each kernel offset, a
 *tap* t = (di, dj), multiplies the input shifted by (di, dj) with one (Cin, Cout) matrix. With the
 images laid out as rows of pixels (N*H*W, C), a shift by (di, dj) is a shift by di*W + dj rows:
 

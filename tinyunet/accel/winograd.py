@@ -39,7 +39,7 @@ Float32 rounding: the transforms add and subtract a few numbers of similar size,
 at 1e-7 to 1e-6 of the largest output (tested against float64). F(4x4, 3x3), 6x6 tiles, would
 multiply even less, but its transforms have coefficients up to 5: more rounding and more passes over
 memory; not used.
-Lesson 13 writes the same maths tile by tile, and tests/test_accel_conv.py checks this against the reference.
+Lesson 17 writes the same maths tile by tile, and tests/test_accel_conv.py checks this against the reference.
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def winograd_weight_grad_to_kernel(du: Any) -> Any:
 class WinogradConv(ConvImplementation):
     """Conv2d by F(2x2, 3x3): 3x3 kernel, stride 1, padding 1, even output sides. Backward: the
     weight gradient through the transforms, and dx as the same fast convolution of dout with the
-    kernel flipped (lesson 03), side by side."""
+    kernel flipped (lesson 04), side by side."""
 
     name = "winograd"
 

@@ -1,12 +1,12 @@
 """Conv2d: a 2-D convolution (cross-correlation, as in PyTorch) as im2col + one matrix product.
 
-Forward (lesson 02). Copy every kh x kw x Cin patch the kernel sees into a column (:func:`im2col`);
+Forward (lesson 03). Copy every kh x kw x Cin patch the kernel sees into a column (:func:`im2col`);
 then the convolution of image n is one matrix product with the weight as a (Cout, K) matrix:
 
     cols_n = im2col(x_n)              (K, P)        K = Cin*kh*kw, P = Hout*Wout
     out_n  = W2 @ cols_n + b          (Cout, P)     W2 = weight.reshape(Cout, K)
 
-Backward (lesson 03): with G_n = dL/dout_n (Cout, P), the gradient of a matrix product Y = A @ B is
+Backward (lesson 04): with G_n = dL/dout_n (Cout, P), the gradient of a matrix product Y = A @ B is
 dA = dY @ B^T and dB = A^T @ dY, so
 
     dW2  = sum_n G_n @ cols_n^T       the weight is shared by every image: its gradient sums over them
@@ -42,7 +42,7 @@ def im2col(x: Any, kh: int, kw: int, stride: int, padding: int) -> Any:
 
     Column p = (y, x) holds the patch under output pixel (y, x): ``xpad[n, c, y*stride + i, x*stride + j]``
     at row ``c*kh*kw + i*kw + j``, the order of ``weight.reshape(Cout, C*kh*kw)``'s columns.
-    Lesson 02 fills the columns with kh*kw strided slices, one per kernel offset (i, j). Here the same
+    Lesson 03 fills the columns with kh*kw strided slices, one per kernel offset (i, j). Here the same
     numbers come from a *window view* of the padded image: ``sliding_window_view`` gives every kh x kw
     window without copying (an array of shape (N, C, Hp-kh+1, Wp-kw+1, kh, kw) over x's memory),
     ``[::stride]`` keeps the windows the kernel visits, and one copy puts them in column order.

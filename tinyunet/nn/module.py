@@ -23,7 +23,7 @@ from tinyunet.backend import to_device, to_host, xp
 def accelerated(layer: Any, *inputs: Any) -> Any:
     """The CPU acceleration's implementation of ``layer`` for these inputs, or None.
 
-    An implementation computes the layer's numbers faster on a CPU (tinyunet/accel, lesson 13): its
+    An implementation computes the layer's numbers faster on a CPU (tinyunet/accel, lesson 17): its
     ``forward(*inputs)`` runs instead of the layer's own code, and the layer keeps it so that
     ``backward`` runs its ``backward(dout)``, i.e. what forward chose. None - on CuPy, with
     ``TINYUNET_ACCEL=0``, or for an input no implementation takes - means: run the reference.

@@ -9,7 +9,7 @@ With M = N*H*W values per channel, mean and (biased) variance over them, xhat = 
     backward:  dbeta = sum(dout),   dgamma = sum(dout * xhat)
                dx = gamma / std * (dout - dbeta / M - xhat * dgamma / M)
 
-The last line is the chain rule through mean and std collapsed into one expression; lesson 07
+The last line is the chain rule through mean and std collapsed into one expression; lesson 08
 derives it term by term. In eval mode the statistics are constants, and dx = gamma / std * dout.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The k*k positions of a window are k*k strided *views* of the input (offset (i, j), step ``stride``),
 each shaped like the output: view (i, j) holds, for every window, its pixel (i, j). Stacked, they
-make the whole layer two reductions (lesson 04):
+make the whole layer two reductions (lesson 05):
 
     forward:   out = max over the views,  argmax = which view (i*k + j) held it, the first on ties
     backward:  view (i, j) of dx receives dout where argmax == i*k + j, 0 elsewhere

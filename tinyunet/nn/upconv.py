@@ -1,6 +1,6 @@
 """ConvTranspose2d: the "up-convolution" of the U-Net decoder.
 
-A transposed convolution is the *backward pass of a convolution* used as a forward pass (lesson 05):
+A transposed convolution is the *backward pass of a convolution* used as a forward pass (lesson 06):
 a convolution's input gradient was ``col2im(W2^T @ G_n)``, and each column of ``W2^T @ G_n`` is the
 kernel weighted by one pixel's values - a stamp - that col2im adds onto the output, ``stride`` apart,
 overlaps summed. With the weight as W2 = weight.reshape(Cin, Cout*kh*kw) and X_n = x_n as a

@@ -1,0 +1,202 @@
+"""The exercise checks (tinyunet/exercises.py) can fail: each one is run here on a stub, on a planted
+classic mistake (and must name it in its hint), and on a right answer written independently of the
+check's own reference (and must pass, returning the learner's function)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyunet import exercises as E
+from tinyunet.nn import naive
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError
+
+
+# --- right answers, written here from the formulas (not the references the checks use) ------------------
+
+def im2col_loops(x, kh, kw, stride=1, padding=0):
+    n, c, h, w = x.shape
+    xp_ = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    cols = np.zeros((n, c * kh * kw, ho * wo))
+    for ci in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                for y in range(ho):
+                    for q in range(wo):
+                        cols[:, ci * kh * kw + i * kw + j, y * wo + q] = xp_[:, ci, y * stride + i, q * stride + j]
+    return cols
+
+
+def conv_forward_naive(x, w, b, stride=1, padding=0):
+    return naive.conv2d(x, w, b, stride, padding)
+
+
+def maxpool_forward(x):
+    n, c, h, w = x.shape
+    win = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    return win.max(-1), win.argmax(-1)
+
+
+def linear_backward(x, w, dout):
+    return dout @ w, dout.T @ x, dout.sum(axis=0)
+
+
+def sgd_step(params, lr):
+    for p in params:
+        p.data -= lr * p.grad
+
+
+def adam_step(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    for p, m, v in zip(params, ms, vs):
+        m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+        v[...] = betas[1] * v + (1 - betas[1]) * p.grad ** 2
+        p.data -= lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
+
+
+RIGHT = [
+    (E.check_im2col, im2col_loops, ()),
+    (E.check_conv2d_forward, conv_forward_naive, ()),
+    (E.check_maxpool_forward, maxpool_forward, ()),
+    (E.check_linear_backward, linear_backward, ()),
+    (E.check_sgd_step, sgd_step, ()),
+    (E.check_adam_step, adam_step, ()),
+]
+
+
+@pytest.mark.parametrize("check, mine, extra", RIGHT, ids=lambda v: getattr(v, "__name__", ""))
+def test_right_answer_passes(check, mine, extra, capsys):
+    assert check(mine, *extra) is mine
+    out = capsys.readouterr().out
+    assert ": PASS" in out and "FAIL" not in out
+
+
+# --- planted mistakes: each check must fail and name the mistake -----------------------------------------
+
+def conv_backward_first_image_dw(x, w, dout, stride=1, padding=0):
+    dx, dw, db = E.reference_conv2d_backward(x, w, dout, stride, padding)
+    return dx, E.reference_conv2d_backward(x[:1], w, dout[:1], stride, padding)[1], db
+
+
+def col2im_overwriting(cols, x_shape, kh, kw, stride=1, padding=0):
+    return E._col2im_assigning(cols, x_shape, kh, stride, padding)
+
+
+def maxpool_backward_spread(dout, argmax):
+    return np.repeat(np.repeat(dout, 2, axis=2), 2, axis=3)
+
+
+def relu_backward_reversed(dout, mask):
+    return dout * ~mask
+
+
+def bn_forward(x, gamma, beta, eps=1e-5):
+    mu, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    s = 1 / np.sqrt(var + eps)
+    xhat = (x - mu.reshape(1, -1, 1, 1)) * s.reshape(1, -1, 1, 1)
+    return gamma.reshape(1, -1, 1, 1) * xhat + beta.reshape(1, -1, 1, 1), (x, mu, var, s, xhat, gamma)
+
+
+def bn_backward_eval_formula(dy, cache):
+    x, mu, var, s, xhat, gamma = cache
+    return (gamma * s).reshape(1, -1, 1, 1) * dy, (dy * xhat).sum(axis=(0, 2, 3)), dy.sum(axis=(0, 2, 3))
+
+
+def softmax_forward(z, t):
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return 0.0, p / p.sum(axis=1, keepdims=True)
+
+
+def softmax_backward_not_averaged(probs, target):
+    return probs - (np.arange(probs.shape[1]).reshape(1, -1, 1, 1) == target[:, None])
+
+
+def unet_backward_forgot_fork(model, d):
+    d = model.head.backward(d)
+    for i in reversed(range(model.depth)):
+        d, _ = model.decode_backward(i, d)
+    d = model.bottleneck.backward(d)
+    for block, pool in zip(reversed(model.down), reversed(model.pool)):
+        d = block.backward(pool.backward(d))
+    return d
+
+
+def concat_backward_swapped(dout, ca):
+    cb = dout.shape[1] - ca
+    return dout[:, cb:], dout[:, :cb]
+
+
+def momentum_without_velocity(params, velocities, lr, momentum=0.9):
+    for p, v in zip(params, velocities):
+        v[...] = momentum * v + p.grad
+        p.data -= lr * p.grad
+
+
+def adam_without_correction(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    for p, m, v in zip(params, ms, vs):
+        m[...] = 0.9 * m + 0.1 * p.grad
+        v[...] = 0.999 * v + 0.001 * p.grad ** 2
+        p.data -= lr * m / (np.sqrt(v) + eps)
+
+
+def linear_backward_db_axis(x, w, dout):
+    return dout @ w, dout.T @ x, dout.sum(axis=1)
+
+
+BUGS = [
+    (E.check_conv2d_backward, conv_backward_first_image_dw, (), "sum over the batch"),
+    (E.check_col2im, col2im_overwriting, (), "+="),
+    (E.check_maxpool_backward, maxpool_backward_spread, (maxpool_forward,), "only the winner"),
+    (E.check_relu_backward, relu_backward_reversed, (lambda x: (np.maximum(x, 0), x > 0),), "mask is reversed"),
+    (E.check_bn_backward, bn_backward_eval_formula, (bn_forward,), "eval mode"),
+    (E.check_softmax_ce_backward, softmax_backward_not_averaged, (softmax_forward,), "divide by their number"),
+    (E.check_unet_backward, unet_backward_forgot_fork, (), "fork"),
+    (E.check_concat_backward, concat_backward_swapped, (), "swapped"),
+    (E.check_momentum_step, momentum_without_velocity, (), "not the velocity"),
+    (E.check_adam_step, adam_without_correction, (), "bias correction"),
+    (E.check_linear_backward, linear_backward_db_axis, (), "axis 0"),
+    (E.check_im2col, lambda x, kh, kw, s=1, p=0: E.reference_im2col(x, kh, kw, s, 0), (), "padding"),
+]
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", BUGS, ids=lambda v: getattr(v, "__name__", ""))
+def test_planted_mistake_fails_with_its_hint(check, mine, extra, hint, capsys):
+    used = check(mine, *extra)
+    out = capsys.readouterr().out
+    assert ": FAIL " in out and "PASS" not in out, out
+    assert hint in out.split("hint:")[1], out
+    assert used is not mine, "after a failure the reference stands in"
+
+
+CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, ()), (E.check_conv2d_backward, ()),
+          (E.check_maxpool_forward, ()), (E.check_maxpool_backward, (maxpool_forward,)),
+          (E.check_conv_transpose_forward, ()), (E.check_conv_transpose_backward, ()), (E.check_concat_backward, ()),
+          (E.check_relu_backward, (lambda x: (np.maximum(x, 0), x > 0),)), (E.check_bn_backward, (bn_forward,)),
+          (E.check_softmax_ce_backward, (softmax_forward,)), (E.check_unet_backward, ()),
+          (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ())]
+
+
+@pytest.mark.parametrize("check, extra", CHECKS, ids=lambda v: getattr(v, "__name__", ""))
+def test_stub_fails_and_reference_stands_in(check, extra, capsys):
+    reference = check(stub, *extra)
+    out = capsys.readouterr().out
+    assert "FAIL  not written yet" in out and "hint:" in out
+    assert reference is not stub
+    assert check(reference, *extra) is reference        # the stand-in passes its own check
+    assert ": PASS" in capsys.readouterr().out
+
+
+def test_wrong_shape_is_named(capsys):
+    E.check_conv2d_forward(lambda x, w, b, s=1, p=0: np.zeros((1, 2, 3)))
+    out = capsys.readouterr().out
+    assert "wrong shape" in out and "(1, 2, 3)" in out
+
+
+def test_checks_leave_the_acceleration_as_it_was():
+    from tinyunet import backend
+
+    before = backend.accelerate()
+    E.check_conv2d_backward(E.reference_conv2d_backward)
+    assert backend.accelerate() == before

@@ -1,0 +1,754 @@
+"""The checks of the lessons' exercises: is the function you wrote right?
+
+Each ``check_<name>(your_function, ...)`` runs your function on a few small float64 cases, compares
+it with the package's reference layer (tinyunet/nn with the CPU acceleration off: the code the
+lessons derive) and, for a gradient, with finite differences, then prints one verdict:
+
+    conv2d_backward: PASS  worst relative error 3.2e-10 (4 cases; vs Conv2d.backward and finite differences)
+    conv2d_backward: FAIL  dw, case stride 1, padding 1: relative error 0.62 vs Conv2d.backward
+      hint: your dw is the first image's alone: the weight is shared by every image, sum over the batch
+      the package's version stands in for yours from here on, so the rest of the lesson runs
+
+A check returns the function the lesson should go on with: yours when it passed, else the reference
+(same signature), so a notebook with an unfinished exercise still runs to its end. The hints come from
+known mistakes: a check computes what each of them would give and says which one your result matches.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tinyunet import backend
+from tinyunet.backend import to_device, to_host
+from tinyunet.gradcheck import numerical_gradient, relative_error
+
+TOLERANCE = 1e-6     # float64: a right answer is at ~1e-9 or better, a wrong one at ~1e-1
+
+
+class Mismatch(Exception):
+    """A case where your function and the reference differ; ``hint`` says what to look at."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@contextlib.contextmanager
+def reference_layers() -> Iterator[None]:
+    """The layers of tinyunet/nn alone (acceleration off) inside, as before afterwards."""
+    before = backend.set_acceleration(False)
+    try:
+        yield
+    finally:
+        backend.set_acceleration(before)
+
+
+def host(a: Any) -> np.ndarray:
+    return np.asarray(to_host(a), dtype=np.float64)
+
+
+def compare(what: str, mine: Any, expected: Any, against: str,
+            known: Sequence[Tuple[Any, str]] = (), case: str = "") -> float:
+    """Relative error of ``mine`` against ``expected``; raise :class:`Mismatch` with a hint when it is
+    too large. ``known``: (what a known mistake gives, the hint for it)."""
+    where = f"{what}{', ' + case if case else ''}"
+    if mine is None:
+        raise Mismatch(f"{where}: your function returned None", "return the array (a function that only assigns returns None)")
+    mine, expected = np.asarray(to_host(mine)), host(expected)
+    matched = [hint for wrong, hint in known if wrong is not None and np.shape(wrong) == mine.shape
+               and relative_error(mine, host(wrong)) < TOLERANCE]     # a known mistake gives exactly yours
+    if mine.shape != expected.shape:
+        hint = f"your {what} has shape {mine.shape}, the right one {expected.shape}"
+        if sorted(mine.shape) == sorted(expected.shape):
+            hint += ": the right numbers of elements in the wrong axis order (a transpose, or a reshape in the wrong order?)"
+        raise Mismatch(f"{where}: wrong shape", "; ".join(matched + [hint]))
+    err = relative_error(mine, expected)
+    if err > TOLERANCE:
+        if matched:
+            hint = matched[0]
+        else:
+            hint = ("the same numbers in another order: check the order of the axes (and of the rows of a reshape)"
+                    if np.allclose(np.sort(mine, axis=None), np.sort(expected, axis=None)) else
+                    "compare one small case by hand with the formula in the text (print both arrays)")
+        raise Mismatch(f"{where}: relative error {err:.2g} vs {against}", hint)
+    return err
+
+
+def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Callable], List[float]],
+            against: str) -> Callable:
+    """Run the cases on your function, print PASS or FAIL with the worst error and a hint; return your
+    function when it passed, else ``reference``."""
+    name = mine.__name__ if getattr(mine, "__name__", "<lambda>").isidentifier() else name   # as you named it
+    try:
+        errors = run(mine)
+    except Mismatch as failure:
+        message, hint = str(failure), failure.hint
+    except NotImplementedError:
+        message, hint = "not written yet (NotImplementedError)", "write the function's body, then run its cell and this one again"
+    except Exception as exc:   # a crash in your code is a failed check, not a crashed lesson
+        message = f"raised {type(exc).__name__}: {exc}"
+        hint = ("shapes that do not fit: print the shape of every intermediate array"
+                if isinstance(exc, (ValueError, IndexError)) else "read the error above; run your function on a tiny input")
+    else:
+        print(f"{name}: PASS  worst relative error {max(errors, default=0.0):.1e} "
+              f"({len(errors)} comparisons vs {against})")
+        return mine
+    print(f"{name}: FAIL  {message}\n  hint: {hint}\n"
+          f"  the package's version stands in for yours from here on, so the rest of the lesson runs")
+    return reference
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+def finite_differences(f: Callable[[], float], array: np.ndarray) -> np.ndarray:
+    """dL/d(array) by central differences (float64, h = 1e-6), ``array`` nudged in place."""
+    with backend_numpy():
+        return host(numerical_gradient(f, array))
+
+
+@contextlib.contextmanager
+def backend_numpy() -> Iterator[None]:
+    """The lessons' functions take NumPy arrays: the checks run on NumPy whatever was active."""
+    before = backend.name()
+    if before != "numpy":
+        backend.use("numpy")
+    try:
+        yield
+    finally:
+        if before != "numpy":
+            backend.use(before)
+
+
+# --- convolution (lessons on the forward and the backward pass) ----------------------------------------
+
+CONV_CASES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2)]     # kernel, stride, padding
+
+
+def _conv_layer(w: np.ndarray, b: Optional[np.ndarray], stride: int, padding: int) -> Any:
+    from tinyunet.nn import Conv2d
+
+    layer = Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=stride, padding=padding, bias=b is not None).double()
+    layer.weight.data[...] = to_device(w)
+    if b is not None:
+        layer.bias.data[...] = to_device(b)
+    return layer
+
+
+def reference_im2col(x: Any, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
+    from tinyunet.nn.conv import im2col
+    return im2col(x, kh, kw, stride, padding)
+
+
+def reference_col2im(cols: Any, x_shape: Tuple[int, ...], kh: int, kw: int, stride: int = 1, padding: int = 0) -> Any:
+    from tinyunet.nn.conv import col2im
+    return col2im(cols, x_shape, kh, kw, stride, padding)
+
+
+def reference_conv2d_forward(x: Any, w: Any, b: Any, stride: int = 1, padding: int = 0) -> Any:
+    with reference_layers():
+        return _conv_layer(host(w), host(b), stride, padding).forward(to_device(x))
+
+
+def reference_conv2d_backward(x: Any, w: Any, dout: Any, stride: int = 1, padding: int = 0) -> Tuple[Any, Any, Any]:
+    with reference_layers():
+        layer = _conv_layer(host(w), np.zeros(w.shape[0]), stride, padding)
+        layer.forward(to_device(x))
+        dx = layer.backward(to_device(dout))
+        return dx, layer.weight.grad, layer.bias.grad
+
+
+def check_im2col(im2col: Callable) -> Callable:
+    """``im2col(x, kh, kw, stride, padding) -> (N, C*kh*kw, Hout*Wout)``, row c*kh*kw + i*kw + j."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for k, s, p in CONV_CASES:
+            x = rng.standard_normal((2, 3, 7, 6))
+            case = f"kernel {k}, stride {s}, padding {p}"
+            known = [(reference_im2col(x, k, k, 1, p), "right for stride 1 only: each slice steps by the stride (i:i + stride*Hout:stride)"),
+                     (reference_im2col(x, k, k, s, 0) if p else None, "the padding is missing: pad x by `padding` zeros on each side of H and W first")]
+            errors.append(compare("cols", fn(x, k, k, s, p), reference_im2col(x, k, k, s, p), "tinyunet.nn.conv.im2col",
+                                  known, case))
+        return errors
+    return verdict("im2col", im2col, reference_im2col, run, "tinyunet.nn.conv.im2col")
+
+
+def check_conv2d_forward(conv2d: Callable) -> Callable:
+    """``conv2d(x, w, b, stride, padding) -> (N, Cout, Hout, Wout)``."""
+    from tinyunet.nn import naive
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for k, s, p in CONV_CASES:
+            x, w, b = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(4)
+            expected = reference_conv2d_forward(x, w, b, s, p)
+            known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: add b[o] to every position of output channel o"),
+                     (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, s, p), "the kernel is flipped: deep learning's convolution does not flip it")]
+            case = f"kernel {k}, stride {s}, padding {p}"
+            errors.append(compare("out", fn(x, w, b, s, p), expected, "Conv2d.forward", known, case))
+            errors.append(compare("out", fn(x, w, b, s, p), naive.conv2d(x, w, b, s, p), "naive.conv2d (loops)", (), case))
+        return errors
+    return verdict("conv2d_forward", conv2d, reference_conv2d_forward, run, "Conv2d.forward and the loops")
+
+
+def check_col2im(col2im: Callable) -> Callable:
+    """``col2im(cols, x_shape, kh, kw, stride, padding) -> (N, C, H, W)``: im2col's adjoint."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for k, s, p in CONV_CASES:
+            shape = (2, 3, 7, 6)
+            cols = rng.standard_normal(reference_im2col(np.zeros(shape), k, k, s, p).shape)
+            x = rng.standard_normal(shape)
+            expected = reference_col2im(cols, shape, k, k, s, p)
+            case = f"kernel {k}, stride {s}, padding {p}"
+            errors.append(compare("image", fn(cols, shape, k, k, s, p), expected, "tinyunet.nn.conv.col2im",
+                                  [(_col2im_assigning(cols, shape, k, s, p),
+                                    "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
+            # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
+            lhs, rhs = float((host(reference_im2col(x, k, k, s, p)) * cols).sum()), float((x * host(fn(cols, shape, k, k, s, p))).sum())
+            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case))
+        return errors
+    return verdict("col2im", col2im, reference_col2im, run, "tinyunet.nn.conv.col2im and the adjoint identity")
+
+
+def _col2im_assigning(cols: np.ndarray, shape: Tuple[int, ...], k: int, s: int, p: int) -> np.ndarray:
+    """col2im with ``=`` instead of ``+=``: the classic mistake."""
+    n, c, h, w = shape
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    c6 = cols.reshape(n, c, k, k, ho, wo)
+    out = np.zeros((n, c, h + 2 * p, w + 2 * p))
+    for i in range(k):
+        for j in range(k):
+            out[:, :, i:i + s * ho:s, j:j + s * wo:s] = c6[:, :, i, j]
+    return out[:, :, p:p + h, p:p + w]
+
+
+def _gradient_cases(forward: Callable, inputs: Dict[str, np.ndarray],
+                    expected: Dict[str, Any], mine: Dict[str, Any], against: str,
+                    known: Dict[str, List[Tuple[Any, str]]], case: str) -> List[float]:
+    """Compare each of your gradients with the reference layer's and with finite differences of
+    ``forward()`` (a scalar L = sum(out * g)) with respect to ``inputs[name]``."""
+    errors = []
+    for name, value in mine.items():
+        errors.append(compare(name, value, expected[name], against, known.get(name, ()), case))
+        if name in inputs:
+            errors.append(compare(name, value, finite_differences(forward, inputs[name]), "finite differences",
+                                  known.get(name, ()), case))
+    return errors
+
+
+def check_conv2d_backward(conv2d_backward: Callable) -> Callable:
+    """``conv2d_backward(x, w, dout, stride, padding) -> (dx, dw, db)``."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for k, s, p in [(3, 1, 1), (3, 2, 1), (2, 2, 0)]:
+            x, w = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((4, 3, k, k))
+            b = np.zeros(4)
+            g = rng.standard_normal(host(reference_conv2d_forward(x, w, b, s, p)).shape)
+            dx, dw, db = reference_conv2d_backward(x, w, g, s, p)
+            result = fn(x.copy(), w.copy(), g.copy(), s, p)
+            if not isinstance(result, tuple) or len(result) != 3:
+                raise Mismatch("your function must return three arrays", "return dx, dw, db")
+            g0 = g[:1]
+            _, dw0, db0 = reference_conv2d_backward(x[:1], w, g0, s, p)
+            known = {"dw": [(dw0, "your dw is the first image's alone: the weight is shared by every image, sum over the batch")],
+                     "db": [(db0, "your db is the first image's alone: sum dout over the batch too (axes 0, 2, 3)")],
+                     "dx": [(_col2im_assigning(np.einsum("ok,nop->nkp", w.reshape(4, -1), g.reshape(2, 4, -1)), x.shape, k, s, p),
+                             "col2im must add (+=) where patches overlap")]}
+            forward = lambda: float((host(reference_conv2d_forward(x, w, b, s, p)) * g).sum())
+            errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
+                                      dict(zip(("dx", "dw", "db"), result)), "Conv2d.backward", known,
+                                      f"kernel {k}, stride {s}, padding {p}")
+        return errors
+    return verdict("conv2d_backward", conv2d_backward, reference_conv2d_backward, run,
+                   "Conv2d.backward and finite differences")
+
+
+# --- max-pooling --------------------------------------------------------------------------------------
+
+def reference_maxpool2x2_forward(x: Any) -> Tuple[Any, Any]:
+    """(out, argmax): argmax = which of the 4 window positions (row-major) won, as in the lesson."""
+    n, c, h, w = x.shape
+    windows = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    return windows.max(axis=-1), windows.argmax(axis=-1)
+
+
+def reference_maxpool2x2_backward(dout: Any, argmax: Any) -> Any:
+    n, c, ho, wo = dout.shape
+    d = (argmax[..., None] == np.arange(4)) * dout[..., None]
+    return d.reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
+
+
+def _distinct(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """Values 0.01 apart, shuffled: no ties, so no kinks for finite differences."""
+    return rng.permutation(int(np.prod(shape))).reshape(shape) * 0.01
+
+
+def _maxpool_layer_backward(x: np.ndarray, g: np.ndarray) -> Tuple[Any, Any]:
+    from tinyunet.nn import MaxPool2d
+
+    with reference_layers():
+        pool = MaxPool2d(2)
+        out = pool.forward(to_device(x))
+        return out, pool.backward(to_device(g))
+
+
+def check_maxpool_forward(maxpool2x2_forward: Callable) -> Callable:
+    """``maxpool2x2_forward(x) -> (out, argmax)``; out is compared with MaxPool2d(2)."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for shape in [(2, 3, 4, 6), (1, 2, 8, 8)]:
+            x = _distinct(rng, *shape)
+            result = fn(x)
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise Mismatch("return two things", "return the pooled array and the argmax (which position won)")
+            expected, _ = _maxpool_layer_backward(x, np.zeros((shape[0], shape[1], shape[2] // 2, shape[3] // 2)))
+            errors.append(compare("out", result[0], expected, "MaxPool2d(2).forward",
+                                  [(x.reshape(*shape[:2], shape[2] // 2, 2, shape[3] // 2, 2).mean(axis=(3, 5)),
+                                    "that is the mean of each window: take the max"),
+                                   (x[:, :, ::2, ::2], "that is each window's top-left value: take the max over the window")],
+                                  f"input {shape}"))
+        return errors
+    return verdict("maxpool2x2_forward", maxpool2x2_forward, reference_maxpool2x2_forward, run, "MaxPool2d(2)")
+
+
+def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Callable) -> Callable:
+    """``maxpool2x2_backward(dout, argmax) -> dx``, with the argmax your forward returned."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for shape in [(2, 3, 4, 6), (1, 2, 8, 8)]:
+            x = _distinct(rng, *shape)
+            g = rng.standard_normal((shape[0], shape[1], shape[2] // 2, shape[3] // 2))
+            _, expected = _maxpool_layer_backward(x, g)
+            spread = np.repeat(np.repeat(g, 2, axis=2), 2, axis=3)
+            known = {"dx": [(spread, "every input got its window's gradient: only the winner (the argmax) gets it"),
+                            (spread / 4, "that is average pooling's gradient: only the winner gets dout, unscaled")]}
+            forward = lambda: float((host(reference_maxpool2x2_forward(x)[0]) * g).sum())
+            errors += _gradient_cases(forward, {"dx": x}, {"dx": expected},
+                                      {"dx": fn(g, maxpool2x2_forward(x)[1])}, "MaxPool2d(2).backward", known,
+                                      f"input {shape}")
+        return errors
+    return verdict("maxpool2x2_backward", maxpool2x2_backward, reference_maxpool2x2_backward, run,
+                   "MaxPool2d(2).backward and finite differences")
+
+
+# --- transposed convolution -----------------------------------------------------------------------------
+
+UPCONV_CASES = [(2, 2, 0), (3, 2, 1), (3, 1, 0), (4, 3, 1)]     # kernel, stride, padding
+
+
+def _upconv_layer(w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> Any:
+    from tinyunet.nn import ConvTranspose2d
+
+    layer = ConvTranspose2d(w.shape[0], w.shape[1], w.shape[2:], stride=stride, padding=padding).double()
+    layer.weight.data[...] = to_device(w)
+    layer.bias.data[...] = to_device(b)
+    return layer
+
+
+def reference_conv_transpose_forward(x: Any, w: Any, b: Any, stride: int = 1, padding: int = 0) -> Any:
+    with reference_layers():
+        return _upconv_layer(host(w), host(b), stride, padding).forward(to_device(x))
+
+
+def reference_conv_transpose_backward(x: Any, w: Any, dout: Any, stride: int = 1, padding: int = 0) -> Tuple[Any, Any, Any]:
+    with reference_layers():
+        layer = _upconv_layer(host(w), np.zeros(w.shape[1]), stride, padding)
+        layer.forward(to_device(x))
+        dx = layer.backward(to_device(dout))
+        return dx, layer.weight.grad, layer.bias.grad
+
+
+def check_conv_transpose_forward(conv_transpose: Callable) -> Callable:
+    """``conv_transpose(x, w, b, stride, padding)``, w: (Cin, Cout, kh, kw)."""
+    from tinyunet.nn import naive
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for k, s, p in UPCONV_CASES:
+            x, w, b = rng.standard_normal((2, 4, 3, 5)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(3)
+            expected = reference_conv_transpose_forward(x, w, b, s, p)
+            case = f"kernel {k}, stride {s}, padding {p}"
+            known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing")]
+            errors.append(compare("out", fn(x, w, b, s, p), expected, "ConvTranspose2d.forward", known, case))
+            errors.append(compare("out", fn(x, w, b, s, p), naive.conv_transpose2d(x, w, b, s, p),
+                                  "naive.conv_transpose2d (loops)", (), case))
+        return errors
+    return verdict("conv_transpose_forward", conv_transpose, reference_conv_transpose_forward, run,
+                   "ConvTranspose2d.forward and the loops")
+
+
+def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable:
+    """``conv_transpose_backward(x, w, dout, stride, padding) -> (dx, dw, db)``."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for k, s, p in UPCONV_CASES[:3]:
+            x, w = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((3, 2, k, k))
+            b = np.zeros(2)
+            g = rng.standard_normal(host(reference_conv_transpose_forward(x, w, b, s, p)).shape)
+            dx, dw, db = reference_conv_transpose_backward(x, w, g, s, p)
+            result = fn(x.copy(), w.copy(), g.copy(), s, p)
+            if not isinstance(result, tuple) or len(result) != 3:
+                raise Mismatch("your function must return three arrays", "return dx, dw, db")
+            _, dw0, db0 = reference_conv_transpose_backward(x[:1], w, g[:1], s, p)
+            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch")],
+                     "db": [(db0, "your db is the first image's alone: sum over the batch too")]}
+            forward = lambda: float((host(reference_conv_transpose_forward(x, w, b, s, p)) * g).sum())
+            errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
+                                      dict(zip(("dx", "dw", "db"), result)), "ConvTranspose2d.backward", known,
+                                      f"kernel {k}, stride {s}, padding {p}")
+        return errors
+    return verdict("conv_transpose_backward", conv_transpose_backward, reference_conv_transpose_backward, run,
+                   "ConvTranspose2d.backward and finite differences")
+
+
+# --- concat and the skip's fork -------------------------------------------------------------------------
+
+def reference_concat_backward(dout: Any, ca: int) -> Tuple[Any, Any]:
+    from tinyunet.nn import Concat
+
+    cat = Concat(axis=1)
+    cat.sizes = (ca, dout.shape[1] - ca)
+    return cat.backward(dout)
+
+
+def check_concat_backward(concat_backward: Callable) -> Callable:
+    """``concat_backward(dout, ca) -> (da, db)`` for ``out = concat([a, b], axis=1)``, a with ca channels."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for ca, cb in [(2, 3), (4, 1)]:
+            a, b = rng.standard_normal((2, ca, 3, 4)), rng.standard_normal((2, cb, 3, 4))
+            g = rng.standard_normal((2, ca + cb, 3, 4))
+            result = fn(g.copy(), ca)
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise Mismatch("return two arrays", "return da, db")
+            da, db = reference_concat_backward(g, ca)
+            forward = lambda: float((np.concatenate([a, b], axis=1) * g).sum())
+            known = {"da": [(g[:, cb:], "the two halves are swapped: a came first, so it gets the first ca channels")]}
+            errors += _gradient_cases(forward, {"da": a, "db": b}, {"da": da, "db": db},
+                                      dict(zip(("da", "db"), result)), "Concat.backward", known, f"{ca} + {cb} channels")
+        return errors
+    return verdict("concat_backward", concat_backward, reference_concat_backward, run,
+                   "Concat.backward and finite differences")
+
+
+def check_skip_backward(backward: Callable, forward: Callable, layers: Sequence[Any]) -> Callable:
+    """The mini U-Net of the skip-connection lesson: ``backward(dout) -> dx`` after ``forward(x)``,
+    with ``layers = (conv1, pool, conv2, up, cat, conv3)``; checks dx and every weight's gradient."""
+    conv1, pool, conv2, up, cat, conv3 = layers
+
+    def reference(dout: Any, use_skip_gradient: bool = True) -> Any:
+        dd, ds_skip = cat.backward(conv3.backward(dout))
+        ds_down = pool.backward(conv2.backward(up.backward(dd)))
+        return conv1.backward(ds_down + ds_skip if use_skip_gradient else ds_down)
+
+    learnable = {"conv1.weight": conv1.weight, "conv2.weight": conv2.weight, "up.weight": up.weight,
+                 "conv3.weight": conv3.weight}
+
+    def gradients(fn: Callable, x: np.ndarray, g: np.ndarray) -> Dict[str, np.ndarray]:
+        for layer in (conv1, conv2, up, conv3):
+            layer.zero_grad()
+        forward(x)
+        dx = fn(g)
+        return {"dx": dx, **{name: host(p.grad) for name, p in learnable.items()}}
+
+    def run(fn: Callable) -> List[float]:
+        rng = _rng()
+        x, g = rng.standard_normal((2, conv1.in_channels, 6, 6)), rng.standard_normal((2, conv3.out_channels, 6, 6))
+        with reference_layers():
+            expected = gradients(reference, x, g)
+            forgot = gradients(lambda d: reference(d, use_skip_gradient=False), x, g)
+            mine = gradients(fn, x, g)
+            f = lambda: float((host(forward(x)) * g).sum())
+            numeric = {"dx": finite_differences(f, x), "conv1.weight": finite_differences(f, conv1.weight.data)}
+        hint = "the skip feeds two places (the pool and the concat): add both gradients before conv1.backward (the fork)"
+        errors = []
+        for name in ["conv3.weight", "up.weight", "conv2.weight", "conv1.weight", "dx"]:
+            known = [(forgot[name], hint)]
+            errors.append(compare(name, mine[name], expected[name], "the reference wiring", known))
+            if name in numeric:
+                errors.append(compare(name, mine[name], numeric[name], "finite differences", known))
+        return errors
+    return verdict("backward (mini U-Net)", backward, reference, run, "the reference wiring and finite differences")
+
+
+# --- ReLU, BatchNorm, softmax cross-entropy ---------------------------------------------------------------
+
+def reference_relu_backward(dout: Any, mask: Any) -> Any:
+    return dout * mask
+
+
+def check_relu_backward(relu_backward: Callable, relu_forward: Callable) -> Callable:
+    """``relu_backward(dout, mask) -> dx``, with the mask your ``relu_forward(x) -> (out, mask)`` kept."""
+    from tinyunet.nn import ReLU
+
+    def run(fn: Callable) -> List[float]:
+        rng = _rng()
+        x = rng.uniform(0.1, 1.0, (2, 3, 4, 5)) * rng.choice([-1.0, 1.0], (2, 3, 4, 5))   # away from the kink
+        g = rng.standard_normal(x.shape)
+        with reference_layers():
+            relu = ReLU()
+            relu.forward(to_device(x))
+            expected = relu.backward(to_device(g))
+        known = {"dx": [(g * (x < 0), "the mask is reversed: the gradient passes where x > 0"),
+                        (np.maximum(g, 0), "that is relu(dout): the mask comes from the *input*, not from dout")]}
+        forward = lambda: float((np.maximum(x, 0) * g).sum())
+        return _gradient_cases(forward, {"dx": x}, {"dx": expected}, {"dx": fn(g, relu_forward(x)[1])},
+                               "ReLU.backward", known, "")
+    return verdict("relu_backward", relu_backward, reference_relu_backward, run, "ReLU.backward and finite differences")
+
+
+def _bn_reference(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, g: np.ndarray) -> Tuple[Any, Any, Any, Any]:
+    from tinyunet.nn import BatchNorm2d
+
+    with reference_layers():
+        bn = BatchNorm2d(x.shape[1]).double()
+        bn.weight.data[...], bn.bias.data[...] = to_device(gamma), to_device(beta)
+        out = bn.forward(to_device(x))
+        dx = bn.backward(to_device(g))
+        return out, dx, bn.weight.grad, bn.bias.grad
+
+
+def reference_bn_backward(dy: Any, cache: Any) -> Tuple[Any, Any, Any]:
+    """BatchNorm's backward from the lesson's cache (x, mu, var, s, xhat, gamma)."""
+    x, gamma = cache[0], cache[5]
+    _, dx, dgamma, dbeta = _bn_reference(host(x), host(gamma), np.zeros(len(gamma)), host(dy))
+    return dx, dgamma, dbeta
+
+
+def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
+    """``bn_backward(dy, cache) -> (dx, dgamma, dbeta)`` with the cache of your ``bn_forward(x, gamma, beta)``."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for shape in [(4, 3, 3, 2), (2, 2, 5, 5)]:
+            x = rng.standard_normal(shape) * 3 + 1
+            gamma, beta, g = rng.standard_normal(shape[1]), rng.standard_normal(shape[1]), rng.standard_normal(shape)
+            _, dx, dgamma, dbeta = _bn_reference(x, gamma, beta, g)
+            s = 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5)
+            known = {"dx": [((gamma * s).reshape(1, -1, 1, 1) * g,
+                             "that is eval mode's dx: in train mode the mean and the variance depend on x too (their two terms are missing)")]}
+            forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape))[0]) * g).sum())
+            result = fn(g.copy(), bn_forward(x, gamma, beta)[1])
+            if not isinstance(result, tuple) or len(result) != 3:
+                raise Mismatch("your function must return three arrays", "return dx, dgamma, dbeta")
+            errors += _gradient_cases(forward, {"dx": x, "dgamma": gamma, "dbeta": beta},
+                                      {"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
+                                      dict(zip(("dx", "dgamma", "dbeta"), result)), "BatchNorm2d.backward", known,
+                                      f"input {shape}")
+        return errors
+    return verdict("bn_backward", bn_backward, reference_bn_backward, run, "BatchNorm2d.backward and finite differences")
+
+
+def reference_softmax_ce_backward(probs: Any, target: Any) -> Any:
+    onehot = np.arange(probs.shape[1]).reshape(1, -1, 1, 1) == target[:, None]
+    return (probs - onehot) / target.size
+
+
+def check_softmax_ce_backward(softmax_ce_backward: Callable, softmax_ce_forward: Callable) -> Callable:
+    """``softmax_ce_backward(probs, target) -> dlogits`` with the probabilities of your
+    ``softmax_ce_forward(logits, target) -> (loss, probs)``."""
+    from tinyunet.losses import CrossEntropyLoss
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for shape in [(2, 3, 4, 5), (1, 4, 3, 3)]:
+            logits = rng.standard_normal(shape)
+            target = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+            ce = CrossEntropyLoss()
+            ce.forward(to_device(logits), to_device(target))
+            expected = host(ce.backward())
+            pixels = target.size
+            known = {"dlogits": [(expected * pixels, "not averaged: the loss is the mean over the N*H*W pixels, divide by their number"),
+                                 (-expected, "the sign is flipped: the gradient is p - onehot(y)")]}
+            forward = lambda: float(CrossEntropyLoss().forward(to_device(logits), to_device(target)))
+            errors += _gradient_cases(forward, {"dlogits": logits}, {"dlogits": expected},
+                                      {"dlogits": fn(softmax_ce_forward(logits, target)[1], target)},
+                                      "CrossEntropyLoss.backward", known, f"logits {shape}")
+        return errors
+    return verdict("softmax_ce_backward", softmax_ce_backward, reference_softmax_ce_backward, run,
+                   "CrossEntropyLoss.backward and finite differences")
+
+
+# --- the whole U-Net --------------------------------------------------------------------------------------
+
+def reference_unet_backward(model: Any, dlogits: Any) -> Any:
+    return model.backward(dlogits)
+
+
+def check_unet_backward(unet_backward: Callable) -> Callable:
+    """``unet_backward(model, dlogits) -> dx`` on a small float64 U-Net (base 2, depth 2, 8x8)."""
+    from tinyunet.losses import CrossEntropyLoss
+    from tinyunet.models import UNet
+
+    def gradients(fn: Callable, model: Any, x: Any, target: Any) -> Dict[str, np.ndarray]:
+        loss = CrossEntropyLoss()
+        model.zero_grad()
+        loss.forward(model.forward(x), target)
+        dx = fn(model, loss.backward())
+        return {"dx": dx, **{name: host(p.grad) for name, p in model.named_parameters()}}
+
+    def forgot_fork(model: Any, d: Any) -> Any:
+        for layer in model.input_layers():
+            layer.input_grad = True
+        d = model.head.backward(d)
+        for i in reversed(range(model.depth)):
+            d, _ = model.decode_backward(i, d)
+        d = model.bottleneck.backward(d)
+        for block, pool in zip(reversed(model.down), reversed(model.pool)):
+            d = block.backward(pool.backward(d))
+        return d
+
+    def run(fn: Callable) -> List[float]:
+        rng = _rng()
+        with reference_layers():
+            backend.seed(3)
+            model = UNet(3, 3, base_channels=2, depth=2).double()
+            x, target = rng.standard_normal((2, 3, 8, 8)), rng.integers(0, 3, (2, 8, 8))
+            expected = gradients(reference_unet_backward, model, x, target)
+            forgot = gradients(forgot_fork, model, x, target)
+            mine = gradients(fn, model, x, target)
+            loss = CrossEntropyLoss()
+            numeric = finite_differences(lambda: float(loss.forward(model.forward(x), target)), x)
+        hint = "every encoder output fed its pool and a concat: add the skip's gradient to the pool's before the block (the fork)"
+        errors = []
+        for name in expected:
+            errors.append(compare(name, mine[name], expected[name], "UNet.backward", [(forgot[name], hint)]))
+        errors.append(compare("dx", mine["dx"], numeric, "finite differences", [(forgot["dx"], hint)]))
+        return errors
+    return verdict("unet_backward", unet_backward, reference_unet_backward, run, "UNet.backward and finite differences")
+
+
+# --- the framework ------------------------------------------------------------------------------------------
+
+def reference_linear_backward(x: Any, w: Any, dout: Any) -> Tuple[Any, Any, Any]:
+    """y = x @ w.T + b for x (N, in), w (out, in): a 1x1 convolution on (N, in, 1, 1)."""
+    dx, dw, db = reference_conv2d_backward(host(x)[:, :, None, None], host(w)[:, :, None, None],
+                                           host(dout)[:, :, None, None])
+    return host(dx)[:, :, 0, 0], host(dw)[:, :, 0, 0], host(db)
+
+
+def check_linear_backward(linear_backward: Callable) -> Callable:
+    """``linear_backward(x, w, dout) -> (dx, dw, db)`` for ``y = x @ w.T + b``."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for n, cin, cout in [(5, 3, 4), (1, 2, 2)]:
+            x, w, b = rng.standard_normal((n, cin)), rng.standard_normal((cout, cin)), rng.standard_normal(cout)
+            g = rng.standard_normal((n, cout))
+            result = fn(x.copy(), w.copy(), g.copy())
+            if not isinstance(result, tuple) or len(result) != 3:
+                raise Mismatch("your function must return three arrays", "return dx, dw, db")
+            dx, dw, db = reference_linear_backward(x, w, g)
+            known = {"dw": [(x.T @ g, "dw has w's shape (out, in): dout.T @ x, not x.T @ dout")],
+                     "db": [(g[0], "sum dout over the batch (axis 0)"), (g.sum(axis=1), "sum over the batch, axis 0, not axis 1")]}
+            forward = lambda: float(((x @ w.T + b) * g).sum())
+            errors += _gradient_cases(forward, {"dx": x, "dw": w, "db": b}, {"dx": dx, "dw": dw, "db": db},
+                                      dict(zip(("dx", "dw", "db"), result)), "a 1x1 Conv2d.backward", known,
+                                      f"x {x.shape}, w {w.shape}")
+        return errors
+    return verdict("linear_backward", linear_backward, reference_linear_backward, run,
+                   "a 1x1 Conv2d's backward and finite differences")
+
+
+# --- optimizers -----------------------------------------------------------------------------------------------
+
+def reference_sgd_step(params: Sequence[Any], lr: float) -> None:
+    for p in params:
+        p.data -= lr * p.grad
+
+
+def reference_momentum_step(params: Sequence[Any], velocities: Sequence[Any], lr: float, momentum: float = 0.9) -> None:
+    for p, v in zip(params, velocities):
+        v *= momentum
+        v += p.grad
+        p.data -= lr * v
+
+
+def reference_adam_step(params: Sequence[Any], ms: Sequence[Any], vs: Sequence[Any], t: int, lr: float = 1e-3,
+                        betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    b1, b2 = betas
+    for p, m, v in zip(params, ms, vs):
+        m[...] = b1 * m + (1 - b1) * p.grad
+        v[...] = b2 * v + (1 - b2) * p.grad ** 2
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p.data -= lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3) -> List[np.ndarray]:
+    """Parameters after ``steps`` steps with fixed, step-dependent gradients: with your step function,
+    or (fn=None) with tinyunet.optim's optimizer."""
+    from tinyunet.nn import Parameter
+    from tinyunet.optim import SGD, Adam
+
+    rng = _rng()
+    params = [Parameter(rng.standard_normal((3, 4))), Parameter(rng.standard_normal(5))]
+    grads = [[rng.standard_normal(p.shape) for p in params] for _ in range(steps)]
+    optimizer = None
+    if fn is None:
+        optimizer = {"sgd": lambda: SGD(params, lr=0.1), "momentum": lambda: SGD(params, lr=0.1, momentum=0.9),
+                     "adam": lambda: Adam(params, lr=0.1)}[kind]()
+    state = [[np.zeros(p.shape) for p in params] for _ in range(2)]
+    for t in range(1, steps + 1):
+        for p, g in zip(params, grads[t - 1]):
+            p.grad[...] = g
+        if optimizer is not None:
+            optimizer.step()
+        elif kind == "sgd":
+            fn(params, 0.1)
+        elif kind == "momentum":
+            fn(params, state[0], 0.1, 0.9)
+        else:
+            fn(params, state[0], state[1], t, 0.1)
+    return [host(p.data).copy() for p in params]
+
+
+def _check_optimizer(name: str, kind: str, fn: Callable, reference: Callable, known_bugs: Dict[str, Callable]) -> Callable:
+    def run(mine: Callable) -> List[float]:
+        errors = []
+        for steps in (1, 3):
+            expected = _optimizer_run(kind, None, steps)
+            result = _optimizer_run(kind, mine, steps)
+            known = [(_optimizer_run(kind, bug, steps), hint) for hint, bug in known_bugs.items()]
+            for i, (a, b) in enumerate(zip(result, expected)):
+                errors.append(compare(f"parameter {i}", a, b, f"tinyunet.optim after {steps} step(s)",
+                                      [(k[i], hint) for k, hint in known], f"{steps} step(s)"))
+        if kind == "adam":   # independent of the package: Adam's first step is lr * g / |g| = lr * sign(g)
+            from tinyunet.nn import Parameter
+
+            rng = _rng()
+            p = Parameter(rng.standard_normal(6))
+            p.grad[...] = g = rng.uniform(0.5, 2.0, 6) * rng.choice([-1.0, 1.0], 6)
+            before = p.data.copy()
+            mine([p], [np.zeros(6)], [np.zeros(6)], 1, 0.1)
+            errors.append(compare("first step", before - host(p.data), 0.1 * np.sign(g), "lr * sign(g)", [], "1 step"))
+        return errors
+    return verdict(name, fn, reference, run, "tinyunet.optim")
+
+
+def check_sgd_step(sgd_step: Callable) -> Callable:
+    """``sgd_step(params, lr)``: ``p.data -= lr * p.grad`` for every parameter, in place."""
+    return _check_optimizer("sgd_step", "sgd", sgd_step, reference_sgd_step,
+                            {"the step goes uphill: subtract lr * grad": lambda ps, lr: [p.data.__iadd__(lr * p.grad) for p in ps]})
+
+
+def check_momentum_step(momentum_step: Callable) -> Callable:
+    """``momentum_step(params, velocities, lr, momentum)``: v = momentum*v + g; p -= lr*v (in place)."""
+    def no_memory(ps: Any, vs: Any, lr: float, mom: float) -> None:
+        for p, v in zip(ps, vs):
+            v[...] = mom * v + p.grad
+            p.data -= lr * p.grad
+    return _check_optimizer("momentum_step", "momentum", momentum_step, reference_momentum_step,
+                            {"the step uses the gradient, not the velocity: p.data -= lr * v": no_memory})
+
+
+def check_adam_step(adam_step: Callable) -> Callable:
+    """``adam_step(params, ms, vs, t, lr, betas, eps)`` with t = 1 at the first step (in place)."""
+    def no_correction(ps: Any, ms: Any, vs: Any, t: int, lr: float, betas: Any = (0.9, 0.999), eps: float = 1e-8) -> None:
+        for p, m, v in zip(ps, ms, vs):
+            m[...] = 0.9 * m + 0.1 * p.grad
+            v[...] = 0.999 * v + 0.001 * p.grad ** 2
+            p.data -= lr * m / (np.sqrt(v) + eps)
+    return _check_optimizer("adam_step", "adam", adam_step, reference_adam_step,
+                            {"the bias correction is missing: divide m by 1 - b1**t and v by 1 - b2**t": no_correction})
