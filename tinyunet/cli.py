@@ -43,9 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
 
     def recipe(name: str) -> str:
-        pets, shapes = PETS_RECIPE.get(name, getattr(d, name)), SHAPES_RECIPE.get(name, getattr(d, name))
-        return f"{pets:g}" if pets == shapes and not isinstance(pets, str) else (
-            str(pets) if pets == shapes else f"{pets} for pets, {shapes} for shapes")
+        """The default of a training option: the pets and the shapes recipe's, or the config's."""
+        pets, shapes = (f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+                        for v in (PETS_RECIPE.get(name, getattr(d, name)), SHAPES_RECIPE.get(name, getattr(d, name))))
+        return pets if pets == shapes else f"{pets} for pets, {shapes} for shapes"
 
     parser = argparse.ArgumentParser(prog="tinyunet", description="A from-scratch U-Net in NumPy/CuPy.")
     parser.add_argument("--version", action="version", version=f"tinyunet {__version__}")
