@@ -230,8 +230,8 @@ def test_nan_loss_stops_with_epoch_step_and_lr_and_keeps_last_checkpoint(run_cli
     epochs_started = []
     snapshot = {}
 
-    def poisoned_batches(data, batch_size, shuffle, rng, augment=False, drop_last=False):
-        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+    def poisoned_batches(data, batch_size, shuffle, rng, augment=False, drop_last=False, shard=None):
+        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last, shard=shard)
         if not shuffle:  # validation / previews
             return batches
         epochs_started.append(len(epochs_started) + 1)
@@ -602,8 +602,8 @@ def test_every_epoch_has_its_own_order_and_flips(run_cli, tmp_path, monkeypatch,
     real_batches = train_module.iterate_batches
     seen = []  # per epoch: [(name, image bytes as the network got it)]
 
-    def recording(data, batch_size, shuffle, rng, augment=False, drop_last=False):
-        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+    def recording(data, batch_size, shuffle, rng, augment=False, drop_last=False, shard=None):
+        batches = real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last, shard=shard)
         if not shuffle:
             return batches
         epoch = []
@@ -629,10 +629,10 @@ def test_augmentation_and_loss_reach_the_batches_and_the_loss(run_cli, tmp_path,
     seen = {}
     real_batches = train_module.iterate_batches
 
-    def spy(data, batch_size, shuffle, rng, augment=False, drop_last=False):
+    def spy(data, batch_size, shuffle, rng, augment=False, drop_last=False, shard=None):
         if shuffle:
             seen["augment"] = augment
-        return real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last)
+        return real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last, shard=shard)
 
     monkeypatch.setattr(train_module, "iterate_batches", spy)
     status, _, err = run_cli(*train_args(tmp_path / "a", 1, *EVERY_TRANSFORM, "--no-flip", "--loss", "dice"))

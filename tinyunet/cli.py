@@ -9,8 +9,9 @@ import json
 import math
 import os
 import sys
+import traceback
 import warnings
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from tinyunet import __version__, backend
 from tinyunet.errors import TinyUNetError
@@ -95,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"random {name} factor in [1 - F, 1 + F]; 0: none (default: {recipe(name)})")
     p.add_argument("--loss", choices=list(LOSSES), default=None,
                    help=f"cross-entropy, soft Dice or their sum (default: {recipe('loss')})")
+    p.add_argument("--no-sync-batchnorm", dest="sync_batchnorm", action="store_false", default=None,
+                   help="on several processes (mpiexec), BatchNorm with each process's own images only instead "
+                        "of all of the batch's (lesson 18)")
     p.add_argument("--seed", type=int, default=None, help=f"weights, shuffling and augmentation (default: {d.seed})")
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"share of trainval held out for validation, pets only (default: {d.val_fraction:g}; "
@@ -162,9 +166,12 @@ def _train(args: argparse.Namespace) -> None:
         given["data"] = os.path.abspath(given["data"])  # from another directory
     shapes = given.get("dataset", TrainConfig.dataset) == "shapes"
     config = TrainConfig(**{**(SHAPES_RECIPE if shapes else PETS_RECIPE), **given})
+    group = args.group
     summary = Trainer(config, args.out, resume=args.resume, force=args.force, progress=_progress(args),
-                      explicit=given).fit()
-    print(f"done: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
+                      explicit=given, group=group).fit()
+    if group is None or group.rank == 0:
+        processes = f" ({group.size} processes)" if group is not None else ""
+        print(f"done{processes}: best validation mIoU {summary['best_miou']:.4f}; checkpoints in {summary['run_dir']}")
 
 
 def _json_safe(value):
@@ -249,13 +256,33 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "downlo
             "gradcheck": _gradcheck, "summary": _summary}
 
 
+def _processes(args: argparse.Namespace) -> Any:
+    """The process group when mpiexec started several processes (train only), else None. Each process
+    of a machine gets its share of the cores, and on a GPU its own device."""
+    from tinyunet import distributed
+
+    if distributed.launched_size() <= 1:
+        return None
+    if args.command != "train":
+        raise TinyUNetError(f"`tinyunet {args.command}` runs as one process: start it without mpiexec")
+    group = distributed.world()
+    if backend.name() == "cupy":
+        distributed.use_local_gpu(group)
+    elif args.threads is None and not os.environ.get("TINYUNET_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = max(1, cores // group.comm.Split_type(group.MPI.COMM_TYPE_SHARED).Get_size())
+    return group
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     formatwarning = warnings.formatwarning  # catch_warnings() does not restore it: we do
     accelerate = backend.accelerate_switch()   # restored below: main also runs inside the tests
+    args.group = None
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
+        args.group = _processes(args)
         if getattr(args, "no_accel", False):
             backend.set_acceleration(False)
         if getattr(args, "threads", None) is not None:
@@ -272,18 +299,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             # a data warning (skipped images) is one line for a user, not a source location
             warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
             return COMMANDS[args.command](args) or 0
-    except (TinyUNetError, backend.BackendError) as exc:
+    except (TinyUNetError, backend.BackendError, OSError) as exc:
+        # OSError: a path the user gave is unwritable, full, ...: one line, not a traceback
         print(f"tinyunet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a path the user gave is unwritable, full, ...: one line, not a traceback
-        print(f"tinyunet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _end(args, 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return _end(args, 130)
+    except BaseException:
+        if args.group is None:
+            raise
+        traceback.print_exc()
+        return _end(args, 1)
     finally:
         warnings.formatwarning = formatwarning
         backend.set_acceleration(accelerate)
+
+
+def _end(args: argparse.Namespace, code: int) -> int:
+    """The exit code; with several processes, first the end of all of them: the others would wait for
+    this one in their next allreduce forever."""
+    if args.group is not None:
+        sys.stderr.flush()
+        args.group.abort(code)
+    return code
 
 
 if __name__ == "__main__":

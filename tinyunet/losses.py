@@ -9,6 +9,10 @@ For each pixel with logits z (C values) and true class y:
 averaged over the counted pixels (weighted by ``weight[y]`` when class weights are given, as in
 PyTorch). Subtracting max(z) before exponentiating keeps exp() from overflowing: it cancels out of
 the softmax exactly.
+
+With a process ``group`` (tinyunet.distributed: a batch spread over several processes), each loss
+adds up its sums over the processes before dividing: every process then holds the loss of the whole
+batch, and the gradient of its own pixels' share of it (lesson 18).
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ from tinyunet.backend import to_device, xp
 
 
 class CrossEntropyLoss:
-    def __init__(self, weight: Optional[Any] = None, ignore_index: Optional[int] = None) -> None:
+    def __init__(self, weight: Optional[Any] = None, ignore_index: Optional[int] = None,
+                 group: Optional[Any] = None) -> None:
         self.weight = None if weight is None else to_device(weight)
         self.ignore_index = ignore_index
+        self.group = group
         self.cache: Any = None
 
     def __call__(self, logits: Any, target: Any) -> Any:
@@ -43,11 +49,13 @@ class CrossEntropyLoss:
         w = valid.astype(logits.dtype)
         if self.weight is not None:
             w = w * self.weight.astype(logits.dtype)[safe_target]
-        total = w.sum()
+        picked = (log_probs * onehot).sum(axis=1)  # log softmax(z)[y], (N, H, W)
+        total, summed = w.sum(), -(picked * w).sum()
+        if self.group is not None:                 # the whole batch's counted pixels and summed loss
+            total, summed = self.group.allreduce(xp.stack([total, summed]))
         # an all-ignored batch has no loss and no gradient (avoid 0/0)
         norm = xp.maximum(total, xp.asarray(1e-12, dtype=logits.dtype))
-        picked = (log_probs * onehot).sum(axis=1)  # log softmax(z)[y], (N, H, W)
-        loss = -(picked * w).sum() / norm
+        loss = summed / norm
         exp /= sum_exp  # softmax, in place
         self.cache = (exp, onehot, w, norm)
         return loss
@@ -79,8 +87,9 @@ class DiceLoss:
         dloss/dz_ci = p_ci (g_ci - sum_k p_ki g_ki)          (g = dloss/dp)
     """
 
-    def __init__(self, smooth: float = 1.0) -> None:
+    def __init__(self, smooth: float = 1.0, group: Optional[Any] = None) -> None:
         self.smooth = smooth
+        self.group = group
         self.cache: Any = None
 
     def __call__(self, logits: Any, target: Any) -> Any:
@@ -94,7 +103,10 @@ class DiceLoss:
         probs /= probs.sum(axis=1, keepdims=True)
         onehot = (xp.arange(num_classes).reshape(1, -1, 1, 1) == target[:, None]).astype(probs.dtype)
         inter = (probs * onehot).sum(axis=(0, 2, 3))  # (C,)
-        total = probs.sum(axis=(0, 2, 3)) + onehot.sum(axis=(0, 2, 3)) + self.smooth
+        total = probs.sum(axis=(0, 2, 3)) + onehot.sum(axis=(0, 2, 3))
+        if self.group is not None:                     # the sums over the whole batch
+            inter, total = self.group.allreduce(xp.stack([inter, total]))
+        total = total + self.smooth
         self.cache = (probs, onehot, inter, total)
         return 1 - ((2 * inter + self.smooth) / total).mean()
 
@@ -131,9 +143,11 @@ class SumLoss:
 LOSSES = ("ce", "dice", "ce+dice")
 
 
-def make_loss(name: str) -> Any:
-    """``"ce"`` (cross-entropy), ``"dice"`` (soft Dice) or ``"ce+dice"`` (their sum)."""
+def make_loss(name: str, group: Optional[Any] = None) -> Any:
+    """``"ce"`` (cross-entropy), ``"dice"`` (soft Dice) or ``"ce+dice"`` (their sum); with a process
+    ``group``, each the loss of the batch of all its processes."""
     parts = {"ce": CrossEntropyLoss, "dice": DiceLoss}
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
-    return SumLoss(*(parts[p]() for p in name.split("+"))) if "+" in name else parts[name]()
+    losses = [parts[p](group=group) for p in name.split("+")]
+    return SumLoss(*losses) if len(losses) > 1 else losses[0]

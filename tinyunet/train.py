@@ -18,6 +18,11 @@ Determinism: every random choice of epoch ``e`` (shuffling, augmentation) comes 
 ``(seed, e)``, and checkpoints are written only at epoch ends. So a run killed at any moment and
 restarted with ``--resume`` replays the interrupted epoch exactly and ends with the same weights as a
 run that was never interrupted.
+
+Several processes (``mpiexec -n N``, a process ``group`` from tinyunet.distributed): every process
+draws the same global batches and takes its shard of each; the losses, synchronized BatchNorm and the
+gradients add up over the processes, so each takes the step one process would take on the whole
+batch. Only process 0 writes the run folder and prints; every process reads it to resume.
 """
 from __future__ import annotations
 
@@ -44,12 +49,14 @@ from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
 from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes, read_split,
                            split_train_val)
 from tinyunet.data.pets import spread_subset
+from tinyunet.distributed import ProcessGroup, shard
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
 from tinyunet.data.transforms import Augmentation, augment, resize_probabilities
 from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss
 from tinyunet.memory import check_training_fits
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
+from tinyunet.nn.norm import SyncBatchNorm
 from tinyunet.optim import Adam
 from tinyunet.run_lock import LOCK_NAME, RunFolderLock
 
@@ -82,6 +89,7 @@ class TrainConfig:
     contrast: float = 0.0
     saturation: float = 0.0
     loss: str = "ce"  # "ce", "dice" or "ce+dice"
+    sync_batchnorm: bool = True  # several processes: BatchNorm over all their images (SyncBatchNorm)
     limit: Optional[int] = None  # use only the first N trainval images (quick runs)
     num_shapes: int = 800  # synthetic training images (dataset "shapes")
     strict: bool = False
@@ -181,15 +189,23 @@ def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationD
 
 def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
                    progress: bool = False, desc: str = "eval",
-                   native_labels: Optional[List[np.ndarray]] = None) -> Dict[str, Any]:
+                   native_labels: Optional[List[np.ndarray]] = None,
+                   group: Optional[ProcessGroup] = None) -> Dict[str, Any]:
     """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``.
 
     ``native_labels``: each example's class ids at its photo's own size (``load_native_labels``);
     then ``result["native"]`` also holds the metrics of the predictions as ``predict`` makes them:
     the class probabilities resized back to that size (bilinear), the most probable class.
+    ``group``: several processes share the work, each a contiguous part of ``data``; their confusion
+    matrices and summed losses are added up, so every process returns the metrics of all of ``data``.
     """
     if native_labels is not None and len(native_labels) != len(data):
         raise ValueError(f"{len(native_labels)} native label maps for {len(data)} images")
+    num_images = len(data)
+    if group is not None:
+        part = shard(num_images, group.rank, group.size)
+        data = data.subset(np.arange(num_images)[part])
+        native_labels = None if native_labels is None else native_labels[part]
     model.eval()
     loss_fn = CrossEntropyLoss()
     meter = ConfusionMeter(NUM_CLASSES)
@@ -209,9 +225,13 @@ def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
                 pred = resize_probabilities(p, *truth.shape).argmax(axis=0)
                 native.update(to_device(pred[None]), to_device(truth[None]))
     model.train()
+    if group is not None:  # every process's counts and losses, added up
+        for counts in (meter._counts, native._counts):
+            group.allreduce(counts)
+        group.allreduce(total)
     result = meter.compute()
-    result["loss"] = float(total) / max(len(data), 1)
-    result["num_images"] = len(data)
+    result["loss"] = float(total) / max(num_images, 1)
+    result["num_images"] = num_images
     if native_labels is not None:
         result["native"] = native.compute()
     return result
@@ -230,13 +250,18 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] = print,
-                 explicit: Optional[Iterable[str]] = None) -> None:
+                 explicit: Optional[Iterable[str]] = None, group: Optional[ProcessGroup] = None) -> None:
         """``explicit``: the names of the config fields the caller chose (the CLI passes the options
         given on its command line; None: all of them). On resume they are compared with the run's
         saved configuration: a larger ``epochs`` extends the run, ``data`` points to moved data, and
-        any other difference is ignored with a warning."""
+        any other difference is ignored with a warning. ``group``: the processes training together
+        (mpiexec; None: this one alone)."""
         self.run_dir = Path(run_dir)
-        self.progress, self.log = progress, log
+        self.group = group
+        self.writer = group is None or group.rank == 0   # the process that writes files and prints
+        self.progress = progress and self.writer
+        self.log = log if self.writer else (lambda message: None)
+        self.ended = False
         self.start_epoch = 0
         self.saved_epoch = 0  # the epoch last.npz holds (0: none yet)
         self.best_miou = -1.0
@@ -246,14 +271,16 @@ class Trainer:
         # one training per run folder, from here to the end of fit() (run_lock.py): a second one,
         # started alongside or with --force, would mix its files with this one's
         self._created = not self.run_dir.exists()
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TinyUNetError(f"cannot create run folder {self.run_dir} ({exc.strerror or exc}): "
-                                "choose another --out") from exc
         self._lock: Optional[RunFolderLock] = None
+        if self.writer:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TinyUNetError(f"cannot create run folder {self.run_dir} ({exc.strerror or exc}): "
+                                    "choose another --out") from exc
         try:
-            self._lock = RunFolderLock(self.run_dir)
+            if self.writer:
+                self._lock = RunFolderLock(self.run_dir)
             self._setup(config, resume, force, explicit, last)
         except BaseException:
             self._let_go()
@@ -261,7 +288,7 @@ class Trainer:
 
     def _setup(self, config: TrainConfig, resume: bool, force: bool, explicit: Optional[Iterable[str]],
                last: Path) -> None:
-        if self._run_files() and not (resume or force):
+        if self.run_dir.is_dir() and self._run_files() and not (resume or force):
             raise TinyUNetError(f"run folder {self.run_dir} already exists and is not empty: "
                                 f"pass --resume to continue it or --force to start it again")
         # --force deletes the old run only in fit(), once the data has loaded: a typo in --data must
@@ -275,11 +302,17 @@ class Trainer:
         config.validate()
         if backend.name() == "numpy":  # host memory; a GPU's is not measured
             check_training_fits(config, _num_images(config))  # before the model is even built
+        group = self.group
+        if group is not None and config.batch_size < group.size:
+            raise TinyUNetError(f"--batch-size {config.batch_size} is smaller than the {group.size} processes: each "
+                                f"takes a share of every batch; use --batch-size {group.size} or more")
         self.config = config
         backend.seed(config.seed)
         self.model = create_model(**config.model_kwargs())
+        if group is not None and config.sync_batchnorm:
+            SyncBatchNorm.convert(self.model, group)
         self.optimizer = Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.loss_fn = make_loss(config.loss)
+        self.loss_fn = make_loss(config.loss, group)
         if self.resuming:
             meta = restore(self.model, self.optimizer, last)
             self.start_epoch = self.saved_epoch = int(meta["epoch"])
@@ -327,15 +360,18 @@ class Trainer:
     def _let_go(self, ended_before_start: bool = True) -> None:
         """Release the run folder; a folder this training created and never used is removed again
         (a failed start leaves nothing to --force away afterwards)."""
+        self.ended = True
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-        if ended_before_start and self._created:
+        if ended_before_start and self._created and self.writer:
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()  # only if empty
 
     def _prepare_run_dir(self) -> None:
         """Empty the run folder with --force (all but the lock), and write config.json."""
+        if not self.writer:
+            return
         if self.force:
             for path in self._run_files():
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -387,17 +423,27 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train from the start (or the resumed epoch) to the last epoch; the run folder is held until
         it returns or raises, and released then."""
-        if self._lock is None:
+        if self.ended:
             raise TinyUNetError(f"this training of {self.run_dir} has ended: start a new one")
         started = False
         try:
-            train, val = load_data(self.config, progress=self.progress)
+            train, val = self._load_data()
             self._check_data(train, val)
             self._prepare_run_dir()
             started = True
             return self._fit(train, val)
         finally:
             self._let_go(ended_before_start=not started)
+
+    def _load_data(self) -> Tuple[SegmentationData, SegmentationData]:
+        """load_data; with several processes, process 0 first (it may fill the data cache), then the others."""
+        first = self.group is None or self.group.rank == 0
+        if not first:
+            self.group.barrier()
+        data = load_data(self.config, progress=self.progress)
+        if first and self.group is not None:
+            self.group.barrier()
+        return data
 
     def _check_data(self, train: SegmentationData, val: SegmentationData) -> None:
         """Refuse data a run cannot use, with a change that makes it usable."""
@@ -436,7 +482,10 @@ class Trainer:
             started = time.time()
             train_loss = self._train_epoch(train, epoch, steps_per_epoch, total_steps)
             seconds = time.time() - started
-            result = evaluate_model(self.model, val, progress=self.progress, desc=f"validate {epoch}")
+            if self.group is not None and not config.sync_batchnorm:
+                self._average_running_statistics()
+            result = evaluate_model(self.model, val, progress=self.progress, desc=f"validate {epoch}",
+                                    group=self.group)
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "val_loss": round(result["loss"], 6),
                    "val_pixel_accuracy": round(result["pixel_accuracy"], 6), "val_miou": round(result["miou"], 6),
                    **{f"val_iou_{name}": round(result["iou"][name], 6) for name in CLASS_NAMES},
@@ -452,12 +501,15 @@ class Trainer:
             # last.npz last: a crash before it leaves last.npz one epoch behind, and --resume recomputes
             # that epoch, dropping its metrics row and rewriting best.npz identically. Writing last.npz
             # before metrics.csv would lose the epoch's row for good if killed in between.
-            self._writing("metrics.csv", lambda: self._write_metrics(rows))
-            if improved:
-                self._writing("best.npz", lambda: save_checkpoint(self.run_dir / "best.npz", state, opt_state, meta))
-            self._writing("last.npz", lambda: save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta))
+            if self.writer:
+                self._writing("metrics.csv", lambda: self._write_metrics(rows))
+                if improved:
+                    self._writing("best.npz", lambda: save_checkpoint(self.run_dir / "best.npz", state, opt_state,
+                                                                      meta))
+                self._writing("last.npz", lambda: save_checkpoint(self.run_dir / "last.npz", state, opt_state, meta))
             self.saved_epoch = epoch
-            self._writing("curves.png and predictions.png", lambda: self._figures(rows, preview, preview_x))
+            if self.writer:
+                self._writing("curves.png and predictions.png", lambda: self._figures(rows, preview, preview_x))
             self.log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f}, val loss {result['loss']:.4f}, "
                      f"pixel acc {result['pixel_accuracy']:.4f}, mIoU {result['miou']:.4f} "
                      + " ".join(f"{n} {result['iou'][n]:.3f}" for n in CLASS_NAMES)
@@ -467,8 +519,10 @@ class Trainer:
     def _train_epoch(self, train: SegmentationData, epoch: int, steps: int, total_steps: int) -> float:
         config = self.config
         rng = np.random.default_rng([config.seed, epoch])
+        group = self.group
+        part = None if group is None else (lambda n: shard(n, group.rank, group.size))   # this process's share
         batches = iterate_batches(train, config.batch_size, shuffle=True, rng=rng,
-                                  augment=config.augmentation() or False, drop_last=True)
+                                  augment=config.augmentation() or False, drop_last=True, shard=part)
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=not self.progress,
                    dynamic_ncols=True)
         self.model.train()
@@ -480,7 +534,9 @@ class Trainer:
             self.optimizer.zero_grad()
             loss = self.loss_fn.forward(self.model.forward(x), y)
             self.model.backward(self.loss_fn.backward(), input_grad=False)  # no gradient for the images
-            value = float(loss)  # the one host transfer of the step
+            if group is not None:  # every process's share of the batch's gradient, added up
+                group.allreduce(self.optimizer.grad)
+            value = float(loss)  # the one host transfer of the step (the whole batch's loss)
             if not math.isfinite(value):
                 last = self.run_dir / "last.npz"
                 advice = (f"the last good checkpoint {last} (epoch {epoch - 1}) is untouched: lower --lr "
@@ -489,12 +545,20 @@ class Trainer:
                 raise TrainingError(f"loss became {value} at epoch {epoch}, step {i + 1}/{steps} (learning rate "
                                     f"{self.optimizer.lr:.3g}); {advice}")
             self.optimizer.step()
-            running += value * x.shape[0]
-            seen += x.shape[0]
+            running += value * config.batch_size
+            seen += config.batch_size
             bar.set_postfix(loss=f"{running / seen:.4f}", img_s=f"{seen / (time.time() - started):.1f}",
                             refresh=False)
         bar.close()
         return running / max(seen, 1)
+
+    def _average_running_statistics(self) -> None:
+        """Without synchronized BatchNorm each process's running statistics follow its own shards: the
+        processes' average makes them one model again (for validation and the checkpoint)."""
+        for module in self.model.modules():
+            for name in module.buffer_names:
+                value = self.group.allreduce(backend.xp.ascontiguousarray(getattr(module, name)))
+                setattr(module, name, value / self.group.size)
 
     def _augmentation_figure(self, train: SegmentationData) -> None:
         """augmentations.png: a few training images as they are, then as the batches may show them.
@@ -503,7 +567,7 @@ class Trainer:
         nothing from the training batches' random numbers and the run stays the same with or without it."""
         settings = self.config.augmentation()
         path = self.run_dir / "augmentations.png"
-        if settings is None or path.is_file():
+        if settings is None or path.is_file() or not self.writer:
             return
         from tinyunet.viz import save_augmentation_grid
 

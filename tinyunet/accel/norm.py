@@ -85,10 +85,14 @@ class RowsBatchNorm(Implementation):
                 xp.subtract(rows.view(x[start:stop]), pc(mean), out=c)
                 return rows.dot(c, c)
             var = sum(blocks(center_and_sum_squares)) / m   # biased: what normalises this batch
+            batch_mean, (mean, var, m) = mean, layer.combine_statistics(mean, var, m)
+            if mean is not batch_mean:                       # SyncBatchNorm: all processes' mean
+                centered -= pc(mean - batch_mean)
             inv_std = 1.0 / xp.sqrt(var + layer.eps)
             layer._update_running_stats(mean, var, m)
             shift = None                                     # centered holds x - mean already
         else:
+            m = None
             inv_std = 1.0 / xp.sqrt(layer.running_var + layer.eps)
             shift = pc(layer.running_mean)
         scale, beta = pc(inv_std * layer.weight.data), pc(layer.bias.data)   # gamma / std, per channel
@@ -101,12 +105,12 @@ class RowsBatchNorm(Implementation):
             xp.multiply(c, scale, out=out[start:stop])   # gamma * xhat
             out[start:stop] += beta
         blocks(normalise)
-        self.cache = (centered, inv_std, layer.training, rows)
+        self.cache = (centered, inv_std, m, rows)
         return rows.unview(out)
 
     def backward(self, dout: Any) -> Any:
         layer = self.layer
-        centered, inv_std, training, rows = self.cache   # xhat = centered * inv_std
+        centered, inv_std, m, rows = self.cache   # xhat = centered * inv_std; m None in eval mode
         self.cache = None
         pc = rows.per_channel
         blocks = lambda fn: map_batch_blocks(fn, dout, passes=3)  # noqa: E731
@@ -119,7 +123,9 @@ class RowsBatchNorm(Implementation):
         layer.weight.grad += dgamma
         layer.bias.grad += dbeta
         scale = pc(layer.weight.data * inv_std)
-        m = dout.size // dout.shape[1]
+        training = m is not None
+        if training:
+            dbeta, dgamma = layer.combine_sums(dbeta, dgamma)
         dx = xp.empty_like(centered)
 
         def input_grad(start: int, stop: int) -> None:
@@ -149,31 +155,33 @@ class CompiledBatchNorm(Implementation):
         """The per-channel sums in one pass, then centered = x - mean and out = centered * gamma/std +
         beta in another."""
         layer = self.layer
+        m = None
         if layer.training:
             mean, var = (v.astype(x.dtype) for v in compiled_loops.channel_mean_var(x))
-            layer._update_running_stats(mean, var, x.size // x.shape[1])
+            mean, var, m = layer.combine_statistics(mean, var, x.size // x.shape[1])
+            layer._update_running_stats(mean, var, m)
         else:
             mean, var = layer.running_mean, layer.running_var
         inv_std = 1.0 / xp.sqrt(var + layer.eps)
         centered, out = compiled_loops.normalise(x, mean, inv_std * layer.weight.data, layer.bias.data)
-        self.cache = (centered, inv_std, layer.training)
+        self.cache = (centered, inv_std, m)
         return out.transpose(0, 3, 1, 2)
 
     def backward(self, dout: Any) -> Any:
         """The sums of dout and dout * centered in one pass, then dx = gamma/std * (dout - dbeta/m -
         xhat * dgamma/m) in another (in eval mode, where the statistics are constants, dx = gamma/std * dout)."""
         layer = self.layer
-        centered, inv_std, training = self.cache
+        centered, inv_std, m = self.cache
         self.cache = None
         if not compiled_loops.usable(dout):   # a gradient in another layout: the loops need channels-last
             dout = np.ascontiguousarray(dout.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-        n, h, w, c = centered.shape
         dbeta, dout_dot_centered = (v.astype(dout.dtype) for v in compiled_loops.grad_sums(dout, centered))
         dgamma = dout_dot_centered * inv_std                  # sum(dout * xhat)
         layer.weight.grad += dgamma
         layer.bias.grad += dbeta
-        scale, m = layer.weight.data * inv_std, n * h * w
-        if training:   # the statistics depend on x: the two correction terms
+        scale = layer.weight.data * inv_std
+        if m is not None:   # training: the statistics depend on x, the two correction terms
+            dbeta, dgamma = layer.combine_sums(dbeta, dgamma)
             b, shift = -scale * dgamma * inv_std / m, -scale * dbeta / m
         else:          # the statistics are constants
             b = shift = xp.zeros_like(scale)

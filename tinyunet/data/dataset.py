@@ -6,7 +6,7 @@ keep them as uint8 and convert one batch at a time in :func:`iterate_batches`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,6 +104,7 @@ def iterate_batches(
     rng: np.random.Generator | None,
     augment: bool | Augmentation = False,
     drop_last: bool = False,
+    shard: Callable[[int], slice] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """Yield host batches ready for ``backend.to_device``.
 
@@ -115,6 +116,9 @@ def iterate_batches(
         augment: an :class:`Augmentation` (random flips, crops, rotations, color jitter; photo and
             mask together), True for random horizontal flips only, False for none.
         drop_last: drop a final incomplete batch (keeps BatchNorm statistics stable).
+        shard: batch size -> the part of each batch to yield (one process's, when several train on
+            one global batch: tinyunet.distributed.shard); the order and the augmentation's random
+            numbers are the whole batch's all the same.
     Yields:
         x float32 (B, 3, S, S) normalized; y int64 (B, S, S) class ids; names list of B strings.
     """
@@ -129,7 +133,10 @@ def iterate_batches(
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        images, labels = data.images[idx], data.labels[idx]
-        if settings is not None:
-            images, labels = _augment(images, labels, rng, settings)
+        part = shard(len(idx)) if shard is not None else slice(None)
+        if settings is not None:  # the random numbers of the whole batch, the transforms of the part
+            images, labels = _augment(data.images[idx], data.labels[idx], rng, settings, part)
+        else:
+            images, labels = data.images[idx[part]], data.labels[idx[part]]
+        idx = idx[part]
         yield to_input(images), labels.astype(np.int64), [data.names[i] for i in idx]

@@ -229,7 +229,7 @@ def jitter_colors(images: np.ndarray, brightness: np.ndarray | None, contrast: n
 
 
 def augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
-            settings: Augmentation = Augmentation()) -> tuple[np.ndarray, np.ndarray]:
+            settings: Augmentation = Augmentation(), part: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """Random transforms of a batch, independently per example; masks move with their photos.
 
     The random numbers are drawn per batch in a fixed order (flips; window side, angle, centre;
@@ -240,25 +240,29 @@ def augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
         images: uint8 (N, H, W, 3), square. masks: (N, H, W).
         rng: source of randomness (the training loop's per-(seed, epoch) generator).
         settings: which transforms, how strong (default: left-right flips only).
+        part: the examples to transform and return, e.g. one process's shard of a global batch: the
+            random numbers are drawn for the whole batch all the same, so each example is transformed
+            exactly as in the whole batch.
     Returns:
-        (uint8 images, masks) new arrays of the same shapes and dtypes.
+        (uint8 images, masks) new arrays of the shapes and dtypes of ``images[part]``, ``masks[part]``.
     """
     n = len(images)
     flip = rng.random(n) < 0.5 if settings.flip else np.zeros(n, dtype=bool)
+    images, masks, flip = images[part], masks[part], flip[part]
     if settings.geometric:
         # the window's side: a uniform share of the AREA, so small and large crops are equally likely per area
         side = np.sqrt(rng.uniform(settings.scale, 1.0, n)) if settings.scale < 1 else np.ones(n)
         angle = np.deg2rad(rng.uniform(-settings.rotate, settings.rotate, n)) if settings.rotate > 0 else np.zeros(n)
         # the centre anywhere the (unrotated) window stays inside the image
         center = rng.uniform(side / 2, 1 - side / 2, (2, n)) if settings.scale < 1 else np.full((2, n), 0.5)
-        photos, masks = warp(images, masks, flip, side, angle, center[0], center[1])
+        photos, masks = warp(images, masks, flip, side[part], angle[part], center[0][part], center[1][part])
     else:
         photos, masks = images.copy(), masks.copy()
         # Fancy indexing with a boolean mask flips the chosen examples in one vectorized step.
         photos[flip] = photos[flip][:, :, ::-1]
         masks[flip] = masks[flip][:, :, ::-1]
     if settings.color:
-        factors = [rng.uniform(1 - f, 1 + f, n) if f > 0 else None
+        factors = [rng.uniform(1 - f, 1 + f, n)[part] if f > 0 else None
                    for f in (settings.brightness, settings.contrast, settings.saturation)]
         photos = jitter_colors(photos, *factors)
     if photos.dtype != np.uint8:

@@ -1,0 +1,258 @@
+"""Training on several processes (tinyunet/distributed.py, SyncBatchNorm, the losses over a group, the
+Trainer's shards): two processes under ``mpiexec -n 2`` against one process.
+
+The step-level checks run tests/distributed_check.py alone and under mpiexec and compare in float64
+(to rounding); the training-level checks run `tinyunet train` itself.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinyunet import distributed
+from tinyunet.data import iterate_batches, make_shapes
+from tinyunet.data.transforms import Augmentation
+
+HERE = Path(__file__).resolve().parent
+CHECK = HERE / "distributed_check.py"
+BIN = Path(sys.executable).parent
+MPIEXEC = str(BIN / "mpiexec")
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "TINYUNET_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+for name in distributed.LAUNCHER_SIZE_VARIABLES:
+    ENV.pop(name, None)
+
+
+def run(args, processes: int = 1, timeout: float = 300, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    command = ([MPIEXEC, "-n", str(processes)] if processes > 1 else []) + [str(a) for a in args]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def step_check(tmp_path: Path, name: str, *options, processes: int = 1) -> dict:
+    out = tmp_path / f"{name}.npz"
+    run([sys.executable, CHECK, out, *options], processes=processes)
+    with np.load(out) as f:
+        return dict(f)
+
+
+def relative_difference(a: dict, b: dict, prefix: str = "") -> dict:
+    keys = {k for k in b if k.startswith(prefix) and k != "nccl_allreduces"}
+    assert keys and set(a) >= keys
+    return {k: float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-30)) for k in keys}
+
+
+def test_mpiexec_is_installed_with_the_test_extra():
+    """The tests below need MPI from the [test] extra (mpi4py + MPICH's wheel): a missing one is a failure,
+    not a skip."""
+    assert Path(MPIEXEC).is_file(), f"no mpiexec beside {sys.executable}: pip install -e '.[test]'"
+    result = run([sys.executable, "-c", "from mpi4py import MPI; print(MPI.COMM_WORLD.size)"], processes=2)
+    assert result.stdout.split() == ["2", "2"]
+
+
+# --- one step and a few: two processes with synchronized BatchNorm = one process, float64 --------------
+@pytest.mark.parametrize("arch,loss,batch", [("unet", "ce+dice", 4), ("unet", "dice", 5),
+                                             ("resunet", "ce", 4), ("attunet", "ce+dice", 3)])
+def test_two_processes_take_the_steps_of_one(tmp_path, arch, loss, batch):
+    """Logits of the first forward, gradients of the first backward, the losses of 3 Adam steps and the
+    weights and BatchNorm statistics after them: the same to rounding (batch 5 and 3: unequal shards)."""
+    options = ["--arch", arch, "--loss", loss, "--batch", batch]
+    one = step_check(tmp_path, "one", *options)
+    two = step_check(tmp_path, "two", *options, processes=2)
+    assert set(one) == set(two)
+    assert one["logits"].shape[0] == batch
+    differences = relative_difference(one, two)
+    worst = max(differences, key=differences.get)
+    assert differences[worst] < 1e-10, (worst, differences[worst])
+    # and the steps did something: the weights moved
+    start = step_check(tmp_path, "start", *options, "--steps", 0)
+    moved = relative_difference(one, start, "state/")
+    assert max(moved.values()) > 1e-3
+
+
+def test_two_processes_on_the_reference_layers(tmp_path):
+    """The same with the acceleration off: tinyunet/nn's BatchNorm2d and its SyncBatchNorm hooks."""
+    one = step_check(tmp_path, "one", "--no-accel")
+    two = step_check(tmp_path, "two", "--no-accel", processes=2)
+    assert max(relative_difference(one, two).values()) < 1e-10
+
+
+def test_two_processes_in_float32_are_close(tmp_path):
+    """float32: the sums are added in another order, so close rather than equal."""
+    one = step_check(tmp_path, "one", "--dtype", "float32", "--batch", 8)
+    two = step_check(tmp_path, "two", "--dtype", "float32", "--batch", 8, processes=2)
+    assert max(relative_difference(one, two, "logits").values()) < 1e-5
+    assert max(relative_difference(one, two, "loss/").values()) < 1e-5
+    weights = relative_difference(one, two, "state/")
+    assert np.median(list(weights.values())) < 1e-5 and max(weights.values()) < 1e-3
+
+
+def test_gpu_allreduce_goes_through_nccl_on_device_arrays(tmp_path):
+    """On the CuPy stand-in every reduction of device arrays goes to cupyx.distributed's NCCL
+    all_reduce (the script's stand-in refuses host arrays), and the steps are still one process's."""
+    one = step_check(tmp_path, "one")
+    two = step_check(tmp_path, "two", "--backend", "fake-cupy", processes=2)
+    # per step: 2 losses + 2 per BatchNorm layer (forward's sums, backward's) + the gradient
+    assert int(two["nccl_allreduces"]) == 3 * (2 + 2 * 10 + 1)
+    assert max(relative_difference(one, two).values()) < 1e-10
+
+
+def test_without_synchronized_batchnorm_each_process_normalises_its_own_shard(tmp_path):
+    """--no-sync: each process's BatchNorm uses its shard's statistics. That is not one process's step
+    (the gradients differ by far more than rounding), but exactly that of N model copies each normalising
+    its own shard, with one loss over all their logits - computed in one process without tinyunet.distributed."""
+    one = step_check(tmp_path, "one", "--loss", "ce")
+    two = step_check(tmp_path, "two", "--loss", "ce", "--no-sync", processes=2)
+    copies = step_check(tmp_path, "copies", "--loss", "ce", "--simulate", 2)
+    assert max(relative_difference(copies, two).values()) < 1e-10
+    assert max(relative_difference(one, two, "grad/").values()) > 1e-2
+
+
+# --- shards ---------------------------------------------------------------------------------------------
+def test_shards_cover_the_batch_in_order():
+    for count in range(0, 23):
+        for size in range(1, 6):
+            parts = [distributed.shard(count, rank, size) for rank in range(size)]
+            items = [i for p in parts for i in range(count)[p]]
+            assert items == list(range(count))
+            lengths = [len(range(count)[p]) for p in parts]
+            assert max(lengths) - min(lengths) <= 1
+
+
+def test_a_shard_of_an_augmented_batch_is_that_part_of_the_whole_batch():
+    data = make_shapes(24, 32, seed=0)
+    settings = Augmentation(flip=True, scale=0.6, rotate=15, brightness=0.2, contrast=0.2, saturation=0.2)
+    whole = list(iterate_batches(data, 7, shuffle=True, rng=np.random.default_rng(5), augment=settings))
+    for size in (2, 3):
+        parts = [list(iterate_batches(data, 7, shuffle=True, rng=np.random.default_rng(5), augment=settings,
+                                      shard=lambda n, r=r: distributed.shard(n, r, size))) for r in range(size)]
+        for b, (x, y, names) in enumerate(whole):
+            assert np.array_equal(np.concatenate([p[b][0] for p in parts]), x)
+            assert np.array_equal(np.concatenate([p[b][1] for p in parts]), y)
+            assert sum((p[b][2] for p in parts), []) == names
+
+
+# --- `mpiexec -n 2 tinyunet train` ------------------------------------------------------------------------
+TRAIN = ["--dataset", "shapes", "--num-shapes", "48", "--size", "32", "--batch-size", "8", "--quiet", "--seed", "4"]
+
+
+def tinyunet(*args) -> list:
+    return [str(BIN / "tinyunet"), *map(str, args)]
+
+
+def metrics(run_dir: Path) -> list:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(run_dir: Path) -> dict:
+    with np.load(run_dir / "last.npz") as f:
+        return {k: f[k] for k in f.files if k.startswith("model/")}
+
+
+def test_mpiexec_tinyunet_train_matches_one_process_and_a_fresh_evaluation(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(tinyunet("train", "--out", one, "--epochs", 2, *TRAIN))
+    result = run(tinyunet("train", "--out", two, "--epochs", 2, *TRAIN), processes=2)
+    # one process writes and prints
+    assert result.stdout.count("epoch 2/2") == 1 and "done (2 processes)" in result.stdout
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert json.loads((two / "config.json").read_text()) == json.loads((one / "config.json").read_text())
+    # float32 over 12 steps: close. Adam moves a weight by up to lr whatever its gradient's size, so a
+    # gradient near 0 whose sign the rounding flips moves it 2 lr apart: the bound is 2 lr per step
+    a, b = weights(one), weights(two)
+    assert set(a) == set(b)
+    largest = max(float(np.abs(a[k] - b[k]).max()) for k in a if "running" not in k)
+    assert largest < 2 * 1e-3 * 12
+    assert np.median([float(np.abs(a[k] - b[k]).mean()) for k in a]) < 1e-4
+    rows_one, rows_two = metrics(one), metrics(two)
+    for r1, r2 in zip(rows_one, rows_two):
+        assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 1e-3
+        assert abs(float(r1["val_miou"]) - float(r2["val_miou"])) < 2e-2
+    # the sharded validation of the two processes against one process evaluating the saved weights anew
+    evaluation = run([sys.executable, "-c", f"""
+import json
+from tinyunet.train import TrainConfig, load_data, load_model, evaluate_model
+config = TrainConfig.from_dict(json.load(open({str(two / 'config.json')!r})))
+model, _ = load_model({str(two / 'last.npz')!r})
+print(json.dumps(evaluate_model(model, load_data(config, progress=False)[1])["miou"]))
+"""])
+    assert abs(json.loads(evaluation.stdout) - float(rows_two[-1]["val_miou"])) < 1e-4
+
+
+def process_of_rank(marker: str, rank: int) -> int:
+    """The pid of the training process of MPI rank ``rank`` whose command line holds ``marker``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in command and "tinyunet" in command and f"PMI_RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no process of rank {rank} for {marker}")
+
+
+def test_a_killed_process_ends_the_job_and_resume_ends_where_an_uninterrupted_run_does(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(tinyunet("train", "--out", whole, "--epochs", 3, *TRAIN), processes=2)
+    job = subprocess.Popen([MPIEXEC, "-n", "2", *tinyunet("train", "--out", broken, "--epochs", 3, *TRAIN)],
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (broken / "last.npz").is_file():   # epoch 1 saved
+            assert job.poll() is None and time.time() < deadline, "the training ended before its first epoch"
+            time.sleep(0.2)
+        os.kill(process_of_rank(str(broken), 1), signal.SIGKILL)
+        job.wait(timeout=60)   # no hang: the job ends with its killed process
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert len(metrics(broken)) < 3
+    result = run(tinyunet("train", "--out", broken, "--epochs", 3, "--resume", "--quiet"), processes=2)
+    assert "resuming" in result.stdout
+    a, b = weights(whole), weights(broken)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert [r["val_miou"] for r in metrics(whole)] == [r["val_miou"] for r in metrics(broken)]
+
+
+def test_an_error_in_one_process_ends_them_all(tmp_path):
+    """A user error (a batch smaller than the number of processes) ends every process with one line."""
+    result = run(tinyunet("train", "--out", tmp_path / "r", "--dataset", "shapes", "--batch-size", 1), processes=2,
+                 check=False, timeout=120)
+    assert result.returncode != 0
+    assert "--batch-size 1 is smaller than the 2 processes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_mpi4py_one_line_says_what_to_install(tmp_path):
+    code = ("import sys; sys.modules['mpi4py'] = None; from tinyunet.cli import main; "
+            f"sys.exit(main(['train', '--dataset', 'shapes', '--out', {str(tmp_path / 'r')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], env={**ENV, "PMI_SIZE": "2"}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"tinyunet train: error: started as one of 2 processes (mpiexec), but mpi4py is not installed: "
+        f"{distributed.INSTALL_HINT}"]
+
+
+def test_an_mpiexec_of_another_mpi_is_refused(tmp_path):
+    """Open MPI's mpiexec with MPICH's mpi4py: every process would see itself alone and all would train
+    into one folder. The launcher's count and MPI's disagree: an error instead."""
+    result = subprocess.run(tinyunet("train", "--dataset", "shapes", "--out", tmp_path / "r"),
+                            env={**ENV, "OMPI_COMM_WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "belongs to another MPI" in result.stderr
+    assert not (tmp_path / "r").exists()
