@@ -188,6 +188,13 @@ model, _ = load_model({str(two / 'last.npz')!r})
 print(json.dumps(evaluate_model(model, load_data(config, progress=False)[1])["miou"]))
 """])
     assert abs(json.loads(evaluation.stdout) - float(rows_two[-1]["val_miou"])) < 1e-4
+    # `tinyunet evaluate` shared by two processes: one report, the metrics of one process
+    alone = json.loads(run(tinyunet("evaluate", "--checkpoint", two, "--json")).stdout)
+    shared = run(tinyunet("evaluate", "--checkpoint", two, "--json"), processes=2).stdout.strip().splitlines()
+    assert len(shared) == 1
+    shared = json.loads(shared[0])
+    assert shared["num_images"] == alone["num_images"] and abs(shared["miou"] - alone["miou"]) < 1e-4
+    assert np.abs(np.array(shared["confusion"]) - alone["confusion"]).sum() <= 4
 
 
 def process_of_rank(marker: str, rank: int) -> int:

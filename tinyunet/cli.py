@@ -190,8 +190,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise TinyUNetError(f"--limit must be at least 1, got {args.limit}")
+    group = args.group
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size,
-                                 progress=_progress(args) and not args.json, limit=args.limit)
+                                 progress=_progress(args) and not args.json and (group is None or group.rank == 0),
+                                 limit=args.limit, group=group)
+    if group is not None and group.rank != 0:
+        return
     if args.json:
         keys = ("checkpoint", "data", "split", "pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss",
                 "num_images", "size", "native")
@@ -257,13 +261,13 @@ COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "downlo
 
 
 def _processes(args: argparse.Namespace) -> Any:
-    """The process group when mpiexec started several processes (train only), else None. Each process
+    """The process group when mpiexec started several processes (train and evaluate), else None. Each process
     of a machine gets its share of the cores, and on a GPU its own device."""
     from tinyunet import distributed
 
     if distributed.launched_size() <= 1:
         return None
-    if args.command != "train":
+    if args.command not in ("train", "evaluate"):
         raise TinyUNetError(f"`tinyunet {args.command}` runs as one process: start it without mpiexec")
     group = distributed.world()
     if backend.name() == "cupy":

@@ -12,7 +12,7 @@ from tinyunet.train import TrainConfig, checkpoint_file, evaluate_model, load_mo
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
                         batch_size: int = 16, progress: bool = True, limit: Optional[int] = None,
-                        native: bool = True) -> Dict[str, Any]:
+                        native: bool = True, group: Optional[Any] = None) -> Dict[str, Any]:
     """Metrics of the checkpoint's model on ``split`` of its dataset, at the size it was trained at.
 
     The dataset and the image size come from the checkpoint. Pets: ``split`` (default "test") of
@@ -22,7 +22,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     training size), what was scored: checkpoint (the file), data (the folder, or "held-out synthetic
     shapes"), split (None for shapes); for pets with ``native`` also "native": the same metrics at each
     photo's own size (the class probabilities resized back to it, as ``predict`` does, against the
-    full-size trimap).
+    full-size trimap). ``group``: several processes (mpiexec) share the images; every one returns the
+    metrics of all of them.
     """
     if batch_size < 1:
         raise TinyUNetError(f"--batch-size must be at least 1, got {batch_size}")
@@ -44,9 +45,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
         if native:
             labels = load_native_labels(root, dataset.names)
             result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc,
-                                    native_labels=labels)
+                                    native_labels=labels, group=group)
             return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size}
-    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc)
+    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc, group=group)
     return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size}
 
 
