@@ -386,3 +386,51 @@ def test_predict_out_that_is_a_file_is_a_one_line_error(trained, capsys, tmp_pat
     err = capsys.readouterr().err
     assert f"--out {taken} is a file" in err and len(err.strip().splitlines()) == 1
     assert taken.read_bytes() == b"somebody's file"
+
+
+def independent_mirror_probabilities(model, x: np.ndarray) -> np.ndarray:
+    """Mean of the softmax of model(x) and of model(x mirrored), the latter mirrored back; float64."""
+    def softmax(z):
+        z = np.asarray(z, np.float64)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    mirrored = np.flip(softmax(model.forward(np.ascontiguousarray(np.flip(x, axis=3)))), axis=3)
+    return (softmax(model.forward(x)) + mirrored) / 2
+
+
+def test_mirror_averaging_in_evaluate_and_predict_matches_independent_computation(trained, capsys, monkeypatch,
+                                                                                  tmp_path):
+    root, checkpoint = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test", "--json",
+                 "--mirror"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["mirror"] is True and plain["mirror"] is False
+    model = independent_model(checkpoint)
+    images, truth = [], []
+    for name in TEST_NAMES:
+        with Image.open(root / "images" / f"{name}.jpg") as im:
+            images.append(normalize(np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float64)))
+        with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
+            truth.append(np.asarray(tm.resize((SIZE, SIZE), Image.NEAREST)).astype(np.int64) - 1)
+    probs = independent_mirror_probabilities(model, np.stack(images))
+    pred, truth = probs.argmax(axis=1), np.stack(truth)
+    expected = [[int(np.sum((truth == t) & (pred == p))) for p in range(3)] for t in range(3)]
+    assert np.abs(np.array(result["confusion"]) - expected).sum() <= 2   # ties within float32 rounding
+    assert result["confusion"] != plain["confusion"]   # the mirror image changed some predictions
+    # its loss: the mean cross-entropy of the averaged probabilities
+    picked = np.take_along_axis(probs, truth[:, None], axis=1)
+    assert result["loss"] == pytest.approx(-np.log(picked).mean(), rel=1e-4)
+    # predict --mirror, on a photo of the training size (nothing resized): the argmax of the same mean
+    square = tmp_path / "square.png"
+    Image.fromarray(np.clip(np.rint((images[1].transpose(1, 2, 0) * [0.229, 0.224, 0.225]
+                                     + [0.485, 0.456, 0.406]) * 255), 0, 255).astype(np.uint8)).save(square)
+    with Image.open(square) as im:
+        x = normalize(np.asarray(im.convert("RGB"), np.float64))[None]
+    assert main(["predict", "--checkpoint", str(checkpoint), str(square), "--out", str(tmp_path / "out"),
+                 "--mirror"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "square_mask.png"))
+    np.testing.assert_array_equal(mask, independent_mirror_probabilities(model, x).argmax(axis=1)[0])

@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only N images, evenly spaced over the split (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--mirror", action="store_true",
+                   help="score the mean of the predictions for each image and its mirror image (test-time "
+                        "augmentation: two forward passes per image)")
     p.add_argument("--quiet", action="store_true", help=_QUIET)
     _add_backend(p)
 
@@ -133,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a .npz checkpoint, or a run folder (its best.npz)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders of them")
     p.add_argument("--out", required=True, help="folder for <name>_mask.png and <name>_overlay.png")
+    p.add_argument("--mirror", action="store_true",
+                   help="each mask from the mean of the predictions for the photo and its mirror image "
+                        "(test-time augmentation: two forward passes per photo)")
     p.add_argument("--attention", action="store_true",
                    help="also write <name>_attention.png, the attention gates' coefficients over the photo "
                         "(attunet checkpoints)")
@@ -193,12 +199,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     group = args.group
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size,
                                  progress=_progress(args) and not args.json and (group is None or group.rank == 0),
-                                 limit=args.limit, group=group)
+                                 limit=args.limit, group=group, mirror=args.mirror)
     if group is not None and group.rank != 0:
         return
     if args.json:
         keys = ("checkpoint", "data", "split", "pixel_accuracy", "miou", "mdice", "iou", "dice", "confusion", "loss",
-                "num_images", "size", "native")
+                "num_images", "size", "native", "mirror")
         # a class absent from truth and prediction has NaN IoU/Dice: null keeps the output valid JSON
         print(json.dumps(_json_safe({k: result[k] for k in keys if k in result}), allow_nan=False))
     else:
@@ -209,7 +215,7 @@ def _predict(args: argparse.Namespace) -> None:
     from tinyunet.predict import predict_files
 
     written = predict_files(args.checkpoint, args.inputs, args.out, progress=_progress(args), attention=args.attention,
-                            strict=args.strict)
+                            strict=args.strict, mirror=args.mirror)
     print(f"wrote {len(written)} files to {args.out}")
 
 

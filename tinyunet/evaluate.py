@@ -12,7 +12,7 @@ from tinyunet.train import TrainConfig, checkpoint_file, evaluate_model, load_mo
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = None, split: Optional[str] = None,
                         batch_size: int = 16, progress: bool = True, limit: Optional[int] = None,
-                        native: bool = True, group: Optional[Any] = None) -> Dict[str, Any]:
+                        native: bool = True, group: Optional[Any] = None, mirror: bool = False) -> Dict[str, Any]:
     """Metrics of the checkpoint's model on ``split`` of its dataset, at the size it was trained at.
 
     The dataset and the image size come from the checkpoint. Pets: ``split`` (default "test") of
@@ -23,7 +23,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     shapes"), split (None for shapes); for pets with ``native`` also "native": the same metrics at each
     photo's own size (the class probabilities resized back to it, as ``predict`` does, against the
     full-size trimap). ``group``: several processes (mpiexec) share the images; every one returns the
-    metrics of all of them.
+    metrics of all of them. ``mirror``: score the mean of the predictions for each image and its
+    mirror image (test-time augmentation); the result says so under "mirror".
     """
     if batch_size < 1:
         raise TinyUNetError(f"--batch-size must be at least 1, got {batch_size}")
@@ -45,10 +46,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
         if native:
             labels = load_native_labels(root, dataset.names)
             result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc,
-                                    native_labels=labels, group=group)
-            return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size}
-    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc, group=group)
-    return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size}
+                                    native_labels=labels, group=group, mirror=mirror)
+            return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size,
+                    "mirror": mirror}
+    result = evaluate_model(model, dataset, batch_size=batch_size, progress=progress, desc=desc, group=group,
+                            mirror=mirror)
+    return {"checkpoint": str(checkpoint), "data": str(root), "split": split, **result, "size": config.size,
+            "mirror": mirror}
 
 
 def _scores(result: Dict[str, Any], width: int) -> list:
@@ -67,7 +71,9 @@ def format_report(result: Dict[str, Any]) -> str:
     size = f" ({result['size']}x{result['size']})" if "size" in result else ""
     lines = [f"checkpoint: {result['checkpoint']}",
              f"data: {result['data']}" + (f", split {result['split']}" if result.get("split") else ""),
-             f"images: {result['num_images']}", "", f"at the training size{size}:"] + _scores(result, width)
+             f"images: {result['num_images']}"
+             + (", each scored as the mean of its prediction and its mirror image's" if result.get("mirror") else ""),
+             "", f"at the training size{size}:"] + _scores(result, width)
     if "native" in result:
         lines += ["", "at each photo's own size (class probabilities resized back, as `predict` does):"]
         lines += _scores(result["native"], width)

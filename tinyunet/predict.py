@@ -24,7 +24,7 @@ from tinyunet.data import DataWarning
 from tinyunet.data.images import open_photo, read_photo
 from tinyunet.data.transforms import resize_image, resize_probabilities, to_input
 from tinyunet.errors import DataError, TinyUNetError
-from tinyunet.train import TrainConfig, load_model
+from tinyunet.train import TrainConfig, class_probabilities, load_model
 from tinyunet.viz import plot_attention, save_mask_png, save_overlay_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -55,13 +55,11 @@ def read_rgb(path: Path) -> np.ndarray:
     return image
 
 
-def predict_image(model: Any, image: np.ndarray | Image.Image, size: int) -> np.ndarray:
+def predict_image(model: Any, image: np.ndarray | Image.Image, size: int, mirror: bool = False) -> np.ndarray:
     """(H, W, 3) uint8 photo (or an RGB Pillow image) -> (H, W) uint8 class ids, the probabilities
-    resized band by band."""
+    resized band by band. ``mirror``: the mean of the predictions for the photo and its mirror image."""
     x = to_device(to_input(resize_image(image, size)[None]))
-    logits = model.forward(x)[0]
-    e = xp.exp(logits - logits.max(axis=0, keepdims=True))
-    probs = to_host(e / e.sum(axis=0, keepdims=True))
+    probs = to_host(class_probabilities(model, x, mirror)[0])
     height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
     labels = np.empty((height, width), dtype=np.uint8)
     for top in range(0, height, BAND_ROWS):
@@ -79,14 +77,16 @@ def attention_images(model: Any, height: int, width: int) -> Tuple[List[np.ndarr
 
 
 def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                  progress: bool = True, attention: bool = False, strict: bool = False) -> List[Path]:
+                  progress: bool = True, attention: bool = False, strict: bool = False,
+                  mirror: bool = False) -> List[Path]:
     """Write ``<name>_mask.png`` (palette PNG of class ids) and ``<name>_overlay.png`` per image, and with
     ``attention`` also ``<name>_attention.png`` (needs a model with attention gates: arch ``attunet``).
 
     Photos are read as a viewer shows them (tinyunet.data.images.read_photo). An image that cannot
     be read is skipped and named in one warning at the end (``strict``, or a single image: a
     DataError at the first); if none can be read, DataError. An animation's first frame is used and
-    named in a warning. Returns the files written."""
+    named in a warning. ``mirror``: each mask from the mean of the predictions for the photo and its
+    mirror image. Returns the files written."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -119,7 +119,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
             continue
         if note:
             notes.append(f"{path}: {note}")
-        labels = predict_image(model, image, size)
+        labels = predict_image(model, image, size, mirror)
         save_mask_png(labels, out / f"{path.stem}_mask.png")
         written.append(out / f"{path.stem}_mask.png")
         if attention:

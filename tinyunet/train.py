@@ -187,10 +187,29 @@ def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationD
     return split_train_val(data, config.val_fraction, seed=0)
 
 
+def softmax(logits: Any) -> Any:
+    """(N, C, H, W) logits -> class probabilities, over axis 1."""
+    e = backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def class_probabilities(model: Any, x: Any, mirror: bool = False) -> Any:
+    """The model's class probabilities for the device batch x (N, 3, S, S) -> (N, C, S, S).
+
+    ``mirror``: the mean of the probabilities of x and of x mirrored left-right (mirrored back) -
+    test-time augmentation with the flips the model was trained on: the two predictions' errors
+    are partly independent, so their mean is right more often (twice the forward passes)."""
+    if not mirror:
+        return softmax(model.forward(x))
+    # the mirror image first, so that the model's last forward (e.g. attention maps) is that of x
+    mirrored = softmax(model.forward(backend.xp.ascontiguousarray(x[..., ::-1])))[..., ::-1]
+    return (softmax(model.forward(x)) + mirrored) / 2
+
+
 def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
                    progress: bool = False, desc: str = "eval",
                    native_labels: Optional[List[np.ndarray]] = None,
-                   group: Optional[ProcessGroup] = None) -> Dict[str, Any]:
+                   group: Optional[ProcessGroup] = None, mirror: bool = False) -> Dict[str, Any]:
     """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``.
 
     ``native_labels``: each example's class ids at its photo's own size (``load_native_labels``);
@@ -198,6 +217,8 @@ def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
     the class probabilities resized back to that size (bilinear), the most probable class.
     ``group``: several processes share the work, each a contiguous part of ``data``; their confusion
     matrices and summed losses are added up, so every process returns the metrics of all of ``data``.
+    ``mirror``: score the mean of the predictions for each image and its mirror image
+    (:func:`class_probabilities`); the loss is then that of the mean probabilities.
     """
     if native_labels is not None and len(native_labels) != len(data):
         raise ValueError(f"{len(native_labels)} native label maps for {len(data)} images")
@@ -215,13 +236,15 @@ def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
     for b, (x, y, _) in enumerate(tqdm(batches, total=math.ceil(len(data) / batch_size), desc=desc,
                                        disable=not progress, leave=False)):
         x, y = to_device(x), to_device(y)
-        logits = model.forward(x)
+        if mirror:   # log-probabilities are logits whose softmax is the mean (the floor keeps a 0 finite)
+            probs = class_probabilities(model, x, mirror=True)
+            logits = backend.xp.log(backend.xp.maximum(probs, backend.xp.finfo(probs.dtype).tiny))
+        else:
+            logits = model.forward(x)
         total += loss_fn.forward(logits, y) * x.shape[0]  # summed on the device: no sync per batch
         meter.update(logits, y)
         if native_labels is not None:
-            e = backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
-            probs = to_host(e / e.sum(axis=1, keepdims=True))
-            for p, truth in zip(probs, native_labels[b * batch_size:]):
+            for p, truth in zip(to_host(probs if mirror else softmax(logits)), native_labels[b * batch_size:]):
                 pred = resize_probabilities(p, *truth.shape).argmax(axis=0)
                 native.update(to_device(pred[None]), to_device(truth[None]))
     model.train()
