@@ -281,6 +281,9 @@ def _processes(args: argparse.Namespace) -> Any:
     elif args.threads is None and not os.environ.get("TINYUNET_NUM_THREADS"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         args.threads = max(1, cores // group.comm.Split_type(group.MPI.COMM_TYPE_SHARED).Get_size())
+        if not backend.accelerate():   # the reference's products: BLAS's own threads, as many
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(limits=args.threads, user_api="blas")
     return group
 
 
@@ -292,9 +295,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "backend", None):
             backend.use(args.backend)
-        args.group = _processes(args)
         if getattr(args, "no_accel", False):
             backend.set_acceleration(False)
+        args.group = _processes(args)
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
                 raise TinyUNetError(f"--threads must be at least 1, got {args.threads}")

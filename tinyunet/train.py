@@ -493,7 +493,11 @@ class Trainer:
         self._augmentation_figure(train)
         self.log(f"data: {len(train)} training and {len(val)} validation images at {config.size}x{config.size}; "
                  f"model {config.arch} with {self.model.num_parameters():,} parameters; backend {backend.name()}; "
-                 + (accel_description() if backend.accelerate() else "the reference layers (tinyunet/nn) alone"))
+                 + (accel_description() if backend.accelerate() else "the reference layers (tinyunet/nn) alone")
+                 + ("" if self.group is None else
+                    f"; {self.group.size} processes, each {self._share()} images of every batch of "
+                    f"{config.batch_size}, " + ("synchronized BatchNorm" if config.sync_batchnorm else
+                                                "BatchNorm per process")))
         steps_per_epoch = max(len(train) // config.batch_size, 1)
         total_steps = steps_per_epoch * config.epochs
         rows = self._read_metrics()
@@ -574,6 +578,11 @@ class Trainer:
                             refresh=False)
         bar.close()
         return running / max(seen, 1)
+
+    def _share(self) -> str:
+        """How many images of a batch each process takes: "4", or "2-3" for unequal shares."""
+        low, high = self.config.batch_size // self.group.size, -(-self.config.batch_size // self.group.size)
+        return f"{low}" if low == high else f"{low}-{high}"
 
     def _average_running_statistics(self) -> None:
         """Without synchronized BatchNorm each process's running statistics follow its own shards: the
