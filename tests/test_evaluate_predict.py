@@ -71,17 +71,22 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
     return ((rgb / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)
 
 
-def independent_predictions(root: Path, checkpoint: Path):
-    """(true class ids, predicted class ids), each (N, S, S), for the test split."""
-    model = independent_model(checkpoint)
+def load_test_split(root: Path):
+    """(normalized photos (N, 3, S, S), true class ids (N, S, S)) of the test split, resized with Pillow."""
     images, truth = [], []
     for name in TEST_NAMES:
         with Image.open(root / "images" / f"{name}.jpg") as im:
             images.append(normalize(np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float64)))
         with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
             truth.append(np.asarray(tm.resize((SIZE, SIZE), Image.NEAREST)).astype(np.int64) - 1)
-    logits = np.asarray(model.forward(np.stack(images)))
-    return np.stack(truth), logits.argmax(axis=1)
+    return np.stack(images), np.stack(truth)
+
+
+def independent_predictions(root: Path, checkpoint: Path):
+    """(true class ids, predicted class ids), each (N, S, S), for the test split."""
+    images, truth = load_test_split(root)
+    logits = np.asarray(independent_model(checkpoint).forward(images))
+    return truth, logits.argmax(axis=1)
 
 
 def test_evaluate_json_matches_independent_computation(trained, capsys, monkeypatch, tmp_path):
@@ -410,14 +415,9 @@ def test_mirror_averaging_in_evaluate_and_predict_matches_independent_computatio
     result = json.loads(capsys.readouterr().out)
     assert result["mirror"] is True and plain["mirror"] is False
     model = independent_model(checkpoint)
-    images, truth = [], []
-    for name in TEST_NAMES:
-        with Image.open(root / "images" / f"{name}.jpg") as im:
-            images.append(normalize(np.asarray(im.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR), np.float64)))
-        with Image.open(root / "annotations" / "trimaps" / f"{name}.png") as tm:
-            truth.append(np.asarray(tm.resize((SIZE, SIZE), Image.NEAREST)).astype(np.int64) - 1)
-    probs = independent_mirror_probabilities(model, np.stack(images))
-    pred, truth = probs.argmax(axis=1), np.stack(truth)
+    images, truth = load_test_split(root)
+    probs = independent_mirror_probabilities(model, images)
+    pred = probs.argmax(axis=1)
     expected = [[int(np.sum((truth == t) & (pred == p))) for p in range(3)] for t in range(3)]
     assert np.abs(np.array(result["confusion"]) - expected).sum() <= 2   # ties within float32 rounding
     assert result["confusion"] != plain["confusion"]   # the mirror image changed some predictions
