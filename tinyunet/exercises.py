@@ -777,7 +777,7 @@ def _ring_mistake(arrays: List[np.ndarray], kind: str) -> List[np.ndarray]:
     arrays = [a.copy() for a in arrays]
     n = len(arrays)
     chunks = [np.array_split(a, n) for a in arrays]
-    for step in range(n if kind == "n steps" else n - 1):
+    for step in range(n - 1):
         sent = [chunks[r][(r - step) % n].copy() for r in range(n)]
         for r in range(n):
             chunks[(r + 1) % n][(r - step) % n] += sent[r]
@@ -801,7 +801,6 @@ RING_HINTS = {
     "all-gather adds": "in the all-gather the chunks arrive finished: copy them in (=), do not add them (+=)",
     "all-gather from the wrong chunk": "after the reduce-scatter process r holds the finished chunk (r + 1) mod N: "
                                        "the all-gather starts by sending that one",
-    "n steps": "the reduce-scatter takes N-1 steps, not N: one more adds a process's share a second time",
 }
 
 
