@@ -56,6 +56,41 @@ def adam_step(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
         p.data -= lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
 
 
+def ring_allreduce_by_messages(arrays):
+    """A ring written as messages: every step, a list of (destination, chunk index, values) per process."""
+    n = len(arrays)
+    bounds = np.linspace(0, len(arrays[0]), n + 1).astype(int)
+    piece = lambda r, c: arrays[r][bounds[c]:bounds[c + 1]]
+    for phase in ("reduce", "gather"):
+        for s in range(n - 1):
+            messages = [((r + 1) % n, (r - s + (phase == "gather")) % n, piece(r, (r - s + (phase == "gather")) % n).copy())
+                        for r in range(n)]
+            for dest, c, values in messages:
+                if phase == "reduce":
+                    piece(dest, c)[...] += values
+                else:
+                    piece(dest, c)[...] = values
+    return arrays
+
+
+def sync_bn_forward(xs, gamma, beta, eps=1e-5):
+    whole = np.concatenate(xs)
+    mu, var = whole.mean(axis=(0, 2, 3)), whole.var(axis=(0, 2, 3))
+    s = 1 / np.sqrt(var + eps)
+    xhats = [(x - mu[:, None, None]) * s[:, None, None] for x in xs]
+    return [gamma[:, None, None] * xh + beta[:, None, None] for xh in xhats], (xhats, s, gamma, whole.size // whole.shape[1])
+
+
+def sync_bn_backward(dys, cache):
+    xhats, s, gamma, m = cache
+    dy, xh = np.concatenate(dys), np.concatenate(xhats)
+    dbeta, dgamma = dy.sum(axis=(0, 2, 3)), (dy * xh).sum(axis=(0, 2, 3))
+    dx = (gamma * s)[:, None, None] * (dy - dbeta[:, None, None] / m - xh * dgamma[:, None, None] / m)
+    bounds = np.cumsum([0] + [d.shape[0] for d in dys])
+    return [(dx[a:b], (d * h).sum(axis=(0, 2, 3)), d.sum(axis=(0, 2, 3)))
+            for a, b, d, h in zip(bounds[:-1], bounds[1:], dys, xhats)]
+
+
 RIGHT = [
     (E.check_im2col, im2col_loops, ()),
     (E.check_conv2d_forward, conv_forward_naive, ()),
@@ -63,6 +98,9 @@ RIGHT = [
     (E.check_linear_backward, linear_backward, ()),
     (E.check_sgd_step, sgd_step, ()),
     (E.check_adam_step, adam_step, ()),
+    (E.check_ring_allreduce, ring_allreduce_by_messages, ()),
+    (E.check_sync_bn_forward, sync_bn_forward, ()),
+    (E.check_sync_bn_backward, sync_bn_backward, (sync_bn_forward,)),
 ]
 
 
@@ -145,6 +183,45 @@ def linear_backward_db_axis(x, w, dout):
     return dout @ w, dout.T @ x, dout.sum(axis=1)
 
 
+def ring_without_all_gather(arrays):
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]
+    for step in range(n - 1):
+        for r in range(n):
+            chunks[(r + 1) % n][(r - step) % n] += chunks[r][(r - step) % n]
+    return arrays
+
+
+
+
+def ring_all_gather_adding(arrays):
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]
+    for step in range(n - 1):
+        for r in range(n):
+            chunks[(r + 1) % n][(r - step) % n] += chunks[r][(r - step) % n]
+    for step in range(n - 1):
+        sent = [chunks[r][(r + 1 - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            chunks[(r + 1) % n][(r + 1 - step) % n] += sent[r]
+    return arrays
+
+def sync_bn_forward_own_statistics(xs, gamma, beta, eps=1e-5):
+    outs, caches = zip(*[sync_bn_forward([x], gamma, beta, eps) for x in xs])
+    return [o[0] for o in outs], None
+
+
+def sync_bn_backward_local_sums(dys, cache):
+    xhats, s, gamma, m = cache
+    return [sync_bn_backward([dy], ([xh], s, gamma, m))[0] for dy, xh in zip(dys, xhats)]
+
+
+def sync_bn_backward_whole_dgamma(dys, cache):
+    result = sync_bn_backward(dys, cache)
+    dgamma, dbeta = sum(r[1] for r in result), sum(r[2] for r in result)
+    return [(r[0], dgamma, dbeta) for r in result]
+
+
 BUGS = [
     (E.check_conv2d_backward, conv_backward_first_image_dw, (), "sum over the batch"),
     (E.check_col2im, col2im_overwriting, (), "+="),
@@ -158,6 +235,12 @@ BUGS = [
     (E.check_adam_step, adam_without_correction, (), "bias correction"),
     (E.check_linear_backward, linear_backward_db_axis, (), "axis 0"),
     (E.check_im2col, lambda x, kh, kw, s=1, p=0: E.reference_im2col(x, kh, kw, s, 0), (), "padding"),
+    (E.check_ring_allreduce, ring_without_all_gather, (), "all-gather"),
+    (E.check_ring_allreduce, ring_all_gather_adding, (), "do not add"),
+    (E.check_ring_allreduce, lambda arrays: [sum(arrays)] * len(arrays), (), "in place"),
+    (E.check_sync_bn_forward, sync_bn_forward_own_statistics, (), "its own statistics"),
+    (E.check_sync_bn_backward, sync_bn_backward_local_sums, (sync_bn_forward,), "whole batch"),
+    (E.check_sync_bn_backward, sync_bn_backward_whole_dgamma, (sync_bn_forward,), "N times"),
 ]
 
 
@@ -175,7 +258,8 @@ CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, (
           (E.check_conv_transpose_forward, ()), (E.check_conv_transpose_backward, ()), (E.check_concat_backward, ()),
           (E.check_relu_backward, (lambda x: (np.maximum(x, 0), x > 0),)), (E.check_bn_backward, (bn_forward,)),
           (E.check_softmax_ce_backward, (softmax_forward,)), (E.check_unet_backward, ()),
-          (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ())]
+          (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ()),
+          (E.check_ring_allreduce, ()), (E.check_sync_bn_forward, ()), (E.check_sync_bn_backward, (sync_bn_forward,))]
 
 
 @pytest.mark.parametrize("check, extra", CHECKS, ids=lambda v: getattr(v, "__name__", ""))

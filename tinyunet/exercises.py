@@ -752,3 +752,187 @@ def check_adam_step(adam_step: Callable) -> Callable:
             p.data -= lr * m / (np.sqrt(v) + eps)
     return _check_optimizer("adam_step", "adam", adam_step, reference_adam_step,
                             {"the bias correction is missing: divide m by 1 - b1**t and v by 1 - b2**t": no_correction})
+
+
+# --- several processes: the ring allreduce, synchronized BatchNorm -------------------------------------------
+
+def reference_ring_allreduce(arrays: List[Any]) -> List[Any]:
+    """Every one of the N equal 1-D ``arrays`` becomes their sum, in place, by a ring: N-1 steps of
+    reduce-scatter, then N-1 of all-gather; at each step process r sends one chunk to r+1."""
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]          # views into the arrays
+    for step in range(n - 1):                                 # reduce-scatter
+        sent = [chunks[r][(r - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            chunks[(r + 1) % n][(r - step) % n] += sent[r]
+    for step in range(n - 1):                                 # all-gather: pass the finished chunks on
+        sent = [chunks[r][(r + 1 - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            chunks[(r + 1) % n][(r + 1 - step) % n][...] = sent[r]
+    return arrays
+
+
+def _ring_mistake(arrays: List[np.ndarray], kind: str) -> List[np.ndarray]:
+    """The ring allreduce with one classic mistake (on copies): what a learner's result would be."""
+    arrays = [a.copy() for a in arrays]
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]
+    for step in range(n - 1):
+        sent = [chunks[r][(r - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            chunks[(r + 1) % n][(r - step) % n] += sent[r]
+    if kind == "no all-gather":
+        return arrays
+    for step in range(n - 1):
+        first = 0 if kind == "all-gather from the wrong chunk" else 1
+        sent = [chunks[r][(r + first - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            target = chunks[(r + 1) % n][(r + first - step) % n]
+            if kind == "all-gather adds":
+                target += sent[r]
+            else:
+                target[...] = sent[r]
+    return arrays
+
+
+RING_HINTS = {
+    "no all-gather": "each process holds the whole sum in one chunk only: that is the reduce-scatter alone; the "
+                     "all-gather must then pass the finished chunks around the ring (N-1 more steps)",
+    "all-gather adds": "in the all-gather the chunks arrive finished: copy them in (=), do not add them (+=)",
+    "all-gather from the wrong chunk": "after the reduce-scatter process r holds the finished chunk (r + 1) mod N: "
+                                       "the all-gather starts by sending that one",
+}
+
+
+def check_ring_allreduce(ring_allreduce: Callable) -> Callable:
+    """``ring_allreduce(arrays)``: the N equal 1-D arrays (one per process) each become their sum, in place."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for n, length in [(2, 6), (3, 9), (4, 10), (5, 23), (4, 3)]:
+            arrays = [rng.standard_normal(length) for _ in range(n)]
+            total = np.sum(arrays, axis=0)
+            known = [(m, RING_HINTS[kind]) for kind in RING_HINTS for m in [_ring_mistake(arrays, kind)]]
+            mine = [a.copy() for a in arrays]
+            returned = fn(mine)
+            if all(np.array_equal(m, a) for m, a in zip(mine, arrays)) and isinstance(returned, (list, tuple)) \
+                    and len(returned) == n and all(np.allclose(host(v), total) for v in returned):
+                raise Mismatch(f"{n} processes: the sums were returned but the arrays left as they were",
+                               "each process's array must become the sum in place (a[...] = ..., or += into its views)")
+            for r in range(n):
+                errors.append(compare(f"process {r}'s array", mine[r], total, "the plain sum",
+                                      [(m[r], hint) for m, hint in known],
+                                      f"{n} processes, {length} values (after the call: in place)"))
+        return errors
+    return verdict("ring_allreduce", ring_allreduce, reference_ring_allreduce, run, "the plain sum")
+
+
+def _bn_shards(xs: Sequence[np.ndarray], gamma: np.ndarray, eps: float) -> Tuple[Any, Any, Any, int]:
+    """The whole batch's statistics, from the shards: (mean, var, inv_std, count)."""
+    whole = np.concatenate(xs)
+    mean, var = whole.mean(axis=(0, 2, 3)), whole.var(axis=(0, 2, 3))
+    return mean, var, 1 / np.sqrt(var + eps), whole.size // whole.shape[1]
+
+
+def reference_sync_bn_forward(xs: Sequence[Any], gamma: Any, beta: Any, eps: float = 1e-5) -> Tuple[List[Any], Any]:
+    """Per-shard inputs ``xs`` (each (n_k, C, H, W)) -> (per-shard outputs, cache = (xhats, s, gamma, M)),
+    with the statistics of all the shards together: counts, sums and sums of squares added up."""
+    m = sum(x.size // x.shape[1] for x in xs)
+    s1 = sum(x.sum(axis=(0, 2, 3)) for x in xs)
+    s2 = sum((x * x).sum(axis=(0, 2, 3)) for x in xs)
+    mean = s1 / m
+    s = 1 / np.sqrt(s2 / m - mean * mean + eps)
+    xhats = [(x - mean.reshape(1, -1, 1, 1)) * s.reshape(1, -1, 1, 1) for x in xs]
+    return [gamma.reshape(1, -1, 1, 1) * xh + beta.reshape(1, -1, 1, 1) for xh in xhats], (xhats, s, gamma, m)
+
+
+def reference_sync_bn_backward(dys: Sequence[Any], cache: Any) -> List[Tuple[Any, Any, Any]]:
+    """-> per shard (dx_k, dgamma_k, dbeta_k): dx with the sums of every shard, dgamma/dbeta the shard's share."""
+    xhats, s, gamma, m = cache
+    dbetas = [dy.sum(axis=(0, 2, 3)) for dy in dys]
+    dgammas = [(dy * xh).sum(axis=(0, 2, 3)) for dy, xh in zip(dys, xhats)]
+    dbeta, dgamma = sum(dbetas), sum(dgammas)                     # the two allreduces of the backward
+    scale = (gamma * s / m).reshape(1, -1, 1, 1)
+    return [(scale * (m * dy - dbeta.reshape(1, -1, 1, 1) - xh * dgamma.reshape(1, -1, 1, 1)), dg, db)
+            for dy, xh, dg, db in zip(dys, xhats, dgammas, dbetas)]
+
+
+SYNC_BN_CASES = [(3, 2), (1, 2, 2), (2, 2, 1, 3)]     # images per shard
+
+
+def _sync_bn_case(rng: np.random.Generator, counts: Sequence[int]) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
+    # each shard its own offset: the shards' statistics differ, as those of small random batches do
+    xs = [rng.standard_normal((n, 3, 4, 3)) * 2 + rng.standard_normal((1, 3, 1, 1)) for n in counts]
+    return xs, rng.standard_normal(3), rng.standard_normal(3)
+
+
+def check_sync_bn_forward(sync_bn_forward: Callable) -> Callable:
+    """``sync_bn_forward(xs, gamma, beta, eps) -> (outs, cache)``: the outputs, shard by shard, of BatchNorm2d
+    on the concatenated batch."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for counts in SYNC_BN_CASES:
+            xs, gamma, beta = _sync_bn_case(rng, counts)
+            expected, _, _, _ = _bn_reference(np.concatenate(xs), gamma, beta, np.zeros_like(np.concatenate(xs)))
+            own = np.concatenate([host(_bn_reference(x, gamma, beta, np.zeros_like(x))[0]) for x in xs])
+            mean, _, _, _ = _bn_shards(xs, gamma, 1e-5)
+            avg_var = sum(x.var(axis=(0, 2, 3)) * x.shape[0] for x in xs) / sum(counts)   # within-shard only
+            no_spread = np.concatenate([(x - mean.reshape(1, -1, 1, 1)) / np.sqrt(avg_var + 1e-5).reshape(1, -1, 1, 1)
+                                        * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1) for x in xs])
+            result = fn([x.copy() for x in xs], gamma.copy(), beta.copy(), 1e-5)
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise Mismatch("your function must return two things", "return the list of outputs and the cache")
+            outs = result[0]
+            if len(outs) != len(xs):
+                raise Mismatch(f"{len(outs)} outputs for {len(xs)} shards", "return one output per shard, in order")
+            known = [(own, "each shard is normalised with its own statistics: add the counts, sums and sums of "
+                           "squares of every shard first, then divide"),
+                     (no_spread, "the variance of the whole batch is not the average of the shards' variances (the "
+                                 "shards' means differ too): add the sums of squares, var = sum(x^2) / M - mean^2")]
+            errors.append(compare("out", np.concatenate([host(o) for o in outs]), expected,
+                                  "BatchNorm2d on the concatenated batch", known, f"shards of {counts} images"))
+        return errors
+    return verdict("sync_bn_forward", sync_bn_forward, reference_sync_bn_forward, run,
+                   "BatchNorm2d on the concatenated batch")
+
+
+def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable) -> Callable:
+    """``sync_bn_backward(dys, cache) -> [(dx_k, dgamma_k, dbeta_k) per shard]`` with the cache of your
+    ``sync_bn_forward``: the dx of BatchNorm2d on the concatenated batch, and each shard's share of dgamma, dbeta."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for counts in SYNC_BN_CASES:
+            xs, gamma, beta = _sync_bn_case(rng, counts)
+            dys = [rng.standard_normal(x.shape) for x in xs]
+            _, dx, dgamma, dbeta = _bn_reference(np.concatenate(xs), gamma, beta, np.concatenate(dys))
+            _, _, inv_std, _ = _bn_shards(xs, gamma, 1e-5)
+            xhats = reference_sync_bn_forward(xs, gamma, beta)[1][0]
+            shares_g = [(dy * xh).sum(axis=(0, 2, 3)) for dy, xh in zip(dys, xhats)]
+            shares_b = [dy.sum(axis=(0, 2, 3)) for dy in dys]
+            m = sum(x.size // x.shape[1] for x in xs)
+            per = lambda v: v.reshape(1, -1, 1, 1)
+            local = [np.concatenate([per(gamma * inv_std / c) * (c * dy - per(sb) - xh * per(sg))
+                                     for dy, xh, sg, sb, c in zip(dys, xhats, shares_g, shares_b, sizes)])
+                     for sizes in ([m] * len(xs), [x.size // x.shape[1] for x in xs])]   # the shard's sums, M or m_k
+            own_m = np.concatenate([host(_bn_reference(x, gamma, beta, dy)[1]) for x, dy in zip(xs, dys)])
+            result = fn([dy.copy() for dy in dys], sync_bn_forward([x.copy() for x in xs], gamma, beta, 1e-5)[1])
+            if not isinstance(result, (list, tuple)) or len(result) != len(xs) or \
+                    any(not isinstance(r, tuple) or len(r) != 3 for r in result):
+                raise Mismatch("return one (dx, dgamma, dbeta) per shard", "return a list: [(dx_k, dgamma_k, dbeta_k) for each shard]")
+            case = f"shards of {counts} images"
+            hint_local = "your dx uses the shard's own sums of dy and dy * xhat: every image moved the mean and the " \
+                         "variance, so both sums must be those of the whole batch (added up over the shards)"
+            errors.append(compare("dx", np.concatenate([host(r[0]) for r in result]), dx,
+                                  "BatchNorm2d.backward on the concatenated batch",
+                                  [(local[0], hint_local), (local[1], hint_local), (own_m, hint_local)], case))
+            whole = ("your dgamma/dbeta is the whole batch's on every shard: the gradient allreduce adds the shards' "
+                     "values up afterwards and would count it N times; keep the shard's own share")
+            for k, r in enumerate(result):
+                errors.append(compare("dgamma", r[1], shares_g[k], "the shard's share of dgamma", [(dgamma, whole)],
+                                      f"{case}, shard {k}"))
+                errors.append(compare("dbeta", r[2], shares_b[k], "the shard's share of dbeta", [(dbeta, whole)],
+                                      f"{case}, shard {k}"))
+            errors.append(compare("sum of the shards' dgamma", sum(host(r[1]) for r in result), dgamma,
+                                  "BatchNorm2d's dgamma on the concatenated batch", (), case))
+        return errors
+    return verdict("sync_bn_backward", sync_bn_backward, reference_sync_bn_backward, run,
+                   "BatchNorm2d.backward on the concatenated batch")
