@@ -293,3 +293,24 @@ def test_mpiexec_trains_real_pets_as_one_process_does(tmp_path):
     assert abs(float(rows_one[0]["train_loss"]) - float(rows_two[0]["train_loss"])) < 1e-4
     for r1, r2 in zip(rows_one, rows_two):
         assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 5e-4
+
+
+def test_without_synchronized_batchnorm_the_processes_validate_one_model(tmp_path):
+    """--no-sync-batchnorm: each process's running statistics follow its own shards, and are averaged at
+    each epoch's end, so the sharded validation scores one model: the saved one, evaluated anew by one
+    process, gives the logged mIoU and loss (without the average, process 1 would score its own statistics)."""
+    run_dir = tmp_path / "nosync"
+    result = run(tinyunet("train", "--out", run_dir, "--epochs", 1, "--no-sync-batchnorm", *TRAIN), processes=2)
+    assert "BatchNorm per process" in result.stdout
+    assert json.loads((run_dir / "config.json").read_text())["sync_batchnorm"] is False
+    evaluation = run([sys.executable, "-c", f"""
+import json
+from tinyunet.train import TrainConfig, load_data, load_model, evaluate_model
+config = TrainConfig.from_dict(json.load(open({str(run_dir / 'config.json')!r})))
+model, _ = load_model({str(run_dir / 'last.npz')!r})
+result = evaluate_model(model, load_data(config, progress=False)[1])
+print(json.dumps([result["miou"], result["loss"]]))
+"""])
+    miou, loss = json.loads(evaluation.stdout)
+    row = metrics(run_dir)[-1]
+    assert abs(miou - float(row["val_miou"])) < 1e-4 and abs(loss - float(row["val_loss"])) < 1e-4
