@@ -293,6 +293,13 @@ def test_mpiexec_trains_real_pets_as_one_process_does(tmp_path):
     assert abs(float(rows_one[0]["train_loss"]) - float(rows_two[0]["train_loss"])) < 1e-4
     for r1, r2 in zip(rows_one, rows_two):
         assert abs(float(r1["train_loss"]) - float(r2["train_loss"])) < 5e-4
+    # evaluation on real test photos shared by two processes, at 64x64 and at each photo's own size
+    evaluate = tinyunet("evaluate", "--checkpoint", two, "--split", "test", "--limit", 21, "--json")
+    alone, shared = json.loads(run(evaluate).stdout), json.loads(run(evaluate, processes=2).stdout)
+    assert shared["num_images"] == alone["num_images"] == 21
+    for scores_alone, scores_shared in ((alone, shared), (alone["native"], shared["native"])):
+        assert abs(scores_alone["miou"] - scores_shared["miou"]) < 1e-4
+        assert sum(map(sum, scores_alone["confusion"])) == sum(map(sum, scores_shared["confusion"]))
 
 
 def test_without_synchronized_batchnorm_the_processes_validate_one_model(tmp_path):
