@@ -183,23 +183,24 @@ def linear_backward_db_axis(x, w, dout):
     return dout @ w, dout.T @ x, dout.sum(axis=1)
 
 
-def ring_without_all_gather(arrays):
+def ring_reduce_scatter(arrays):
+    """The reduce-scatter half of a ring allreduce, in place (sequential sends) -> each array's chunks."""
     n = len(arrays)
     chunks = [np.array_split(a, n) for a in arrays]
     for step in range(n - 1):
         for r in range(n):
             chunks[(r + 1) % n][(r - step) % n] += chunks[r][(r - step) % n]
+    return chunks
+
+
+def ring_without_all_gather(arrays):
+    ring_reduce_scatter(arrays)
     return arrays
-
-
 
 
 def ring_all_gather_adding(arrays):
     n = len(arrays)
-    chunks = [np.array_split(a, n) for a in arrays]
-    for step in range(n - 1):
-        for r in range(n):
-            chunks[(r + 1) % n][(r - step) % n] += chunks[r][(r - step) % n]
+    chunks = ring_reduce_scatter(arrays)
     for step in range(n - 1):
         sent = [chunks[r][(r + 1 - step) % n].copy() for r in range(n)]
         for r in range(n):

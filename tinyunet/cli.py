@@ -280,7 +280,7 @@ def _processes(args: argparse.Namespace) -> Any:
         distributed.use_local_gpu(group)
     elif args.threads is None and not os.environ.get("TINYUNET_NUM_THREADS"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.threads = max(1, cores // group.comm.Split_type(group.MPI.COMM_TYPE_SHARED).Get_size())
+        args.threads = max(1, cores // group.local_size())
         if not backend.accelerate():   # the reference's products: BLAS's own threads, as many
             from threadpoolctl import threadpool_limits
             threadpool_limits(limits=args.threads, user_api="blas")

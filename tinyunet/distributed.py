@@ -80,7 +80,15 @@ class ProcessGroup:
 
     def local_rank(self) -> int:
         """This process's rank among those on the same machine (which GPU it takes)."""
-        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+        return self._machine().Get_rank()
+
+    def local_size(self) -> int:
+        """How many of the processes run on this machine (how its cores are shared)."""
+        return self._machine().Get_size()
+
+    def _machine(self) -> Any:
+        """The communicator of the processes that share this machine's memory."""
+        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
 
 
 def nccl_communicator(size: int, rank: int) -> Any:

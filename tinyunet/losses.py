@@ -21,6 +21,13 @@ from typing import Any, Optional
 from tinyunet.backend import to_device, xp
 
 
+def softmax(logits: Any) -> Any:
+    """(N, C, H, W) logits -> class probabilities over axis 1 (max subtracted first: no overflow)."""
+    e = xp.exp(logits - logits.max(axis=1, keepdims=True))
+    e /= e.sum(axis=1, keepdims=True)
+    return e
+
+
 class CrossEntropyLoss:
     def __init__(self, weight: Optional[Any] = None, ignore_index: Optional[int] = None,
                  group: Optional[Any] = None) -> None:
@@ -99,8 +106,7 @@ class DiceLoss:
         """logits: (N, C, H, W) float, target: (N, H, W) int -> 0-d array (on the device)."""
         num_classes = logits.shape[1]
         logits = xp.ascontiguousarray(logits)  # see CrossEntropyLoss.forward
-        probs = xp.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = softmax(logits)
         onehot = (xp.arange(num_classes).reshape(1, -1, 1, 1) == target[:, None]).astype(probs.dtype)
         inter = (probs * onehot).sum(axis=(0, 2, 3))  # (C,)
         total = probs.sum(axis=(0, 2, 3)) + onehot.sum(axis=(0, 2, 3))

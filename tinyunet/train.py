@@ -52,7 +52,7 @@ from tinyunet.data.pets import spread_subset
 from tinyunet.distributed import ProcessGroup, shard
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
 from tinyunet.data.transforms import Augmentation, augment, resize_probabilities
-from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss
+from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss, softmax
 from tinyunet.memory import check_training_fits
 from tinyunet.metrics import ConfusionMeter
 from tinyunet.models import create_model
@@ -186,12 +186,6 @@ def load_data(config: TrainConfig, progress: bool = True) -> Tuple[SegmentationD
     root = config.data or str(default_data_dir())
     data = load_pets(root, "trainval", config.size, strict=config.strict, progress=progress, limit=config.limit)
     return split_train_val(data, config.val_fraction, seed=0)
-
-
-def softmax(logits: Any) -> Any:
-    """(N, C, H, W) logits -> class probabilities, over axis 1."""
-    e = backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def class_probabilities(model: Any, x: Any, mirror: bool = False) -> Any:
@@ -524,12 +518,12 @@ class Trainer:
             improved = result["miou"] > self.best_miou
             if improved:
                 self.best_miou = result["miou"]
-            meta = self._meta(epoch, row)
-            state, opt_state = self.model.state_dict(), self.optimizer.state_dict()
             # last.npz last: a crash before it leaves last.npz one epoch behind, and --resume recomputes
             # that epoch, dropping its metrics row and rewriting best.npz identically. Writing last.npz
             # before metrics.csv would lose the epoch's row for good if killed in between.
-            if self.writer:
+            if self.writer:   # only process 0 writes: the others need no host copy of the state
+                meta = self._meta(epoch, row)
+                state, opt_state = self.model.state_dict(), self.optimizer.state_dict()
                 self._writing("metrics.csv", lambda: self._write_metrics(rows))
                 if improved:
                     self._writing("best.npz", lambda: save_checkpoint(self.run_dir / "best.npz", state, opt_state,
