@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--no-accel", action="store_true")
     parser.add_argument("--simulate", type=int, default=0)
+    parser.add_argument("--numpy-batchnorm", action="store_true",
+                        help="the acceleration's BatchNorm as NumPy passes (RowsBatchNorm), not compiled loops")
     args = parser.parse_args()
 
     from tinyunet import backend, distributed
@@ -46,6 +48,9 @@ def main() -> None:
         fake_nccl(fake_cupy)
     if args.no_accel:
         backend.set_acceleration(False)
+    if args.numpy_batchnorm:
+        from tinyunet.accel import compiled_loops
+        compiled_loops.usable = lambda *arrays: False
     from tinyunet.backend import to_device, to_host, xp
     from tinyunet.losses import make_loss
     from tinyunet.models import create_model

@@ -82,10 +82,13 @@ def test_two_processes_take_the_steps_of_one(tmp_path, arch, loss, batch):
     assert max(moved.values()) > 1e-3
 
 
-def test_two_processes_on_the_reference_layers(tmp_path):
-    """The same with the acceleration off: tinyunet/nn's BatchNorm2d and its SyncBatchNorm hooks."""
-    one = step_check(tmp_path, "one", "--no-accel")
-    two = step_check(tmp_path, "two", "--no-accel", processes=2)
+@pytest.mark.parametrize("layers", ["--no-accel", "--numpy-batchnorm"])
+def test_two_processes_on_each_batchnorm(tmp_path, layers):
+    """The same with the acceleration off (tinyunet/nn's BatchNorm2d and its SyncBatchNorm hooks), and with
+    the acceleration's NumPy BatchNorm (RowsBatchNorm: it re-centres its kept x - mean on the processes'
+    mean) instead of its compiled loops (the default where Numba is installed, tested above)."""
+    one = step_check(tmp_path, "one", layers)
+    two = step_check(tmp_path, "two", layers, processes=2)
     assert max(relative_difference(one, two).values()) < 1e-10
 
 
