@@ -270,6 +270,30 @@ def test_an_mpiexec_of_another_mpi_is_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_srun_tasks_that_mpi_does_not_join_are_refused(tmp_path):
+    """srun -n 2 with an MPI plugin that mpi4py's MPI does not speak: each task's MPI sees one process. Every
+    task would train alone into one folder; srun's task count and MPI's disagree: an error instead."""
+    result = subprocess.run(tinyunet("train", "--dataset", "shapes", "--out", tmp_path / "r"),
+                            env={**ENV, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "0"}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "srun started 2 tasks but MPI sees 1" in result.stderr and "mpiexec -n 2" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("variables,size", [({}, 1), ({"SLURM_STEP_NUM_TASKS": "1"}, 1),
+                                            ({"SLURM_STEP_NUM_TASKS": "4"}, 4),
+                                            # mpiexec inside a Slurm job: its own count, not srun's
+                                            ({"SLURM_STEP_NUM_TASKS": "1", "PMI_SIZE": "3"}, 3),
+                                            ({"SLURM_STEP_NUM_TASKS": "2", "OMPI_COMM_WORLD_SIZE": "8"}, 8)])
+def test_the_launchers_count_of_processes(monkeypatch, variables, size):
+    for name in distributed.LAUNCHER_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.launched_size() == size
+
+
 REAL_PETS = Path(os.environ.get("TINYUNET_DATA") or HERE.parents[1] / "shared" / "data" / "oxford-iiit-pet")
 
 

@@ -17,26 +17,32 @@ training runs exactly as it always did.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from tinyunet.errors import TinyUNetError
 
-#: the environment variables by which launchers tell a process how many were started
-#: (MPICH's and Intel MPI's hydra; Open MPI; MVAPICH)
-LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+#: the environment variables by which launchers tell a process how many were started (MPICH's and Intel
+#: MPI's hydra; Open MPI; MVAPICH; Slurm's srun, last: an mpiexec inside a Slurm job inherits srun's
+#: variables from the daemons srun started for it, so an MPI launcher's own count comes first)
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 INSTALL_HINT = "pip install -e '.[dist]' (mpi4py and MPICH)"
 
 
 def launched_size() -> int:
-    """How many processes mpiexec/mpirun started, from the launcher's environment (1: none)."""
+    """How many processes mpiexec/mpirun/srun started, from the launcher's environment (1: none)."""
+    return _launcher()[1]
+
+
+def _launcher() -> Tuple[str, int]:
+    """The first of LAUNCHER_SIZE_VARIABLES that is set, and its count; ("", 1) when none is."""
     for name in LAUNCHER_SIZE_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit():
-            return int(value)
-    return 1
+            return name, int(value)
+    return "", 1
 
 
 class ProcessGroup:
@@ -100,7 +106,7 @@ def nccl_communicator(size: int, rank: int) -> Any:
 
 def world() -> Optional[ProcessGroup]:
     """All the processes mpiexec started, or None for a single process."""
-    size = launched_size()
+    launcher, size = _launcher()
     if size <= 1:
         return None
     try:
@@ -109,6 +115,11 @@ def world() -> Optional[ProcessGroup]:
         raise TinyUNetError(f"started as one of {size} processes (mpiexec), but mpi4py is not installed: "
                             f"{INSTALL_HINT}") from None
     group = ProcessGroup(MPI.COMM_WORLD)
+    if group.size != size and launcher == "SLURM_STEP_NUM_TASKS":
+        # srun without a PMI that mpi4py's MPI speaks: each task would train alone, all in one folder
+        raise TinyUNetError(f"srun started {size} tasks but MPI sees {group.size}: srun's MPI plugin does not match "
+                            "mpi4py's MPI (try `srun --mpi=pmi2` or `--mpi=pmix`, `srun --mpi=list` shows them), "
+                            f"or run `mpiexec -n {size} tinyunet ...` inside the allocation")
     if group.size != size:
         # an mpiexec of another MPI than mpi4py's: each process would train alone, all in one folder
         raise TinyUNetError(f"mpiexec started {size} processes but MPI sees {group.size}: that mpiexec belongs to "
