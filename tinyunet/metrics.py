@@ -174,6 +174,11 @@ class ConfusionMeter:
         # No host sync here: the out-of-range count rides along and is checked in matrix().
         self._counts += _counts(pred, target, self.num_classes, self.ignore_index)
 
+    def sum_over_processes(self, group: Any) -> None:
+        """Add up the counts of every process of ``group`` (tinyunet.distributed.ProcessGroup): afterwards
+        each process holds the counts of all their batches, and computes the scores of the whole split."""
+        group.allreduce(self._counts)
+
     def matrix(self) -> np.ndarray:
         """The accumulated ``(C, C)`` int64 matrix on the host (rows = truth, columns = prediction)."""
         counts = to_host(self._counts)

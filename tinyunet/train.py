@@ -244,8 +244,8 @@ def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
                 native.update(to_device(pred[None]), to_device(truth[None]))
     model.train()
     if group is not None:  # every process's counts and losses, added up
-        for counts in (meter._counts, native._counts):
-            group.allreduce(counts)
+        meter.sum_over_processes(group)
+        native.sum_over_processes(group)
         group.allreduce(total)
     result = meter.compute()
     result["loss"] = float(total) / max(num_images, 1)
