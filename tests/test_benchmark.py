@@ -166,3 +166,35 @@ def test_compiled_loops_benchmark_times_the_convolutions_with_and_without_the_di
         times = [float(word) for word in line.replace("->", " ").split() if word.replace(".", "").isdigit()]
         assert len(times) == 2 and all(t > 0 for t in times), line
     assert "direct kernels / BLAS" in lines[5] and 0 < float(lines[5].split()[-1]) < 10
+
+
+def test_recipe_table_reads_the_scores_evaluate_writes(tmp_path):
+    """benchmarks/recipe_table.py parses `tinyunet evaluate`'s report: the values read back are the ones
+    the report was made from (training size, own size, outline), and the rows group seeds."""
+    from tinyunet.evaluate import format_report
+    sys.path.insert(0, str(SCRIPT.parent))
+    import recipe_table
+
+    def result(miou, outline, native=None):
+        scores = {"pixel_accuracy": 0.9, "miou": miou, "mdice": 0.8,
+                  "iou": {"pet": 0.81, "background": 0.91, "outline": outline},
+                  "dice": {"pet": 0.9, "background": 0.95, "outline": 0.7}}
+        r = {"checkpoint": "c", "data": "d", "split": "test", "num_images": 3, "size": 128,
+             "confusion": [[5, 1, 1], [1, 5, 1], [1, 1, 5]], **scores}
+        if native is not None:
+            r["native"] = {**scores, "miou": native, "iou": {**scores["iou"], "outline": outline - 0.01}}
+        return r
+
+    assert recipe_table.scores(format_report(result(0.7524, 0.5281, native=0.7535))) == {
+        "miou": 0.7524, "outline": 0.5281, "native miou": 0.7535, "native outline": 0.5181}
+    assert recipe_table.scores(format_report(result(0.61, 0.42))) == {"miou": 0.61, "outline": 0.42}
+    for seed, (miou, outline) in enumerate([(0.75, 0.52), (0.76, 0.54)]):
+        run = tmp_path / f"unet-s{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"arch": "unet", "epochs": 45, "loss": "ce+dice", "seed": seed,
+                                                     "base_channels": 4, "depth": 2}))
+        (run / "test.txt").write_text(format_report(result(miou, outline)))
+    table = subprocess.run([sys.executable, str(SCRIPT.parent / "recipe_table.py"), *sorted(tmp_path.iterdir())],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(table) == 3 and table[2].startswith("| unet, 45 epochs, ce+dice |")
+    assert "| 0, 1 | 0.7550 (0.7500–0.7600) |" in table[2] and "| 0.5300 (0.5200–0.5400) |" in table[2]
