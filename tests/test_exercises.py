@@ -285,3 +285,173 @@ def test_checks_leave_the_acceleration_as_it_was():
     before = backend.accelerate()
     E.check_conv2d_backward(E.reference_conv2d_backward)
     assert backend.accelerate() == before
+
+
+# --- the checks of lessons 06-08 catch the slips a learner makes (found by working through them) ---------
+
+def mini_unet():
+    """Lesson 07's one-level mini U-Net: (conv1, pool, conv2, up, cat, conv3) and its forward."""
+    from tinyunet.nn import Concat, Conv2d, ConvTranspose2d, MaxPool2d
+
+    layers = (Conv2d(2, 3, 3, padding=1).double(), MaxPool2d(2), Conv2d(3, 6, 3, padding=1).double(),
+              ConvTranspose2d(6, 3, 2, stride=2).double(), Concat(axis=1), Conv2d(6, 2, 3, padding=1).double())
+    conv1, pool, conv2, up, cat, conv3 = layers
+
+    def forward(x):
+        s = conv1.forward(x)
+        return conv3.forward(cat.forward(up.forward(conv2.forward(pool.forward(s))), s))
+    return layers, forward
+
+
+def skip_backward_by_slicing(layers):
+    """A right answer that splits the concat's gradient by hand (3 channels of d, then 3 of s)."""
+    conv1, pool, conv2, up, cat, conv3 = layers
+
+    def backward(dout, use_skip_gradient=True):
+        dcat = conv3.backward(dout)
+        ds = pool.backward(conv2.backward(up.backward(dcat[:, :3])))
+        return conv1.backward(ds + dcat[:, 3:] if use_skip_gradient else ds)
+    return backward
+
+
+def skip_backward_right_dx_wrong_weights(layers):
+    conv1, pool, conv2, up, cat, conv3 = layers
+
+    def backward(dout, use_skip_gradient=True):
+        dd, ds = cat.backward(conv3.backward(dout))
+        dpath = pool.backward(conv2.backward(up.backward(dd)))
+        up.weight.grad *= 5
+        conv2.weight.grad *= -1
+        conv3.weight.grad[...] = 0
+        return conv1.backward(dpath + ds if use_skip_gradient else dpath)
+    return backward
+
+
+def skip_backward_ignoring_the_flag(layers):
+    right = skip_backward_by_slicing(layers)
+    return lambda dout, use_skip_gradient=True: right(dout)
+
+
+def skip_backward_swapped(layers):
+    conv1, pool, conv2, up, cat, conv3 = layers
+
+    def backward(dout, use_skip_gradient=True):
+        ds, dd = cat.backward(conv3.backward(dout))
+        dpath = pool.backward(conv2.backward(up.backward(dd)))
+        return conv1.backward(dpath + ds if use_skip_gradient else dpath)
+    return backward
+
+
+def skip_backward_forgot_fork(layers):
+    right = skip_backward_by_slicing(layers)
+    return lambda dout, use_skip_gradient=True: right(dout, use_skip_gradient=False)
+
+
+@pytest.mark.parametrize("answer, hint", [
+    (skip_backward_by_slicing, None),
+    (skip_backward_right_dx_wrong_weights, "compare one small case"),
+    (skip_backward_ignoring_the_flag, "use_skip_gradient=False, leave out"),
+    (skip_backward_swapped, "in the order cat.forward took"),
+    (skip_backward_forgot_fork, "the fork"),
+])
+def test_skip_check_compares_every_gradient_and_the_flag(answer, hint, capsys):
+    """The mini U-Net's check: a right answer passes; wrong weight gradients with the right dx fail (the
+    check once compared the weights' gradient arrays with themselves); so do an ignored flag and the
+    concat's gradients taken in the wrong order, each with its hint."""
+    layers, forward = mini_unet()
+    mine = answer(layers)
+    used = E.check_skip_backward(mine, forward, layers)
+    out = capsys.readouterr().out
+    if hint is None:
+        assert used is mine and ": PASS" in out, out
+    else:
+        assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out
+
+
+def bn_backward_right(dy, cache):
+    """The staged derivation (lesson 08's four steps), written out here."""
+    x, mu, var, s, xhat, gamma = cache
+    axes, c = (0, 2, 3), lambda v: v.reshape(1, -1, 1, 1)
+    m = x.size // x.shape[1]
+    dxhat = c(gamma) * dy
+    dvar = (dxhat * (x - c(mu))).sum(axis=axes) * -0.5 * s ** 3
+    dmu = -s * dxhat.sum(axis=axes)
+    return (dxhat * c(s) + c(dvar) * 2 * (x - c(mu)) / m + c(dmu) / m, (dy * xhat).sum(axis=axes), dy.sum(axis=axes))
+
+
+def bn_backward_without_eps(dy, cache):
+    x, mu, var, s, xhat, gamma = cache
+    s = 1 / np.sqrt(var)
+    return bn_backward_right(dy, (x, mu, var, s, (x - mu.reshape(1, -1, 1, 1)) * s.reshape(1, -1, 1, 1), gamma))
+
+
+def bn_backward_without(term):
+    def backward(dy, cache):
+        x, mu, var, s, xhat, gamma = cache
+        axes, c = (0, 2, 3), lambda v: v.reshape(1, -1, 1, 1)
+        m = x.size // x.shape[1]
+        dxhat = c(gamma) * dy
+        dx = dxhat * c(s)
+        if term != "dvar":
+            dx = dx + c((dxhat * (x - c(mu))).sum(axis=axes) * -0.5 * s ** 3) * 2 * (x - c(mu)) / m
+        if term != "dmu":
+            dx = dx + c(-s * dxhat.sum(axis=axes)) / m
+        return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+    return backward
+
+
+def softmax_backward_divided_by(what):
+    def backward(probs, target):
+        n, classes = probs.shape[:2]
+        grad = probs - (np.arange(classes).reshape(1, -1, 1, 1) == target[:, None])
+        return grad / (n if what == "images" else probs.size)
+    return backward
+
+
+def upconv_backward_averaged(x, w, dout, stride=1, padding=0):
+    dx, dw, db = E.reference_conv_transpose_backward(x, w, dout, stride, padding)
+    return dx, E.host(dw) / x.shape[0], E.host(db) / x.shape[0]
+
+
+def upconv_forward_square_only(x, w, b, stride=1, padding=0):
+    k = w.shape[2]   # assumes kh == kw
+    return E.reference_conv_transpose_forward(x, w[:, :, :k, :k] if w.shape[3] >= k else w, b, stride, padding)
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_bn_backward, bn_backward_right, (bn_forward,), None),
+    (E.check_bn_backward, bn_backward_without_eps, (bn_forward,), "eps is missing"),
+    (E.check_bn_backward, lambda dy, cache: tuple(bn_backward_right(dy, cache)[i] for i in (0, 2, 1)), (bn_forward,),
+     "return dx, dgamma, dbeta"),
+    (E.check_bn_backward, bn_backward_without("dvar"), (bn_forward,), "variance's term"),
+    (E.check_bn_backward, bn_backward_without("dmu"), (bn_forward,), "mean's term"),
+    (E.check_softmax_ce_backward, softmax_backward_divided_by("images"), (softmax_forward,), "divided by the N images"),
+    (E.check_softmax_ce_backward, softmax_backward_divided_by("logits"), (softmax_forward,), "divided by every logit"),
+    (E.check_conv_transpose_backward, upconv_backward_averaged, (), "averaged over the batch"),
+    (E.check_conv_transpose_forward, lambda x, w, b, s=1, p=0: naive.conv_transpose2d(x, w[:, :, ::-1, ::-1], b, s, p),
+     (), "flipped"),
+    (E.check_conv_transpose_forward, upconv_forward_square_only, (), "the right one"),   # a 2x3 kernel
+])
+def test_lesson_slips_fail_with_their_hints(check, mine, extra, hint, capsys):
+    used = check(mine, *extra)
+    out = capsys.readouterr().out
+    if hint is None:
+        assert used is mine and ": PASS" in out, out
+    else:
+        assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out
+
+
+def test_a_second_backward_after_one_forward_says_why():
+    from tinyunet import backend
+    from tinyunet.nn import Conv2d
+
+    before = backend.set_acceleration(False)
+    try:
+        conv = Conv2d(2, 3, 3, padding=1).double()
+        x = np.random.default_rng(0).standard_normal((1, 2, 4, 4))
+        out = conv.forward(x)
+        conv.backward(np.ones_like(out))
+        with pytest.raises(RuntimeError, match="add their gradients first"):
+            conv.backward(np.ones_like(out))
+    finally:
+        backend.set_acceleration(before)

@@ -46,7 +46,8 @@ def reference_layers() -> Iterator[None]:
 
 
 def host(a: Any) -> np.ndarray:
-    return np.asarray(to_host(a), dtype=np.float64)
+    """A float64 host *copy* (a layer's gradient array is zeroed in place by the next zero_grad)."""
+    return np.array(to_host(a), dtype=np.float64)
 
 
 def compare(what: str, mine: Any, expected: Any, against: str,
@@ -337,7 +338,7 @@ def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Ca
 
 # --- transposed convolution -----------------------------------------------------------------------------
 
-UPCONV_CASES = [(2, 2, 0), (3, 2, 1), (3, 1, 0), (4, 3, 1)]     # kernel, stride, padding
+UPCONV_CASES = [((2, 2), 2, 0), ((3, 3), 2, 1), ((3, 3), 1, 0), ((4, 4), 3, 1), ((2, 3), 2, 0)]  # kernel, stride, padding
 
 
 def _upconv_layer(w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> Any:
@@ -369,10 +370,12 @@ def check_conv_transpose_forward(conv_transpose: Callable) -> Callable:
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
         for k, s, p in UPCONV_CASES:
-            x, w, b = rng.standard_normal((2, 4, 3, 5)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(3)
+            x, w, b = rng.standard_normal((2, 4, 3, 5)), rng.standard_normal((4, 3, *k)), rng.standard_normal(3)
             expected = reference_conv_transpose_forward(x, w, b, s, p)
             case = f"kernel {k}, stride {s}, padding {p}"
-            known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing")]
+            known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing"),
+                     (reference_conv_transpose_forward(x, w[:, :, ::-1, ::-1], b, s, p),
+                      "the kernel is flipped: a transposed convolution stamps w as it is (w[..., ::-1, ::-1] is wrong)")]
             errors.append(compare("out", fn(x, w, b, s, p), expected, "ConvTranspose2d.forward", known, case))
             errors.append(compare("out", fn(x, w, b, s, p), naive.conv_transpose2d(x, w, b, s, p),
                                   "naive.conv_transpose2d (loops)", (), case))
@@ -385,8 +388,8 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
     """``conv_transpose_backward(x, w, dout, stride, padding) -> (dx, dw, db)``."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in UPCONV_CASES[:3]:
-            x, w = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((3, 2, k, k))
+        for k, s, p in UPCONV_CASES[:3] + UPCONV_CASES[4:]:
+            x, w = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((3, 2, *k))
             b = np.zeros(2)
             g = rng.standard_normal(host(reference_conv_transpose_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv_transpose_backward(x, w, g, s, p)
@@ -394,8 +397,9 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
             if not isinstance(result, tuple) or len(result) != 3:
                 raise Mismatch("your function must return three arrays", "return dx, dw, db")
             _, dw0, db0 = reference_conv_transpose_backward(x[:1], w, g[:1], s, p)
-            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch")],
-                     "db": [(db0, "your db is the first image's alone: sum over the batch too")]}
+            averaged = "you averaged over the batch: the loss adds every image's term, so sum instead"
+            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch"), (host(dw) / 2, averaged)],
+                     "db": [(db0, "your db is the first image's alone: sum over the batch too"), (host(db) / 2, averaged)]}
             forward = lambda: float((host(reference_conv_transpose_forward(x, w, b, s, p)) * g).sum())
             errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
                                       dict(zip(("dx", "dw", "db"), result)), "ConvTranspose2d.backward", known,
@@ -445,6 +449,11 @@ def check_skip_backward(backward: Callable, forward: Callable, layers: Sequence[
         ds_down = pool.backward(conv2.backward(up.backward(dd)))
         return conv1.backward(ds_down + ds_skip if use_skip_gradient else ds_down)
 
+    def swapped(dout: Any) -> Any:   # cat.backward's two gradients taken in the wrong order
+        ds_skip, dd = cat.backward(conv3.backward(dout))
+        ds_down = pool.backward(conv2.backward(up.backward(dd)))
+        return conv1.backward(ds_down + ds_skip)
+
     learnable = {"conv1.weight": conv1.weight, "conv2.weight": conv2.weight, "up.weight": up.weight,
                  "conv3.weight": conv3.weight}
 
@@ -461,16 +470,24 @@ def check_skip_backward(backward: Callable, forward: Callable, layers: Sequence[
         with reference_layers():
             expected = gradients(reference, x, g)
             forgot = gradients(lambda d: reference(d, use_skip_gradient=False), x, g)
+            crossed = gradients(swapped, x, g) if conv3.in_channels == 2 * conv1.out_channels else {}
             mine = gradients(fn, x, g)
+            mine_forgetting = gradients(lambda d: fn(d, use_skip_gradient=False), x, g)
             f = lambda: float((host(forward(x)) * g).sum())
             numeric = {"dx": finite_differences(f, x), "conv1.weight": finite_differences(f, conv1.weight.data)}
         hint = "the skip feeds two places (the pool and the concat): add both gradients before conv1.backward (the fork)"
+        order = "cat.backward returns the gradients in the order cat.forward took its inputs: (dd, ds) for cat.forward(d, s)"
         errors = []
         for name in ["conv3.weight", "up.weight", "conv2.weight", "conv1.weight", "dx"]:
-            known = [(forgot[name], hint)]
+            known = [(forgot[name], hint), (crossed.get(name), order)]
             errors.append(compare(name, mine[name], expected[name], "the reference wiring", known))
             if name in numeric:
                 errors.append(compare(name, mine[name], numeric[name], "finite differences", known))
+        # the lesson shows the bug with use_skip_gradient=False: that must leave out the concat's gradient of s
+        errors.append(compare("dx", mine_forgetting["dx"], forgot["dx"], "the reference wiring without the skip's gradient",
+                              [(expected["dx"], "with use_skip_gradient=False, leave out the concat's gradient of s "
+                                                "(the lesson uses it to show what forgetting it does)")],
+                              "use_skip_gradient=False"))
         return errors
     return verdict("backward (mini U-Net)", backward, reference, run, "the reference wiring and finite differences")
 
@@ -501,15 +518,31 @@ def check_relu_backward(relu_backward: Callable, relu_forward: Callable) -> Call
     return verdict("relu_backward", relu_backward, reference_relu_backward, run, "ReLU.backward and finite differences")
 
 
-def _bn_reference(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, g: np.ndarray) -> Tuple[Any, Any, Any, Any]:
+def _bn_reference(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, g: np.ndarray,
+                  eps: float = 1e-5) -> Tuple[Any, Any, Any, Any]:
     from tinyunet.nn import BatchNorm2d
 
     with reference_layers():
-        bn = BatchNorm2d(x.shape[1]).double()
+        bn = BatchNorm2d(x.shape[1], eps=eps).double()
         bn.weight.data[...], bn.bias.data[...] = to_device(gamma), to_device(beta)
         out = bn.forward(to_device(x))
         dx = bn.backward(to_device(g))
         return out, dx, bn.weight.grad, bn.bias.grad
+
+
+def _bn_slips(x: np.ndarray, gamma: np.ndarray, g: np.ndarray) -> List[Tuple[Any, str]]:
+    """dx with one of the derivation's terms left out, each with its hint."""
+    axes, c = (0, 2, 3), lambda v: v.reshape(1, -1, 1, 1)
+    m = x.size // x.shape[1]
+    xc = x - c(x.mean(axis=axes))
+    s = 1 / np.sqrt((xc ** 2).mean(axis=axes) + 1e-5)
+    dxhat = c(gamma) * g
+    dvar_term = c(-0.5 * s ** 3 * (dxhat * xc).sum(axis=axes)) * 2 * xc / m
+    dmu_term = c(-s * dxhat.sum(axis=axes)) / m
+    direct = dxhat * c(s)
+    return [(direct, "that is eval mode's dx: in train mode the mean and the variance depend on x too (their two terms are missing)"),
+            (direct + dmu_term, "the variance's term (step 2, dσ²) is missing from dx"),
+            (direct + dvar_term, "the mean's term (step 3, dμ) is missing from dx")]
 
 
 def reference_bn_backward(dy: Any, cache: Any) -> Tuple[Any, Any, Any]:
@@ -523,13 +556,15 @@ def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
     """``bn_backward(dy, cache) -> (dx, dgamma, dbeta)`` with the cache of your ``bn_forward(x, gamma, beta)``."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for shape in [(4, 3, 3, 2), (2, 2, 5, 5)]:
-            x = rng.standard_normal(shape) * 3 + 1
+        # the second input's variance (~0.0025) is small enough that a missing eps shows (by ~0.2%)
+        for shape, scale in [((4, 3, 3, 2), 3.0), ((2, 2, 5, 5), 0.05)]:
+            x = rng.standard_normal(shape) * scale + 1
             gamma, beta, g = rng.standard_normal(shape[1]), rng.standard_normal(shape[1]), rng.standard_normal(shape)
             _, dx, dgamma, dbeta = _bn_reference(x, gamma, beta, g)
-            s = 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5)
-            known = {"dx": [((gamma * s).reshape(1, -1, 1, 1) * g,
-                             "that is eval mode's dx: in train mode the mean and the variance depend on x too (their two terms are missing)")]}
+            known = {"dx": _bn_slips(x, gamma, g) + [(_bn_reference(x, gamma, beta, g, eps=0.0)[1],
+                                                      "eps is missing: s = 1/sqrt(var + eps), take it from the cache")],
+                     "dgamma": [(dbeta, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")],
+                     "dbeta": [(dgamma, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")]}
             forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape))[0]) * g).sum())
             result = fn(g.copy(), bn_forward(x, gamma, beta)[1])
             if not isinstance(result, tuple) or len(result) != 3:
@@ -562,7 +597,10 @@ def check_softmax_ce_backward(softmax_ce_backward: Callable, softmax_ce_forward:
             expected = host(ce.backward())
             pixels = target.size
             known = {"dlogits": [(expected * pixels, "not averaged: the loss is the mean over the N*H*W pixels, divide by their number"),
-                                 (-expected, "the sign is flipped: the gradient is p - onehot(y)")]}
+                                 (-expected, "the sign is flipped: the gradient is p - onehot(y)"),
+                                 (expected * pixels / shape[0], "divided by the N images: the mean is over the N*H*W pixels"),
+                                 (expected / shape[1], "divided by every logit (N*C*H*W): the mean is over the N*H*W pixels, "
+                                                       "each with its C classes")]}
             forward = lambda: float(CrossEntropyLoss().forward(to_device(logits), to_device(target)))
             errors += _gradient_cases(forward, {"dlogits": logits}, {"dlogits": expected},
                                       {"dlogits": fn(softmax_ce_forward(logits, target)[1], target)},

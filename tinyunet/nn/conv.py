@@ -119,6 +119,9 @@ class Conv2d(Module):
         """dout: (N, Cout, Hout, Wout) -> dx: (N, Cin, H, W); adds into weight.grad and bias.grad."""
         if self.fast:
             return self.fast.backward(dout)
+        if self.cache is None:   # the columns are freed by the first backward after a forward
+            raise RuntimeError("Conv2d.backward called twice after one forward: where a tensor feeds two "
+                               "layers, add their gradients first, then call backward once")
         x_shape, cols = self.cache
         self.cache = None
         g = dout.reshape(dout.shape[0], self.out_channels, -1)                     # G: (N, Cout, P)
