@@ -455,3 +455,54 @@ def test_a_second_backward_after_one_forward_says_why():
             conv.backward(np.ones_like(out))
     finally:
         backend.set_acceleration(before)
+
+
+def maxpool_forward_last_of_ties(x):
+    out, argmax = maxpool_forward(x)
+    n, c, h, w = x.shape
+    win = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    return out, 3 - win[..., ::-1].argmax(-1)
+
+
+def maxpool_forward_mask_of_maxima(x):
+    n, c, h, w = x.shape
+    win = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    return win.max(-1), win == win.max(-1, keepdims=True)
+
+
+def maxpool_backward_to_every_maximum(dout, mask):
+    n, c, ho, wo = dout.shape
+    return (mask * dout[..., None]).reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
+
+
+def maxpool_forward_wrong_argmax_order(x):
+    out, argmax = maxpool_forward(x)
+    return out, np.array([0, 2, 1, 3])[argmax]          # numbered column by column
+
+
+def im2col_square_kernel(x, kh, kw, stride=1, padding=0):
+    return im2col_loops(x, kh, kh, stride, padding)
+
+
+def conv_backward_averaged_db(x, w, dout, stride=1, padding=0):
+    dx, dw, db = E.reference_conv2d_backward(x, w, dout, stride, padding)
+    return dx, dw, E.host(db) / x.shape[0]
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_maxpool_forward, maxpool_forward_last_of_ties, (), "takes the last maximum"),
+    (E.check_maxpool_forward, maxpool_forward_mask_of_maxima, (), "one integer per output value"),
+    (E.check_maxpool_forward, maxpool_forward_wrong_argmax_order, (), "numbered 0..3 row by row"),
+    (E.check_maxpool_backward, maxpool_backward_to_every_maximum, (maxpool_forward_mask_of_maxima,),
+     "every maximum got the gradient"),
+    (E.check_im2col, im2col_square_kernel, (), "the right one"),
+    (E.check_conv2d_backward, conv_backward_averaged_db, (), "averaged over the batch"),
+    (E.check_linear_backward, lambda x, w, dout: (dout @ w, dout.T @ x / len(x), dout.sum(axis=0)), (),
+     "divided by the batch size"),
+])
+def test_pooling_and_convolution_slips_fail_with_their_hints(check, mine, extra, hint, capsys):
+    """Found by working through lessons 02-05 as a learner: ties (ReLU zeros are common), the argmax's
+    numbering, non-square kernels and batch averages each fail with a hint that names them."""
+    used = check(mine, *extra)
+    out = capsys.readouterr().out
+    assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out

@@ -126,7 +126,12 @@ def backend_numpy() -> Iterator[None]:
 
 # --- convolution (lessons on the forward and the backward pass) ----------------------------------------
 
-CONV_CASES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2)]     # kernel, stride, padding
+CONV_CASES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2), ((2, 3), 1, 1), ((3, 1), 2, 0)]     # kernel, stride, padding
+
+
+def _hw(k: Any) -> Tuple[int, int]:
+    """A case's kernel as (kh, kw): an int is a square kernel."""
+    return (k, k) if isinstance(k, int) else k
 
 
 def _conv_layer(w: np.ndarray, b: Optional[np.ndarray], stride: int, padding: int) -> Any:
@@ -168,10 +173,16 @@ def check_im2col(im2col: Callable) -> Callable:
         rng, errors = _rng(), []
         for k, s, p in CONV_CASES:
             x = rng.standard_normal((2, 3, 7, 6))
-            case = f"kernel {k}, stride {s}, padding {p}"
-            known = [(reference_im2col(x, k, k, 1, p), "right for stride 1 only: each slice steps by the stride (i:i + stride*Hout:stride)"),
-                     (reference_im2col(x, k, k, s, 0) if p else None, "the padding is missing: pad x by `padding` zeros on each side of H and W first")]
-            errors.append(compare("cols", fn(x, k, k, s, p), reference_im2col(x, k, k, s, p), "tinyunet.nn.conv.im2col",
+            kh, kw = _hw(k)
+            case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
+            expected = host(reference_im2col(x, kh, kw, s, p))
+            ho, wo = (7 + 2 * p - kh) // s + 1, (6 + 2 * p - kw) // s + 1
+            unstrided = host(reference_im2col(x, kh, kw, 1, p)).reshape(2, -1, 7 + 2 * p - kh + 1, 6 + 2 * p - kw + 1)
+            known = [(reference_im2col(x, kh, kw, 1, p), "right for stride 1 only: each slice steps by the stride (i:i + stride*Hout:stride)"),
+                     (unstrided[:, :, :ho, :wo].reshape(expected.shape) if s > 1 else None,
+                      "your slices take Hout consecutive rows: they must step by the stride (i:i + stride*Hout:stride)"),
+                     (reference_im2col(x, kh, kw, s, 0) if p else None, "the padding is missing: pad x by `padding` zeros on each side of H and W first")]
+            errors.append(compare("cols", fn(x, kh, kw, s, p), expected, "tinyunet.nn.conv.im2col",
                                   known, case))
         return errors
     return verdict("im2col", im2col, reference_im2col, run, "tinyunet.nn.conv.im2col")
@@ -184,7 +195,7 @@ def check_conv2d_forward(conv2d: Callable) -> Callable:
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
         for k, s, p in CONV_CASES:
-            x, w, b = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(4)
+            x, w, b = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, *_hw(k))), rng.standard_normal(4)
             expected = reference_conv2d_forward(x, w, b, s, p)
             known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: add b[o] to every position of output channel o"),
                      (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, s, p), "the kernel is flipped: deep learning's convolution does not flip it")]
@@ -201,28 +212,30 @@ def check_col2im(col2im: Callable) -> Callable:
         rng, errors = _rng(), []
         for k, s, p in CONV_CASES:
             shape = (2, 3, 7, 6)
-            cols = rng.standard_normal(reference_im2col(np.zeros(shape), k, k, s, p).shape)
+            kh, kw = _hw(k)
+            cols = rng.standard_normal(reference_im2col(np.zeros(shape), kh, kw, s, p).shape)
             x = rng.standard_normal(shape)
-            expected = reference_col2im(cols, shape, k, k, s, p)
-            case = f"kernel {k}, stride {s}, padding {p}"
-            errors.append(compare("image", fn(cols, shape, k, k, s, p), expected, "tinyunet.nn.conv.col2im",
-                                  [(_col2im_assigning(cols, shape, k, s, p),
+            expected = reference_col2im(cols, shape, kh, kw, s, p)
+            case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
+            errors.append(compare("image", fn(cols, shape, kh, kw, s, p), expected, "tinyunet.nn.conv.col2im",
+                                  [(_col2im_assigning(cols, shape, (kh, kw), s, p),
                                     "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
             # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
-            lhs, rhs = float((host(reference_im2col(x, k, k, s, p)) * cols).sum()), float((x * host(fn(cols, shape, k, k, s, p))).sum())
+            lhs, rhs = float((host(reference_im2col(x, kh, kw, s, p)) * cols).sum()), float((x * host(fn(cols, shape, kh, kw, s, p))).sum())
             errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case))
         return errors
     return verdict("col2im", col2im, reference_col2im, run, "tinyunet.nn.conv.col2im and the adjoint identity")
 
 
-def _col2im_assigning(cols: np.ndarray, shape: Tuple[int, ...], k: int, s: int, p: int) -> np.ndarray:
+def _col2im_assigning(cols: np.ndarray, shape: Tuple[int, ...], k: Any, s: int, p: int) -> np.ndarray:
     """col2im with ``=`` instead of ``+=``: the classic mistake."""
     n, c, h, w = shape
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    c6 = cols.reshape(n, c, k, k, ho, wo)
+    kh, kw = _hw(k)
+    ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+    c6 = cols.reshape(n, c, kh, kw, ho, wo)
     out = np.zeros((n, c, h + 2 * p, w + 2 * p))
-    for i in range(k):
-        for j in range(k):
+    for i in range(kh):
+        for j in range(kw):
             out[:, :, i:i + s * ho:s, j:j + s * wo:s] = c6[:, :, i, j]
     return out[:, :, p:p + h, p:p + w]
 
@@ -245,8 +258,8 @@ def check_conv2d_backward(conv2d_backward: Callable) -> Callable:
     """``conv2d_backward(x, w, dout, stride, padding) -> (dx, dw, db)``."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in [(3, 1, 1), (3, 2, 1), (2, 2, 0)]:
-            x, w = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((4, 3, k, k))
+        for k, s, p in [(3, 1, 1), (3, 2, 1), (2, 2, 0), ((2, 3), 1, 1)]:
+            x, w = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((4, 3, *_hw(k)))
             b = np.zeros(4)
             g = rng.standard_normal(host(reference_conv2d_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv2d_backward(x, w, g, s, p)
@@ -255,14 +268,17 @@ def check_conv2d_backward(conv2d_backward: Callable) -> Callable:
                 raise Mismatch("your function must return three arrays", "return dx, dw, db")
             g0 = g[:1]
             _, dw0, db0 = reference_conv2d_backward(x[:1], w, g0, s, p)
-            known = {"dw": [(dw0, "your dw is the first image's alone: the weight is shared by every image, sum over the batch")],
-                     "db": [(db0, "your db is the first image's alone: sum dout over the batch too (axes 0, 2, 3)")],
+            known = {"dw": [(dw0, "your dw is the first image's alone: the weight is shared by every image, sum over the batch"),
+                            (host(dw) / 2, "your dw is divided by the batch size: sum over the batch, do not average")],
+                     "db": [(db0, "your db is the first image's alone: sum dout over the batch too (axes 0, 2, 3)"),
+                            (host(db) / 2, "your db is averaged over the batch: sum dout over axes 0, 2, 3"),
+                            (g.mean(axis=(0, 2, 3)), "your db is a mean: sum dout over axes 0, 2, 3")],
                      "dx": [(_col2im_assigning(np.einsum("ok,nop->nkp", w.reshape(4, -1), g.reshape(2, 4, -1)), x.shape, k, s, p),
                              "col2im must add (+=) where patches overlap")]}
             forward = lambda: float((host(reference_conv2d_forward(x, w, b, s, p)) * g).sum())
             errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
                                       dict(zip(("dx", "dw", "db"), result)), "Conv2d.backward", known,
-                                      f"kernel {k}, stride {s}, padding {p}")
+                                      f"kernel {_hw(k)[0]}x{_hw(k)[1]}, stride {s}, padding {p}")
         return errors
     return verdict("conv2d_backward", conv2d_backward, reference_conv2d_backward, run,
                    "Conv2d.backward and finite differences")
@@ -312,6 +328,23 @@ def check_maxpool_forward(maxpool2x2_forward: Callable) -> Callable:
                                     "that is the mean of each window: take the max"),
                                    (x[:, :, ::2, ::2], "that is each window's top-left value: take the max over the window")],
                                   f"input {shape}"))
+            ones, argmax = np.ones(expected.shape), np.asarray(result[1])
+            if argmax.shape != expected.shape:
+                raise Mismatch(f"argmax, input {shape}: shape {argmax.shape}, the right one {expected.shape}",
+                               "one integer per output value: which of the window's 4 values won (0..3, row by row); "
+                               "a mask of every maximum would give the gradient to all tied maxima")
+            try:
+                errors.append(compare("dx routed by your argmax", reference_maxpool2x2_backward(ones, argmax),
+                                      _maxpool_layer_backward(x, ones)[1], "MaxPool2d(2).backward", [], f"input {shape}"))
+            except Mismatch as failure:
+                raise Mismatch(str(failure), "your out is right but your argmax points at other positions: take it over "
+                               "the window's 4 values, numbered 0..3 row by row (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)")
+        # ties (ReLU outputs are full of zeros): the first maximum wins, as argmax and PyTorch do
+        tie = np.array([[[[2.0, 2.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]]).transpose(1, 0, 2, 3).reshape(1, 2, 2, 2)
+        result = fn(tie)
+        errors.append(compare("argmax of a tied window", np.asarray(result[1]).reshape(-1), np.zeros(2), "the first maximum",
+                              [(np.array([1, 3]), "on a tie your argmax takes the last maximum: take the first (np.argmax does)")],
+                              "windows [[2, 2], [1, 0]] and all zeros"))
         return errors
     return verdict("maxpool2x2_forward", maxpool2x2_forward, reference_maxpool2x2_forward, run, "MaxPool2d(2)")
 
@@ -331,6 +364,17 @@ def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Ca
             errors += _gradient_cases(forward, {"dx": x}, {"dx": expected},
                                       {"dx": fn(g, maxpool2x2_forward(x)[1])}, "MaxPool2d(2).backward", known,
                                       f"input {shape}")
+        x = np.maximum(np.round(rng.standard_normal((2, 3, 4, 6))), 0)      # ReLU-like: many tied zeros
+        g = rng.standard_normal((2, 3, 2, 3))
+        _, expected = _maxpool_layer_backward(x, g)
+        win = x.reshape(2, 3, 2, 2, 3, 2).transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 2, 3, 4)
+        mask = win == win.max(-1, keepdims=True)
+        all_tied = (mask * g[..., None]).reshape(2, 3, 2, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(x.shape)
+        split = (mask * g[..., None] / mask.sum(-1, keepdims=True)).reshape(2, 3, 2, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(x.shape)
+        errors.append(compare("dx", fn(g, maxpool2x2_forward(x)[1]), expected, "MaxPool2d(2).backward",
+                              [(all_tied, "on a tie every maximum got the gradient: only the first one (the argmax) gets it"),
+                               (split, "on a tie the gradient is split between the maxima: the first one (the argmax) gets all of it")],
+                              "input with tied maxima (ReLU zeros)"))
         return errors
     return verdict("maxpool2x2_backward", maxpool2x2_backward, reference_maxpool2x2_backward, run,
                    "MaxPool2d(2).backward and finite differences")
@@ -680,7 +724,9 @@ def check_linear_backward(linear_backward: Callable) -> Callable:
                 raise Mismatch("your function must return three arrays", "return dx, dw, db")
             dx, dw, db = reference_linear_backward(x, w, g)
             known = {"dw": [(x.T @ g, "dw has w's shape (out, in): dout.T @ x, not x.T @ dout")],
-                     "db": [(g[0], "sum dout over the batch (axis 0)"), (g.sum(axis=1), "sum over the batch, axis 0, not axis 1")]}
+                     "db": [(g[0], "sum dout over the batch (axis 0)"), (g.sum(axis=1), "sum over the batch, axis 0, not axis 1"),
+                            (g.mean(axis=0) if n > 1 else None, "your db is averaged over the batch: sum it (the loss already carries any 1/N)")]}
+            known["dw"].append((g.T @ x / n if n > 1 else None, "your dw is divided by the batch size: sum over the batch, do not average"))
             forward = lambda: float(((x @ w.T + b) * g).sum())
             errors += _gradient_cases(forward, {"dx": x, "dw": w, "db": b}, {"dx": dx, "dw": dw, "db": db},
                                       dict(zip(("dx", "dw", "db"), result)), "a 1x1 Conv2d.backward", known,
