@@ -232,7 +232,7 @@ BUGS = [
     (E.check_softmax_ce_backward, softmax_backward_not_averaged, (softmax_forward,), "divide by their number"),
     (E.check_unet_backward, unet_backward_forgot_fork, (), "fork"),
     (E.check_concat_backward, concat_backward_swapped, (), "swapped"),
-    (E.check_momentum_step, momentum_without_velocity, (), "not the velocity"),
+    (E.check_momentum_step, momentum_without_velocity, (), "step with the velocity"),
     (E.check_adam_step, adam_without_correction, (), "bias correction"),
     (E.check_linear_backward, linear_backward_db_axis, (), "axis 0"),
     (E.check_im2col, lambda x, kh, kw, s=1, p=0: E.reference_im2col(x, kh, kw, s, 0), (), "padding"),
@@ -503,6 +503,65 @@ def conv_backward_averaged_db(x, w, dout, stride=1, padding=0):
 def test_pooling_and_convolution_slips_fail_with_their_hints(check, mine, extra, hint, capsys):
     """Found by working through lessons 02-05 as a learner: ties (ReLU zeros are common), the argmax's
     numbering, non-square kernels and batch averages each fail with a hint that names them."""
+    used = check(mine, *extra)
+    out = capsys.readouterr().out
+    assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out
+
+
+def adam_t_from_zero(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    for p, m, v in zip(params, ms, vs):
+        m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+        v[...] = betas[1] * v + (1 - betas[1]) * p.grad ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p.data -= lr * (m / (1 - betas[0] ** (t - 1))) / (np.sqrt(v / (1 - betas[1] ** (t - 1))) + eps)
+
+
+def adam_without_eps(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    for p, m, v in zip(params, ms, vs):
+        m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+        v[...] = betas[1] * v + (1 - betas[1]) * p.grad ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p.data -= lr * (m / (1 - betas[0] ** t)) / np.sqrt(v / (1 - betas[1] ** t))
+
+
+def adam_eps_inside(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    for p, m, v in zip(params, ms, vs):
+        m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+        v[...] = betas[1] * v + (1 - betas[1]) * p.grad ** 2
+        p.data -= lr * (m / (1 - betas[0] ** t)) / np.sqrt(v / (1 - betas[1] ** t) + eps)
+
+
+def momentum_rebinding(params, velocities, lr, momentum=0.9):
+    for i, p in enumerate(params):
+        velocities[i] = momentum * velocities[i] + p.grad
+        p.data -= lr * velocities[i]
+
+
+def ring_in_different_orders(arrays):
+    """Every process adds the others' arrays in its own order: the same sum up to the last bits."""
+    n = len(arrays)
+    sums = [sum(arrays[(r + k) % n] for k in range(n)) for r in range(n)]
+    for a, s in zip(arrays, sums):
+        a[...] = s
+    return arrays
+
+
+def sync_bn_forward_without_eps(xs, gamma, beta, eps=1e-5):
+    return sync_bn_forward(xs, gamma, beta, eps=0.0)
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_adam_step, adam_t_from_zero, (), "t = 0"),
+    (E.check_adam_step, adam_without_eps, (), "without eps"),
+    (E.check_adam_step, adam_eps_inside, (), "outside the square root"),
+    (E.check_momentum_step, momentum_rebinding, (), "in place"),
+    (E.check_ring_allreduce, ring_in_different_orders, (), "same bits"),
+    (E.check_sync_bn_forward, sync_bn_forward_without_eps, (), "compare one small case"),
+])
+def test_optimizer_and_process_slips_fail(check, mine, extra, hint, capsys):
+    """Found by working through lessons 09, 11 and 18 as a learner: a NaN result used to PASS (NaN > tol is
+    False), Adam's eps never mattered on the check's gradients, a rebound velocity list was not seen, and
+    processes holding sums that differ in the last bits passed."""
     used = check(mine, *extra)
     out = capsys.readouterr().out
     assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out

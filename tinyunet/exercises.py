@@ -65,13 +65,17 @@ def compare(what: str, mine: Any, expected: Any, against: str,
         if sorted(mine.shape) == sorted(expected.shape):
             hint += ": the right numbers of elements in the wrong axis order (a transpose, or a reshape in the wrong order?)"
         raise Mismatch(f"{where}: wrong shape", "; ".join(matched + [hint]))
+    if not np.all(np.isfinite(mine)):   # NaN compares False with everything: it must never pass
+        raise Mismatch(f"{where}: NaN or inf in your result", "; ".join(matched + [
+            "a division by zero or the square root of a negative number: 1 - beta**t with t = 0, "
+            "a variance or a square root without eps? Print the intermediate arrays of one small case"]))
     err = relative_error(mine, expected)
-    if err > TOLERANCE:
+    if not err <= TOLERANCE:
         if matched:
             hint = matched[0]
         else:
             hint = ("the same numbers in another order: check the order of the axes (and of the rows of a reshape)"
-                    if np.allclose(np.sort(mine, axis=None), np.sort(expected, axis=None)) else
+                    if relative_error(np.sort(mine, axis=None), np.sort(expected, axis=None)) <= TOLERANCE else
                     "compare one small case by hand with the formula in the text (print both arrays)")
         raise Mismatch(f"{where}: relative error {err:.2g} vs {against}", hint)
     return err
@@ -769,6 +773,8 @@ def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3) -> List[np
     rng = _rng()
     params = [Parameter(rng.standard_normal((3, 4))), Parameter(rng.standard_normal(5))]
     grads = [[rng.standard_normal(p.shape) for p in params] for _ in range(steps)]
+    for g in grads:   # a zero and a tiny gradient: where Adam's eps decides the step
+        g[1][:2] = 0.0, 1e-9
     optimizer = None
     if fn is None:
         optimizer = {"sgd": lambda: SGD(params, lr=0.1), "momentum": lambda: SGD(params, lr=0.1, momentum=0.9),
@@ -781,10 +787,10 @@ def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3) -> List[np
             optimizer.step()
         elif kind == "sgd":
             fn(params, 0.1)
-        elif kind == "momentum":
-            fn(params, state[0], 0.1, 0.9)
+        elif kind == "momentum":   # new lists of the same arrays each call, as a training loop may pass
+            fn(params, list(state[0]), 0.1, 0.9)
         else:
-            fn(params, state[0], state[1], t, 0.1)
+            fn(params, list(state[0]), list(state[1]), t, 0.1)
     return [host(p.data).copy() for p in params]
 
 
@@ -824,7 +830,9 @@ def check_momentum_step(momentum_step: Callable) -> Callable:
             v[...] = mom * v + p.grad
             p.data -= lr * p.grad
     return _check_optimizer("momentum_step", "momentum", momentum_step, reference_momentum_step,
-                            {"the step uses the gradient, not the velocity: p.data -= lr * v": no_memory})
+                            {"your steps are plain gradient steps: step with the velocity (p.data -= lr * v), and "
+                             "update v in place (v *= momentum; v += p.grad): `v = ...` or `velocities[i] = ...` "
+                             "makes a new array that the next call never sees": no_memory})
 
 
 def check_adam_step(adam_step: Callable) -> Callable:
@@ -834,8 +842,14 @@ def check_adam_step(adam_step: Callable) -> Callable:
             m[...] = 0.9 * m + 0.1 * p.grad
             v[...] = 0.999 * v + 0.001 * p.grad ** 2
             p.data -= lr * m / (np.sqrt(v) + eps)
+    def eps_inside(ps: Any, ms: Any, vs: Any, t: int, lr: float, betas: Any = (0.9, 0.999), eps: float = 1e-8) -> None:
+        for p, m, v in zip(ps, ms, vs):
+            m[...] = 0.9 * m + 0.1 * p.grad
+            v[...] = 0.999 * v + 0.001 * p.grad ** 2
+            p.data -= lr * (m / (1 - 0.9 ** t)) / np.sqrt(v / (1 - 0.999 ** t) + eps)
     return _check_optimizer("adam_step", "adam", adam_step, reference_adam_step,
-                            {"the bias correction is missing: divide m by 1 - b1**t and v by 1 - b2**t": no_correction})
+                            {"the bias correction is missing: divide m by 1 - b1**t and v by 1 - b2**t": no_correction,
+                             "eps goes outside the square root: sqrt(v_hat) + eps": eps_inside})
 
 
 # --- several processes: the ring allreduce, synchronized BatchNorm -------------------------------------------
@@ -902,6 +916,10 @@ def check_ring_allreduce(ring_allreduce: Callable) -> Callable:
                     and len(returned) == n and all(np.allclose(host(v), total) for v in returned):
                 raise Mismatch(f"{n} processes: the sums were returned but the arrays left as they were",
                                "each process's array must become the sum in place (a[...] = ..., or += into its views)")
+            if all(np.allclose(m, total) for m in mine) and not all(np.array_equal(mine[0], m) for m in mine):
+                raise Mismatch(f"{n} processes: the sums differ between the processes in the last bits",
+                               "each chunk is added up once, along the ring, then copied: every process must hold "
+                               "the same bits, or their weights drift apart")
             for r in range(n):
                 errors.append(compare(f"process {r}'s array", mine[r], total, "the plain sum",
                                       [(m[r], hint) for m, hint in known],
@@ -945,7 +963,9 @@ SYNC_BN_CASES = [(3, 2), (1, 2, 2), (2, 2, 1, 3)]     # images per shard
 
 def _sync_bn_case(rng: np.random.Generator, counts: Sequence[int]) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
     # each shard its own offset: the shards' statistics differ, as those of small random batches do
-    xs = [rng.standard_normal((n, 3, 4, 3)) * 2 + rng.standard_normal((1, 3, 1, 1)) for n in counts]
+    # and channel 2 with a variance near eps (~2e-5), so that a missing eps shows
+    scale = np.array([1.0, 1.0, 0.002]).reshape(1, 3, 1, 1)
+    xs = [(rng.standard_normal((n, 3, 4, 3)) * 2 + rng.standard_normal((1, 3, 1, 1))) * scale for n in counts]
     return xs, rng.standard_normal(3), rng.standard_normal(3)
 
 
