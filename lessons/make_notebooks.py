@@ -14,8 +14,9 @@ The notebooks are the learner's copy, converted by jupytext (Markdown cells and 
   it (``name = check_name(name)``, tinyunet/exercises.py) then reports the failure, with a hint, and
   lets the package's reference stand in, so the notebook runs on to the end;
 - ```bash blocks stay text (commands to read or to type in a terminal, not to run in the notebook);
-- ``<details>`` answer folds become a plain heading (a fold cannot span several notebook cells), and
-  links to other lessons point to their notebooks.
+- ``<details>`` answer folds become a heading, and the code cells inside them are folded
+  (``jupyter.source_hidden``: the learner clicks to open an answer; a fold cannot span several
+  notebook cells), and links to other lessons point to their notebooks.
 
 ``notebook(path, solutions=True)`` gives the same notebook with the solutions in place: the tests run
 both versions.
@@ -95,13 +96,17 @@ def notebook(path: Path, solutions: bool = False) -> Any:
     """The notebook of one lesson: the learner's version (stubs), or with the solutions."""
     nb = jupytext.reads(path.read_text(encoding="utf-8"), fmt="md")
     cells: List[Any] = [nbformat.v4.new_code_cell(FIRST_CELL)]
+    answers, folded = False, set()   # inside a <details> fold; the indices of its code cells
     for cell in nb.cells:
         source = cell.source
         if cell.cell_type == "code" and source.startswith("%%bash\n"):   # a ```bash block: keep it as text
             cell = _markdown("```bash\n" + source[len("%%bash\n"):] + "\n```")
             source = cell.source
         if cell.cell_type == "markdown":
-            source = re.sub(r"^<details><summary>(.*?)</summary>\s*$", r"**\1**", source, flags=re.M)
+            if "<details>" in source or "</details>" in source:
+                answers = source.rfind("<details>") > source.rfind("</details>")
+            source = re.sub(r"^<details><summary>(.*?)</summary>\s*$", r"**\1** (folded: click a cell to open it)",
+                            source, flags=re.M)
             source = re.sub(r"^</details>\s*\n?", "", source, flags=re.M).strip("\n")
             source = re.sub(r"\]\((\d\d-[a-z0-9-]+)\.md\)", r"](\1.ipynb)", source)   # lesson links: to the notebooks
             if not source:
@@ -111,10 +116,12 @@ def notebook(path: Path, solutions: bool = False) -> Any:
             else:
                 cells.append(_markdown(source))
         else:
+            if answers:
+                folded.add(len(cells))
             cells.append(nbformat.v4.new_code_cell(source if solutions else stub_functions(source)))
     for i, cell in enumerate(cells):
         cell.id = f"{path.stem[:2]}-{i:03d}"          # stable ids: regenerating changes nothing
-        cell.metadata = {}
+        cell.metadata = {"jupyter": {"source_hidden": True}} if i in folded else {}
     out = nbformat.v4.new_notebook(cells=cells)
     out.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                     "language_info": {"name": "python"}}

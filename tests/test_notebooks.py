@@ -116,3 +116,18 @@ def test_notebook_runs_with_stubs(md: Path, monkeypatch, tmp_path: Path) -> None
     text = "\n".join(outputs)
     assert text.count("  hint: ") == len(checks) and ": PASS" not in text
     assert text.count("stands in for yours") == len(checks)
+
+
+@pytest.mark.parametrize("md", SOURCES, ids=lambda p: p.stem)
+def test_answer_folds_are_folded_in_the_notebook(md: Path) -> None:
+    """The code of a lesson's <details> answers is folded in its notebook (source_hidden), and no other
+    cell is: the learner opens an answer on purpose."""
+    import jupytext
+
+    text = md.read_text(encoding="utf-8")
+    answers = []   # the python blocks inside a fold, in order
+    for fold in re.findall(r"^<details>.*?^</details>", text, flags=re.M | re.S):
+        answers += [c.source for c in jupytext.reads(fold, fmt="md").cells if c.cell_type == "code"]
+    nb = make_notebooks.notebook(md)
+    hidden = [c.source for c in nb.cells if c.metadata.get("jupyter", {}).get("source_hidden")]
+    assert hidden == answers
