@@ -565,3 +565,55 @@ def test_optimizer_and_process_slips_fail(check, mine, extra, hint, capsys):
     used = check(mine, *extra)
     out = capsys.readouterr().out
     assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out
+
+
+def gate_backward_by_layers(dout, x, s, sig, alpha, Wx, Wg, Wpsi, Ah, Aw):
+    """A right answer through tinyunet's own layers' backward passes (not the check's NumPy formulas)."""
+    from tinyunet import backend
+    from tinyunet.nn import Conv2d, Multiply, ReLU, Sigmoid, Upsample
+
+    before = backend.set_acceleration(False)
+    try:
+        ci, c = Wx.shape[:2]
+        mult, up, sigmoid, relu = Multiply(), Upsample(2, mode="bilinear"), Sigmoid(), ReLU()
+        psi, wg, wx = Conv2d(ci, 1, 1).double(), Conv2d(Wg.shape[1], ci, 1).double(), Conv2d(c, ci, 2, stride=2, bias=False).double()
+        psi.weight.data[...], wg.weight.data[...], wx.weight.data[...] = Wpsi[:, :, None, None], Wg[:, :, None, None], Wx
+        # replay the forward with s and sig as given, so each layer holds what its backward needs
+        relu.forward(s)
+        q = np.log(sig / (1 - sig))
+        sigmoid.forward(q)
+        up.forward(sig)
+        mult.forward(x, alpha)
+        psi.forward(np.maximum(s, 0))
+        wg.forward(np.zeros((x.shape[0], Wg.shape[1], s.shape[2], s.shape[3])))
+        wx.forward(x)
+        dx_mult, dalpha = mult.backward(dout)
+        ds = relu.backward(psi.backward(sigmoid.backward(up.backward(dalpha.sum(axis=1, keepdims=True)))))
+        return dx_mult + wx.backward(ds), wg.backward(ds)
+    finally:
+        backend.set_acceleration(before)
+
+
+def gate_slip(slip):
+    def backward(dout, x, s, sig, alpha, Wx, Wg, Wpsi, Ah, Aw):
+        return E._gate_backward_variant(dout, dict(x=x, s=s, sig=sig, alpha=alpha, Wx=Wx, Wg=Wg, Wpsi=Wpsi, Ah=Ah, Aw=Aw), slip)
+    return backward
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (gate_backward_by_layers, None),
+    (gate_slip("sigmoid"), "sig * (1 - sig)"), (gate_slip("mean"), "summed over the channels"),
+    (gate_slip("relu"), "mask (s > 0)"), (gate_slip("fork"), "x forks"),
+    (lambda *args: E.reference_gate_backward(*args)[::-1], "the right one"),
+    (stub, "not written yet"),
+])
+def test_gate_backward_check(mine, hint, capsys):
+    """Lesson 16's attention-gate exercise: an answer through the package's layers passes; each classic slip
+    fails with its hint; the reference stands in after a failure and passes its own check."""
+    used = E.check_gate_backward(mine)
+    out = capsys.readouterr().out
+    if hint is None:
+        assert used is mine and ": PASS" in out, out
+    else:
+        assert used is not mine and ": FAIL " in out and hint in out, out
+        assert E.check_gate_backward(used) is used

@@ -707,6 +707,88 @@ def check_unet_backward(unet_backward: Callable) -> Callable:
     return verdict("unet_backward", unet_backward, reference_unet_backward, run, "UNet.backward and finite differences")
 
 
+# --- the attention gate (the variants lesson) ---------------------------------------------------------------
+
+def _gate_case(rng: np.random.Generator, n: int, c: int, cg: int, ci: int, h: int, w: int) -> Dict[str, Any]:
+    """A gate's inputs, weights and forward pieces, in NumPy: theta = W_x x (2x2, stride 2), s = theta +
+    W_g g + b_g, q = W_psi relu(s) + b_psi, sig = sigmoid(q), alpha = Ah @ sig @ Aw.T (bilinear x2)."""
+    from tinyunet.nn import Upsample
+
+    x, g = rng.standard_normal((n, c, h, w)), rng.standard_normal((n, cg, h // 2, w // 2))
+    Wx = rng.standard_normal((ci, c, 2, 2)) * 0.5
+    Wg, bg = rng.standard_normal((ci, cg)) * 0.5, rng.standard_normal(ci) * 0.1
+    Wpsi, bpsi = rng.standard_normal((1, ci)), rng.standard_normal(1) * 0.1
+    with reference_layers():   # the bilinear matrices: column j is the upsampled unit vector e_j
+        up = lambda m: host(Upsample(2, mode="bilinear").forward(to_device(np.eye(m)[:, None, :, None])))[:, 0, :, 0].T
+        Ah, Aw = up(h // 2), up(w // 2)
+    k = dict(x=x, g=g, Wx=Wx, Wg=Wg, bg=bg, Wpsi=Wpsi, bpsi=bpsi, Ah=Ah, Aw=Aw)
+    return {**k, **_gate_forward(x, g, k)}
+
+
+def _gate_forward(x: np.ndarray, g: np.ndarray, k: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """s, sig and alpha of the gate with the weights of ``k``; the gate's output is x * alpha."""
+    n, c, h, w = x.shape
+    theta = np.einsum("nciajb,kcab->nkij", x.reshape(n, c, h // 2, 2, w // 2, 2), k["Wx"])
+    s = theta + np.einsum("nchw,kc->nkhw", g, k["Wg"]) + k["bg"][None, :, None, None]
+    q = np.einsum("nchw,kc->nkhw", np.maximum(s, 0), k["Wpsi"]) + k["bpsi"][None, :, None, None]
+    sig = 1 / (1 + np.exp(-q))
+    return dict(s=s, sig=sig, alpha=k["Ah"] @ sig @ k["Aw"].T)
+
+
+def _gate_backward_variant(dout: np.ndarray, k: Dict[str, Any], slip: str = "") -> Tuple[Any, Any]:
+    """The gate's backward in NumPy, right or with one classic slip (for the hints)."""
+    dalpha = (dout * k["x"]).mean(axis=1, keepdims=True) if slip == "mean" else (dout * k["x"]).sum(axis=1, keepdims=True)
+    dsig = k["Ah"].T @ dalpha @ k["Aw"]
+    dq = dsig * (k["sig"] if slip == "sigmoid" else k["sig"] * (1 - k["sig"]))
+    ds = np.einsum("nkhw,kc->nchw", dq, k["Wpsi"]) * (1.0 if slip == "relu" else (k["s"] > 0))
+    dg = np.einsum("nkhw,kc->nchw", ds, k["Wg"])
+    n, c, h, w = k["x"].shape
+    dx_wx = np.einsum("nkij,kcab->nciajb", ds, k["Wx"]).reshape(n, c, h, w)
+    return (dx_wx if slip == "fork" else dout * k["alpha"] + dx_wx), dg
+
+
+def reference_gate_backward(dout: Any, x: Any, s: Any, sig: Any, alpha: Any, Wx: Any, Wg: Any, Wpsi: Any,
+                            Ah: Any, Aw: Any) -> Tuple[Any, Any]:
+    return _gate_backward_variant(host(dout), dict(x=host(x), s=host(s), sig=host(sig), alpha=host(alpha), Wx=host(Wx),
+                                                   Wg=host(Wg), Wpsi=host(Wpsi), Ah=host(Ah), Aw=host(Aw)))
+
+
+def check_gate_backward(gate_backward: Callable) -> Callable:
+    """``gate_backward(dout, x, s, sig, alpha, Wx, Wg, Wpsi, Ah, Aw) -> (dx, dg)``: the attention gate's
+    backward, against tinyunet's AttentionGate with the same weights and finite differences."""
+    from tinyunet.models.attention_unet import AttentionGate
+
+    hints = {"sigmoid": "the sigmoid's derivative is sig * (1 - sig), not sig",
+             "mean": "alpha multiplied every channel of x: dalpha is summed over the channels, not averaged",
+             "relu": "the ReLU's mask (s > 0) is missing: psi read relu(s)",
+             "fork": "x forks: it is multiplied by alpha *and* fed W_x, so dx = dout * alpha + W_x's backward of ds"}
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for n, c, cg, ci, h, w in [(2, 4, 8, 2, 4, 6), (1, 3, 5, 3, 6, 2)]:
+            k = _gate_case(rng, n, c, cg, ci, h, w)
+            with reference_layers():
+                gate = AttentionGate(skip_channels=c, gate_channels=cg, inter_channels=ci).double()
+                gate.W_x.weight.data[...] = to_device(k["Wx"])
+                gate.W_g.weight.data[...], gate.W_g.bias.data[...] = to_device(k["Wg"][:, :, None, None]), to_device(k["bg"])
+                gate.psi.weight.data[...] = to_device(k["Wpsi"][:, :, None, None])
+                gate.psi.bias.data[...] = to_device(k["bpsi"])
+                out = gate.forward(to_device(k["x"]), to_device(k["g"]))
+                dout = rng.standard_normal(out.shape)
+                expected = dict(zip(("dx", "dg"), map(host, gate.backward(to_device(dout)))))
+            result = fn(dout.copy(), *(k[name].copy() for name in ("x", "s", "sig", "alpha", "Wx", "Wg", "Wpsi", "Ah", "Aw")))
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise Mismatch("your function must return two arrays", "return dx, dg")
+            slips = {slip: _gate_backward_variant(dout, k, slip) for slip in hints}
+            known = {name: [(slips[slip][i], hints[slip]) for slip in hints] for i, name in enumerate(("dx", "dg"))}
+            forward = lambda: float((k["x"] * _gate_forward(k["x"], k["g"], k)["alpha"] * dout).sum())
+            errors += _gradient_cases(forward, {"dx": k["x"], "dg": k["g"]}, expected, dict(zip(("dx", "dg"), result)),
+                                      "AttentionGate.backward", known, f"skip {(n, c, h, w)}, gate {cg} channels")
+        return errors
+    return verdict("gate_backward", gate_backward, reference_gate_backward, run,
+                   "AttentionGate.backward and finite differences")
+
+
 # --- the framework ------------------------------------------------------------------------------------------
 
 def reference_linear_backward(x: Any, w: Any, dout: Any) -> Tuple[Any, Any, Any]:
