@@ -617,3 +617,58 @@ def test_gate_backward_check(mine, hint, capsys):
     else:
         assert used is not mine and ": FAIL " in out and hint in out, out
         assert E.check_gate_backward(used) is used
+
+
+def train_steps_written_out(model, optimizer, loss_fn, batches):
+    """A right loop written here, with the optimizer step as Adam's formula would not be: the package's."""
+    model.train()
+    out = []
+    for x, y in batches:
+        for p in model.parameters():
+            p.grad[...] = 0
+        logits = model.forward(x)
+        out.append(float(loss_fn.forward(logits, y)))
+        model.backward(loss_fn.backward())
+        optimizer.step()
+    return out
+
+
+def train_steps_slip(kind):
+    return E._train_mistake(kind)
+
+
+def iou_from_sets(cm):
+    """IoU counted from the definition: |pred ∩ true| / |pred ∪ true| per class, over a pixel list."""
+    true, pred = np.repeat(np.arange(cm.shape[0]), cm.sum(axis=1)), np.concatenate(
+        [np.repeat(np.arange(cm.shape[1]), row) for row in cm])
+    result = []
+    for c in range(cm.shape[0]):
+        union = np.sum((true == c) | (pred == c))
+        result.append(np.sum((true == c) & (pred == c)) / union if union else np.nan)
+    return np.array(result)
+
+
+@pytest.mark.parametrize("check, mine, hint", [
+    (E.check_train_steps, train_steps_written_out, None),
+    (E.check_train_steps, train_steps_slip("no zero_grad"), "gradients accumulate"),
+    (E.check_train_steps, train_steps_slip("no step"), "never moved"),
+    (E.check_train_steps, train_steps_slip("eval"), "model.train()"),
+    (E.check_train_steps, stub, "not written yet"),
+    (E.check_iou_per_class, iou_from_sets, None),
+    (E.check_iou_per_class, lambda cm: np.diag(cm) / (cm.sum(0) + cm.sum(1)), "counts TP once"),
+    (E.check_iou_per_class, lambda cm: np.diag(cm) / cm.sum(1), "recall"),
+    (E.check_iou_per_class, lambda cm: np.nan_to_num(E.reference_iou_per_class(cm)), "NaN there"),
+    (E.check_iou_per_class, stub, "not written yet"),
+    (E.check_col2im, lambda cols, shape, kh, kw, s=1, p=0: E.host(E.reference_col2im(cols, shape, kh, kw, s, p)).astype(np.float32),
+     "keep the dtype"),
+])
+def test_training_loop_and_metric_checks(check, mine, hint, capsys):
+    """Lesson 13's loop and IoU and lesson 10's col2im: a right answer written independently passes; each
+    slip that still made the loss fall (no zero_grad, eval mode) or the float32 buffer fails with its hint."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        used = check(mine)
+    out = capsys.readouterr().out
+    if hint is None:
+        assert used is mine and ": PASS" in out, out
+    else:
+        assert used is not mine and ": FAIL " in out and hint in out, out

@@ -221,7 +221,12 @@ def check_col2im(col2im: Callable) -> Callable:
             x = rng.standard_normal(shape)
             expected = reference_col2im(cols, shape, kh, kw, s, p)
             case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
-            errors.append(compare("image", fn(cols, shape, kh, kw, s, p), expected, "tinyunet.nn.conv.col2im",
+            image = fn(cols, shape, kh, kw, s, p)
+            if image is not None and np.asarray(to_host(image)).dtype != cols.dtype:
+                raise Mismatch(f"image, {case}: dtype {np.asarray(to_host(image)).dtype} for {cols.dtype} cols",
+                               "keep the dtype you are given (np.zeros(..., dtype=cols.dtype)): a float32 "
+                               "buffer rounds a float64 gradient check's numbers to 7 digits")
+            errors.append(compare("image", image, expected, "tinyunet.nn.conv.col2im",
                                   [(_col2im_assigning(cols, shape, (kh, kw), s, p),
                                     "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
             # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
@@ -1122,3 +1127,101 @@ def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable
         return errors
     return verdict("sync_bn_backward", sync_bn_backward, reference_sync_bn_backward, run,
                    "BatchNorm2d.backward on the concatenated batch")
+
+
+# --- training and evaluating (lesson 13) ---------------------------------------------------------------
+
+def reference_train_steps(model: Any, optimizer: Any, loss_fn: Any, batches: Sequence[Tuple[Any, Any]]) -> List[float]:
+    """One training step per (x, y) batch: clear the gradients, forward, loss, backward, optimizer step."""
+    model.train()
+    losses = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward(), input_grad=False)
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _train_mistake(kind: str) -> Callable:
+    """reference_train_steps with one classic slip."""
+    def steps(model: Any, optimizer: Any, loss_fn: Any, batches: Sequence[Tuple[Any, Any]]) -> List[float]:
+        if kind != "eval":
+            model.train()
+        losses = []
+        for x, y in batches:
+            if kind != "no zero_grad":
+                optimizer.zero_grad()
+            loss = loss_fn.forward(model.forward(x), y)
+            model.backward(loss_fn.backward(), input_grad=False)
+            if kind != "no step":
+                optimizer.step()
+            losses.append(float(loss))
+        return losses
+    return steps
+
+
+def _train_run(fn: Callable) -> Tuple[List[float], np.ndarray]:
+    """A tiny U-Net, fresh from the same seed and left in eval mode (as after a validation pass),
+    trained by ``fn`` on 3 different batches; its losses and all its weights afterwards."""
+    from tinyunet.data import iterate_batches, make_shapes
+    from tinyunet.losses import CrossEntropyLoss
+    from tinyunet.models import UNet
+    from tinyunet.optim import Adam
+    with backend_numpy(), reference_layers():
+        data = make_shapes(12, 16, seed=3)
+        batches = [(x, y) for x, y, _ in iterate_batches(data, 4, shuffle=False, rng=None)]
+        backend.seed(0)
+        model = UNet(3, 3, base_channels=4, depth=2)
+        model.eval()
+        losses = fn(model, Adam(model.parameters(), lr=1e-2), CrossEntropyLoss(), batches)
+        weights = np.concatenate([host(p.data).ravel() for p in model.parameters()])
+    return losses, weights
+
+
+def check_train_steps(train_steps: Callable) -> Callable:
+    """``train_steps(model, optimizer, loss_fn, batches) -> list of losses``, one step per batch."""
+    def run(fn: Callable) -> List[float]:
+        expected_losses, expected_weights = _train_run(reference_train_steps)
+        losses, weights = _train_run(fn)
+        if not isinstance(losses, (list, tuple)) or len(losses) != len(expected_losses):
+            raise Mismatch("your function must return one loss per batch", "return a list of float(loss), one per step")
+        known = {kind: _train_run(_train_mistake(kind)) for kind in ("no zero_grad", "no step", "eval")}
+        hints = {"no zero_grad": "gradients accumulate: clear them (optimizer.zero_grad()) at the start of every step",
+                 "no step": "the weights never moved with this batch's gradient: the order is zero_grad, forward, "
+                            "loss, backward, then optimizer.step() (a zero_grad after backward, or a step before it, "
+                            "throws the gradient away)",
+                 "eval": "the model comes in eval mode (as after a validation pass): call model.train() before training"}
+        return [compare("losses", np.array(losses, dtype=np.float64), np.array(expected_losses), "the reference loop",
+                        [(np.array(known[k][0]), hints[k]) for k in known], "3 batches of 4 images"),
+                compare("weights after training", weights, expected_weights, "the reference loop",
+                        [(known[k][1], hints[k]) for k in known], "3 batches of 4 images")]
+    return verdict("train_steps", train_steps, reference_train_steps, run, "the reference loop")
+
+
+def reference_iou_per_class(cm: Any) -> np.ndarray:
+    """IoU of each class from a confusion matrix cm[true, predicted]; NaN for a class absent from both."""
+    from tinyunet.metrics import iou_per_class
+    return iou_per_class(cm)
+
+
+def check_iou_per_class(iou_fn: Callable) -> Callable:
+    """``iou_per_class(cm) -> (C,)``: TP / (TP + FP + FN) per class, NaN where 0/0."""
+    def run(fn: Callable) -> List[float]:
+        cm = np.array([[50, 3, 7, 0], [11, 80, 2, 0], [5, 9, 20, 0], [0, 0, 0, 0]], dtype=np.int64)   # class 3: absent
+        tp = np.diag(cm).astype(np.float64)
+        mine = np.asarray(to_host(fn(cm.copy())), dtype=np.float64)
+        expected = reference_iou_per_class(cm)
+        if mine.shape != expected.shape:
+            raise Mismatch(f"iou: wrong shape {mine.shape}", f"one IoU per class: shape {expected.shape}")
+        if not np.isnan(mine[3]):
+            raise Mismatch(f"iou of a class absent from truth and prediction: {mine[3]:g}",
+                           "0/0 is no score: return NaN there (and leave it out of the mean), not 0 or 1")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slips = [(tp / (cm.sum(0) + cm.sum(1)), "the union counts TP once: TP + FP + FN = row sum + column sum - TP"),
+                     (tp / cm.sum(1), "that is the recall (TP / row sum): the union also holds the false positives"),
+                     (tp / cm.sum(0), "that is the precision (TP / column sum): the union also holds the false negatives")]
+        return [compare("iou", mine[:3], expected[:3], "tinyunet.metrics.iou_per_class",
+                        [(w[:3], h) for w, h in slips], "4 classes, the last absent")]
+    return verdict("iou_per_class", iou_fn, reference_iou_per_class, run, "tinyunet.metrics.iou_per_class")
