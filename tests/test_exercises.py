@@ -672,3 +672,33 @@ def test_training_loop_and_metric_checks(check, mine, hint, capsys):
         assert used is mine and ": PASS" in out, out
     else:
         assert used is not mine and ": FAIL " in out and hint in out, out
+
+
+def trimap_by_table(trimap):
+    """A right answer from the class table itself."""
+    from tinyunet.classes import CLASSES
+
+    trimap = np.asarray(trimap)
+    out = np.full(trimap.shape, 255, np.uint8)
+    for c in CLASSES:
+        out[trimap == c.trimap_value] = c.id
+    if (out == 255).any():
+        raise ValueError("not a trimap value")
+    return out
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (trimap_by_table, None),
+    (lambda t: (np.asarray(t) - 1).astype(np.uint8), "no ValueError"),
+    (lambda t: np.asarray(t), "value - 1"),
+    (lambda t: np.choose(np.asarray(t) - 1, [1, 0, 2]).astype(np.uint8), "swapped"),
+    (lambda t: trimap_by_table(t).astype(np.int64), "uint8"),
+    (stub, "not written yet"),
+])
+def test_trimap_check(mine, hint, capsys):
+    used = E.check_trimap_to_labels(mine)
+    out = capsys.readouterr().out
+    if hint is None:
+        assert used is mine and ": PASS" in out, out
+    else:
+        assert used is not mine and ": FAIL " in out and hint in out, out

@@ -712,6 +712,43 @@ def check_unet_backward(unet_backward: Callable) -> Callable:
     return verdict("unet_backward", unet_backward, reference_unet_backward, run, "UNet.backward and finite differences")
 
 
+# --- the data (the Oxford-IIIT Pet lesson) -------------------------------------------------------------------
+
+def reference_trimap_to_labels(trimap: Any) -> np.ndarray:
+    from tinyunet.classes import trimap_to_labels
+
+    return trimap_to_labels(trimap)
+
+
+def check_trimap_to_labels(trimap_to_labels: Callable) -> Callable:
+    """``trimap_to_labels(trimap) -> uint8 class ids``: 1, 2, 3 -> 0, 1, 2 (tinyunet.classes); any other
+    value raises ValueError."""
+    def run(fn: Callable) -> List[float]:
+        rng = _rng()
+        trimap = rng.integers(1, 4, (5, 7)).astype(np.uint8)
+        expected = reference_trimap_to_labels(trimap)
+        known = [(trimap.astype(np.int64), "those are the trimap values: the class id is value - 1 (an index into the logits)"),
+                 (np.choose(trimap - 1, [1, 0, 2]), "pet and background are swapped: trimap 1 is the pet (class 0)")]
+        errors = [compare("labels", fn(trimap.copy()), expected, "tinyunet.classes.trimap_to_labels", known, "a 5x7 trimap")]
+        labels = np.asarray(fn(trimap.copy()))
+        if labels.dtype != np.uint8:
+            raise Mismatch(f"labels have dtype {labels.dtype}", "return uint8 class ids (.astype(np.uint8)): the "
+                                                                 "cached label arrays hold one byte per pixel")
+        for bad in (0, 4, 255):
+            broken = trimap.copy()
+            broken[2, 3] = bad
+            try:
+                fn(broken)
+            except ValueError:
+                continue
+            raise Mismatch(f"a trimap holding a {bad}: no ValueError",
+                           "a value outside {1, 2, 3} is a broken file: raise ValueError (value - 1 would turn "
+                           f"{bad} into a class that does not exist)")
+        return errors
+    return verdict("trimap_to_labels", trimap_to_labels, reference_trimap_to_labels, run,
+                   "tinyunet.classes.trimap_to_labels")
+
+
 # --- the attention gate (the variants lesson) ---------------------------------------------------------------
 
 def _gate_case(rng: np.random.Generator, n: int, c: int, cg: int, ci: int, h: int, w: int) -> Dict[str, Any]:
