@@ -702,3 +702,37 @@ def test_trimap_check(mine, hint, capsys):
         assert used is mine and ": PASS" in out, out
     else:
         assert used is not mine and ": FAIL " in out and hint in out, out
+
+
+def conv_shifted_written_out(x, w, b, padding):
+    """A right answer: each output pixel's window, as a dot product (loops over output positions)."""
+    n, c, h, wd = x.shape
+    cout, _, kh, kw = w.shape
+    xp_ = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho, wo = h + 2 * padding - kh + 1, wd + 2 * padding - kw + 1
+    out = np.empty((n, cout, ho, wo))
+    for y in range(ho):
+        for q in range(wo):
+            out[:, :, y, q] = np.einsum("nckl,ockl->no", xp_[:, :, y:y + kh, q:q + kw], w) + b
+    return out
+
+
+def conv_shifted_square(x, w, b, padding):
+    k = w.shape[2]
+    return conv_shifted_written_out(x, w[:, :, :, :k] if w.shape[3] >= k else w, b, padding)
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (conv_shifted_written_out, None),
+    (lambda x, w, b, p: conv_shifted_written_out(x, w, np.zeros_like(b), p), "the bias is missing"),
+    (lambda x, w, b, p: conv_shifted_written_out(x, w[:, :, ::-1, ::-1], b, p), "flipped"),
+    (conv_shifted_square, "the right one"),
+    (stub, "not written yet"),
+])
+def test_conv2d_shifted_check(mine, hint, capsys):
+    used = E.check_conv2d_shifted(mine)
+    out = capsys.readouterr().out
+    if hint is None:
+        assert used is mine and ": PASS" in out, out
+    else:
+        assert used is not mine and ": FAIL " in out and hint in out, out

@@ -749,6 +749,28 @@ def check_trimap_to_labels(trimap_to_labels: Callable) -> Callable:
                    "tinyunet.classes.trimap_to_labels")
 
 
+# --- the fast CPU lesson ------------------------------------------------------------------------------------
+
+def reference_conv2d_shifted(x: Any, w: Any, b: Any, padding: int) -> Any:
+    return reference_conv2d_forward(x, w, b, 1, padding)
+
+
+def check_conv2d_shifted(conv2d_shifted: Callable) -> Callable:
+    """``conv2d_shifted(x, w, b, padding)``: a stride-1 convolution as kh*kw shifted 1x1 products."""
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for (kh, kw), p in [((3, 3), 1), ((3, 3), 0), ((1, 1), 0), ((5, 5), 2), ((2, 3), 1)]:
+            x, w, b = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, kh, kw)), rng.standard_normal(4)
+            expected = reference_conv2d_shifted(x, w, b, p)
+            known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: start from b, then add the terms"),
+                     (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, 1, p),
+                      "the kernel is flipped: offset (i, j) reads the input shifted by (i, j) with w[:, :, i, j]")]
+            errors.append(compare("out", fn(x.copy(), w.copy(), b.copy(), p), expected, "Conv2d.forward", known,
+                                  f"kernel {kh}x{kw}, padding {p}, a 7x6 image"))
+        return errors
+    return verdict("conv2d_shifted", conv2d_shifted, reference_conv2d_shifted, run, "Conv2d.forward")
+
+
 # --- the attention gate (the variants lesson) ---------------------------------------------------------------
 
 def _gate_case(rng: np.random.Generator, n: int, c: int, cg: int, ci: int, h: int, w: int) -> Dict[str, Any]:
