@@ -729,10 +729,10 @@ def check_trimap_to_labels(trimap_to_labels: Callable) -> Callable:
         expected = reference_trimap_to_labels(trimap)
         known = [(trimap.astype(np.int64), "those are the trimap values: the class id is value - 1 (an index into the logits)"),
                  (np.choose(trimap - 1, [1, 0, 2]), "pet and background are swapped: trimap 1 is the pet (class 0)")]
-        errors = [compare("labels", fn(trimap.copy()), expected, "tinyunet.classes.trimap_to_labels", known, "a 5x7 trimap")]
-        labels = np.asarray(fn(trimap.copy()))
-        if labels.dtype != np.uint8:
-            raise Mismatch(f"labels have dtype {labels.dtype}", "return uint8 class ids (.astype(np.uint8)): the "
+        labels = fn(trimap.copy())
+        errors = [compare("labels", labels, expected, "tinyunet.classes.trimap_to_labels", known, "a 5x7 trimap")]
+        if np.asarray(labels).dtype != np.uint8:
+            raise Mismatch(f"labels have dtype {np.asarray(labels).dtype}", "return uint8 class ids (.astype(np.uint8)): the "
                                                                  "cached label arrays hold one byte per pixel")
         for bad in (0, 4, 255):
             broken = trimap.copy()
