@@ -181,7 +181,8 @@ def check_im2col(im2col: Callable) -> Callable:
             case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
             expected = host(reference_im2col(x, kh, kw, s, p))
             ho, wo = (7 + 2 * p - kh) // s + 1, (6 + 2 * p - kw) // s + 1
-            unstrided = host(reference_im2col(x, kh, kw, 1, p)).reshape(2, -1, 7 + 2 * p - kh + 1, 6 + 2 * p - kw + 1)
+            unstrided = host(reference_im2col(x, kh, kw, 1, p)).reshape(2, -1, x.shape[2] + 2 * p - kh + 1,
+                                                                        x.shape[3] + 2 * p - kw + 1)
             known = [(reference_im2col(x, kh, kw, 1, p), "right for stride 1 only: each slice steps by the stride (i:i + stride*Hout:stride)"),
                      (unstrided[:, :, :ho, :wo].reshape(expected.shape) if s > 1 else None,
                       "your slices take Hout consecutive rows: they must step by the stride (i:i + stride*Hout:stride)"),
@@ -230,7 +231,7 @@ def check_col2im(col2im: Callable) -> Callable:
                                   [(_col2im_assigning(cols, shape, (kh, kw), s, p),
                                     "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
             # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
-            lhs, rhs = float((host(reference_im2col(x, kh, kw, s, p)) * cols).sum()), float((x * host(fn(cols, shape, kh, kw, s, p))).sum())
+            lhs, rhs = float((host(reference_im2col(x, kh, kw, s, p)) * cols).sum()), float((x * host(image)).sum())
             errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case))
         return errors
     return verdict("col2im", col2im, reference_col2im, run, "tinyunet.nn.conv.col2im and the adjoint identity")
@@ -1192,19 +1193,11 @@ def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable
 
 def reference_train_steps(model: Any, optimizer: Any, loss_fn: Any, batches: Sequence[Tuple[Any, Any]]) -> List[float]:
     """One training step per (x, y) batch: clear the gradients, forward, loss, backward, optimizer step."""
-    model.train()
-    losses = []
-    for x, y in batches:
-        optimizer.zero_grad()
-        loss = loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward(), input_grad=False)
-        optimizer.step()
-        losses.append(float(loss))
-    return losses
+    return _train_mistake("")(model, optimizer, loss_fn, batches)
 
 
 def _train_mistake(kind: str) -> Callable:
-    """reference_train_steps with one classic slip."""
+    """The training steps, right (kind "") or with one classic slip: "eval", "no zero_grad", "no step"."""
     def steps(model: Any, optimizer: Any, loss_fn: Any, batches: Sequence[Tuple[Any, Any]]) -> List[float]:
         if kind != "eval":
             model.train()
