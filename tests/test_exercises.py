@@ -271,7 +271,7 @@ CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, (
           (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ()),
           (E.check_ring_allreduce, ()), (E.check_sync_bn_forward, ()), (E.check_sync_bn_backward, (sync_bn_forward,)),
           (E.check_gate_backward, ()), (E.check_train_steps, ()), (E.check_iou_per_class, ()),
-          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ())]
+          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ())]
 
 
 @pytest.mark.parametrize("check, extra", CHECKS, ids=lambda v: getattr(v, "__name__", ""))
@@ -619,6 +619,37 @@ def test_gate_backward_check(mine, hint, capsys):
     assert_verdict(used, mine, out, hint)
     if hint is not None:
         assert E.check_gate_backward(used) is used
+
+
+def residual_backward_layer_by_layer(block, dout):
+    """A right answer written here: the ReLU's mask from its saved output, then every layer of both paths
+    one by one (not Sequential.backward, not Add.backward), the two paths' gradients summed at x."""
+    ds = dout * (block.relu.out > 0)
+    d_branch, d_shortcut = ds, ds
+    for layer in reversed(block.branch.layers):
+        d_branch = layer.backward(d_branch)
+    for layer in reversed(block.shortcut.layers if block.shortcut is not None else []):
+        d_shortcut = layer.backward(d_shortcut)
+    return d_branch + d_shortcut
+
+
+def shortcut_not_run_backward(block, dout):
+    """ds handed to x as it is, also past a projection shortcut's layers (3 channels onto x's 2)."""
+    ds = block.relu.backward(dout)
+    return block.branch.backward(ds) + ds
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (residual_backward_layer_by_layer, None),
+    (E._residual_slip("relu"), "start with ds = block.relu.backward(dout)"),
+    (E._residual_slip("relu_branch"), "the shortcut too"),
+    (E._residual_slip("fork"), "the fork adds"),
+    (shortcut_not_run_backward, "shapes that do not fit"),
+])
+def test_residual_backward_check(mine, hint, capsys):
+    """Lesson 16's residual-block exercise: a layer-by-layer answer passes; each slip fails with its hint."""
+    used = E.check_residual_backward(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
 def train_steps_written_out(model, optimizer, loss_fn, batches):

@@ -774,6 +774,66 @@ def check_conv2d_shifted(conv2d_shifted: Callable) -> Callable:
 
 # --- the attention gate (the variants lesson) ---------------------------------------------------------------
 
+def reference_residual_backward(block: Any, dout: Any) -> Any:
+    """ResidualBlock's own backward on ``block`` (a learner's block whose backward calls this function too)."""
+    from tinyunet.models.resunet import ResidualBlock
+    return ResidualBlock.backward(block, dout)
+
+
+def _residual_slip(slip: str) -> Callable:
+    """A residual block's backward with one classic mistake, from the block's own parts."""
+    def backward(block: Any, dout: Any) -> Any:
+        ds = dout if slip == "relu" else block.relu.backward(dout)
+        d_branch, d_shortcut = block.add.backward(ds)
+        if slip == "relu_branch":            # the ReLU taken as the branch's last layer: the shortcut skips it
+            d_shortcut = dout
+        if block.shortcut is not None:
+            d_shortcut = block.shortcut.backward(d_shortcut)
+        dx = block.branch.backward(d_branch)
+        return dx if slip == "fork" else dx + d_shortcut
+    return backward
+
+
+def check_residual_backward(residual_backward: Callable) -> Callable:
+    """``residual_backward(block, dout) -> dx`` for a ResidualBlock after its forward, y = relu(branch(x) +
+    shortcut(x)): dx and every parameter's gradient against ResidualBlock.backward, dx against finite
+    differences; a block with a projection shortcut (2 -> 3 channels) and an identity one (3 -> 3)."""
+    from tinyunet.models.resunet import ResidualBlock
+
+    hints = {"relu": "the ReLU after the sum is part of the block: start with ds = block.relu.backward(dout)",
+             "relu_branch": "the ReLU comes after the sum, so both paths get ds = relu.backward(dout), "
+                            "the shortcut too",
+             "fork": "x feeds both paths: dx is the branch's gradient plus the shortcut's (the fork adds)"}
+
+    def gradients(fn: Callable, block: Any, x: np.ndarray, dout: np.ndarray) -> Dict[str, Any]:
+        block.zero_grad()
+        block.forward(x)
+        dx = fn(block, dout.copy())
+        return {"dx": dx, **{name: host(p.grad) for name, p in block.named_parameters()}}
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for cin, cout in [(2, 3), (3, 3)]:
+            with reference_layers():
+                backend.seed(5)
+                block = ResidualBlock(cin, cout).double()        # BatchNorm in train mode, as in training
+                x = rng.standard_normal((2, cin, 5, 4))
+                dout = rng.standard_normal((2, cout, 5, 4))
+                expected = gradients(reference_residual_backward, block, x, dout)
+                slips = {slip: gradients(_residual_slip(slip), block, x, dout) for slip in hints}
+                mine = gradients(fn, block, x, dout)
+                numeric = finite_differences(lambda: float((host(block.forward(x)) * dout).sum()), x)
+            case = f"{cin} -> {cout} channels ({'projection' if cin != cout else 'identity'} shortcut)"
+            for name in expected:
+                known = [(slips[slip][name], hints[slip]) for slip in hints]
+                errors.append(compare(name, mine[name], expected[name], "ResidualBlock.backward", known, case))
+            errors.append(compare("dx", mine["dx"], numeric, "finite differences",
+                                  [(slips[slip]["dx"], hints[slip]) for slip in hints], case))
+        return errors
+    return verdict("residual_backward", residual_backward, reference_residual_backward, run,
+                   "ResidualBlock.backward and finite differences")
+
+
 def _gate_case(rng: np.random.Generator, n: int, c: int, cg: int, ci: int, h: int, w: int) -> Dict[str, Any]:
     """A gate's inputs, weights and forward pieces, in NumPy: theta = W_x x (2x2, stride 2), s = theta +
     W_g g + b_g, q = W_psi relu(s) + b_psi, sig = sigmoid(q), alpha = Ah @ sig @ Aw.T (bilinear x2)."""
