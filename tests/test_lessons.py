@@ -171,6 +171,13 @@ def test_readme_lists_every_lesson() -> None:
         assert f"({path.name})" in readme, f"lessons/README.md does not link {path.name}"
 
 
+def test_readme_counts_the_exercises() -> None:
+    """The README's number of functions left to write is the number of ``# Exercise`` lines."""
+    count = sum(len(re.findall(r"^# Exercise\b", p.read_text(encoding="utf-8"), flags=re.M)) for p in LESSONS)
+    stated = re.search(r"in which (\d+)\s+functions are left for you to write", (REPO / "README.md").read_text(encoding="utf-8"))
+    assert stated and int(stated.group(1)) == count, f"the README should say {count} functions"
+
+
 def test_figures_are_small_and_used() -> None:
     figures = sorted(FIGURES_DIR.glob("*.png"))
     assert figures, "no figures: run `python lessons/make_figures.py`"
