@@ -271,7 +271,7 @@ CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, (
           (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ()),
           (E.check_ring_allreduce, ()), (E.check_sync_bn_forward, ()), (E.check_sync_bn_backward, (sync_bn_forward,)),
           (E.check_gate_backward, ()), (E.check_train_steps, ()), (E.check_iou_per_class, ()),
-          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ())]
+          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ()), (E.check_resize_nearest, ())]
 
 
 @pytest.mark.parametrize("check, extra", CHECKS, ids=lambda v: getattr(v, "__name__", ""))
@@ -619,6 +619,62 @@ def test_gate_backward_check(mine, hint, capsys):
     assert_verdict(used, mine, out, hint)
     if hint is not None:
         assert E.check_gate_backward(used) is used
+
+
+def resize_nearest_loops(mask, height, width):
+    """A right answer written here with loops and floats: the input pixel that holds each output centre."""
+    H, W = mask.shape
+    out = np.empty((height, width), dtype=mask.dtype)
+    for i in range(height):
+        for j in range(width):
+            out[i, j] = mask[int((i + 0.5) * H / height), int((j + 0.5) * W / width)]
+    return out
+
+
+def resize_nearest_corner(mask, height, width):
+    H, W = mask.shape
+    return mask[(np.arange(height) * H // height)[:, None], (np.arange(width) * W // width)[None, :]]
+
+
+def resize_nearest_rounded(mask, height, width):
+    H, W = mask.shape
+    rows = np.minimum(np.round((np.arange(height) + 0.5) * H / height).astype(int), H - 1)
+    cols = np.minimum(np.round((np.arange(width) + 0.5) * W / width).astype(int), W - 1)
+    return mask[rows[:, None], cols[None, :]]
+
+
+def resize_nearest_averaging(mask, height, width):
+    """Bilinear on class ids (what the lesson warns against), rounded back to integers."""
+    from PIL import Image
+    return np.round(np.asarray(Image.fromarray(mask.astype(np.float32)).resize((width, height), Image.BILINEAR))).astype(mask.dtype)
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (resize_nearest_loops, None),
+    (resize_nearest_corner, "top-left corner"),
+    (resize_nearest_rounded, "round() picks the nearer pixel *border*"),
+    (resize_nearest_averaging, "never averaged"),
+    (lambda mask, height, width: resize_nearest_loops(mask, width, height), "wrong axis order"),
+    (lambda mask, height, width: resize_nearest_loops(mask, height, width).astype(np.int64), "index the mask"),
+])
+def test_resize_nearest_check(mine, hint, capsys):
+    """Lesson 12's nearest-neighbour exercise: a loop answer passes; the corner, rounding, averaging,
+    swapped-size and dtype slips fail with their hints."""
+    used = E.check_resize_nearest(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def test_resize_cases_have_no_ties_and_pillow_takes_the_centre():
+    """The check's cases never put an output centre on a border between input pixels, and on them Pillow's
+    NEAREST is the centre rule (checked here with a mask whose every pixel is distinct)."""
+    from PIL import Image
+
+    for (H, W), (h, w) in E.RESIZE_CASES:
+        for n, m in ((H, h), (W, w)):
+            assert all((2 * i + 1) * n % (2 * m) != 0 for i in range(m)), (n, m)
+        distinct = np.arange(H * W, dtype=np.int32).reshape(H, W)
+        pillow = np.asarray(Image.fromarray(distinct).resize((w, h), Image.NEAREST))
+        assert np.array_equal(pillow, resize_nearest_loops(distinct, h, w)), ((H, W), (h, w))
 
 
 def residual_backward_layer_by_layer(block, dout):

@@ -750,6 +750,48 @@ def check_trimap_to_labels(trimap_to_labels: Callable) -> Callable:
                    "tinyunet.classes.trimap_to_labels")
 
 
+def reference_resize_nearest(mask: Any, height: int, width: int) -> np.ndarray:
+    """PIL's nearest-neighbour resize, as tinyunet.data.transforms.resize_mask does it (uint8 masks)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize((width, height), Image.NEAREST))
+
+
+RESIZE_CASES = [((37, 29), (16, 11)), ((5, 7), (13, 17)), ((7, 9), (7, 9)), ((11, 3), (1, 2)), ((3, 5), (6, 10))]
+"""(H, W) -> (height, width). Odd input sides: an output pixel's centre, at (i + 1/2) H / height, then never
+falls exactly on the border between two input pixels, where implementations may round either way."""
+
+
+def check_resize_nearest(resize_nearest: Callable) -> Callable:
+    """``resize_nearest(mask, height, width) -> (height, width)``: every output pixel takes the input
+    pixel under its centre; against PIL's NEAREST on shrinking, growing, unchanged and 1-pixel sizes."""
+    def by_index(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return mask[np.clip(rows, 0, mask.shape[0] - 1)[:, None], np.clip(cols, 0, mask.shape[1] - 1)[None, :]]
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for (H, W), (h, w) in RESIZE_CASES:
+            mask = rng.choice(np.array([0, 3, 7], dtype=np.uint8), (H, W))   # ids whose averages are no ids
+            i, j = np.arange(h), np.arange(w)
+            known = [(by_index(mask, i * H // h, j * W // w),
+                      "that is the input pixel under the output pixel's top-left corner (i * H // height): the mask "
+                      "moves by half a pixel; take the one under its centre, (i + 1/2) * H / height"),
+                     (by_index(mask, np.round((i + 0.5) * H / h).astype(int), np.round((j + 0.5) * W / w).astype(int)),
+                      "round() picks the nearer pixel *border*: the pixel that holds the centre is floor((i + 1/2) * H / height)")]
+            result = fn(mask.copy(), h, w)
+            case = f"{H}x{W} -> {h}x{w}"
+            invented = np.setdiff1d(np.unique(np.asarray(result)), np.unique(mask)) if result is not None else []
+            if len(invented):
+                raise Mismatch(f"{case}: your mask holds {invented[:3]}, values the input does not hold",
+                               "a class id must be copied from one input pixel, never averaged or interpolated")
+            errors.append(compare("mask", result, reference_resize_nearest(mask, h, w), "PIL's NEAREST", known, case))
+            if np.asarray(result).dtype != mask.dtype:
+                raise Mismatch(f"{case}: your mask has dtype {np.asarray(result).dtype}, the input {mask.dtype}",
+                               "copy the class ids, do not compute with them: index the mask with integer arrays")
+        return errors
+    return verdict("resize_nearest", resize_nearest, reference_resize_nearest, run, "PIL's NEAREST")
+
+
 # --- the fast CPU lesson ------------------------------------------------------------------------------------
 
 def reference_conv2d_shifted(x: Any, w: Any, b: Any, padding: int) -> Any:
