@@ -664,17 +664,48 @@ def test_resize_nearest_check(mine, hint, capsys):
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
-def test_resize_cases_have_no_ties_and_pillow_takes_the_centre():
-    """The check's cases never put an output centre on a border between input pixels, and on them Pillow's
-    NEAREST is the centre rule (checked here with a mask whose every pixel is distinct)."""
+def resize_nearest_ceil(mask, height, width):
+    """Right except where a centre falls exactly on a border: there it takes the upper-left pixel."""
+    H, W = mask.shape
+    rows = np.ceil((np.arange(height) + 0.5) * H / height).astype(int) - 1
+    cols = np.ceil((np.arange(width) + 0.5) * W / width).astype(int) - 1
+    return mask[rows[:, None], cols[None, :]]
+
+
+def resize_nearest_in_place(mask, height, width):
+    out = resize_nearest_loops(mask, height, width)
+    mask[...] = 0
+    return out
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (resize_nearest_ceil, "belongs to the lower-right one"),
+    (resize_nearest_in_place, "leave the input as it was"),
+    (lambda mask, height, width: resize_nearest_loops(mask, height, width).tolist(), "return a NumPy array"),
+])
+def test_resize_nearest_check_more_slips(mine, hint, capsys):
+    """Found by a learner's walkthrough: ceil(x) - 1 passed while every case avoided exact ties, and a
+    function that overwrote its input or returned a list was not told so."""
+    used = E.check_resize_nearest(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def test_resize_cases_ties_only_at_exact_scales_and_pillow_takes_the_centre():
+    """The check's cases put an output centre on a border between input pixels only where the scale is a
+    whole factor (exact in floating point), and on all of them Pillow's NEAREST is the centre rule, floor
+    at a tie (checked with a mask whose every pixel is distinct)."""
     from PIL import Image
 
+    ties = 0
     for (H, W), (h, w) in E.RESIZE_CASES:
         for n, m in ((H, h), (W, w)):
-            assert all((2 * i + 1) * n % (2 * m) != 0 for i in range(m)), (n, m)
+            tied = any((2 * i + 1) * n % (2 * m) == 0 for i in range(m))
+            assert not tied or n % m == 0, (n, m)
+            ties += tied
         distinct = np.arange(H * W, dtype=np.int32).reshape(H, W)
         pillow = np.asarray(Image.fromarray(distinct).resize((w, h), Image.NEAREST))
         assert np.array_equal(pillow, resize_nearest_loops(distinct, h, w)), ((H, W), (h, w))
+    assert ties >= 2, "a case with ties is what tells floor from ceil - 1"
 
 
 def residual_backward_layer_by_layer(block, dout):
@@ -689,6 +720,20 @@ def residual_backward_layer_by_layer(block, dout):
     return d_branch + d_shortcut
 
 
+def residual_backward_scaling_dout(block, dout):
+    """Right numbers, but the ReLU's mask is applied to the caller's dout in place."""
+    dout *= block.relu.out > 0
+    d_branch, d_shortcut = block.add.backward(dout)
+    if block.shortcut is not None:
+        d_shortcut = block.shortcut.backward(d_shortcut)
+    return block.branch.backward(d_branch) + d_shortcut
+
+
+def residual_backward_relu_twice(block, dout):
+    print("ds norm", np.linalg.norm(block.relu.backward(dout)))     # a debug print that uses up the ReLU's mask
+    return E._residual_slip("")(block, dout)
+
+
 def shortcut_not_run_backward(block, dout):
     """ds handed to x as it is, also past a projection shortcut's layers (3 channels onto x's 2)."""
     ds = block.relu.backward(dout)
@@ -701,9 +746,16 @@ def shortcut_not_run_backward(block, dout):
     (E._residual_slip("relu_branch"), "the shortcut too"),
     (E._residual_slip("fork"), "the fork adds"),
     (shortcut_not_run_backward, "shapes that do not fit"),
+    (E._residual_slip("fork_mean"), "not averaged"),
+    (lambda block, dout: block.backward(dout), "use the parts' backward"),
+    (residual_backward_scaling_dout, "rather than d *= ..."),
+    (lambda block, dout: residual_backward_layer_by_layer(block, dout).astype(np.float32), "keep it"),
+    (residual_backward_relu_twice, "called a second time after one forward"),
 ])
 def test_residual_backward_check(mine, hint, capsys):
-    """Lesson 16's residual-block exercise: a layer-by-layer answer passes; each slip fails with its hint."""
+    """Lesson 16's residual-block exercise: a layer-by-layer answer passes; each slip fails with its hint (the
+    last five were found by a learner's walkthrough: block.backward itself passed, and so did a dout changed
+    in place and a float32 dx)."""
     used = E.check_residual_backward(mine)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 

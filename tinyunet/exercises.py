@@ -95,7 +95,11 @@ def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Calla
     except Exception as exc:   # a crash in your code is a failed check, not a crashed lesson
         message = f"raised {type(exc).__name__}: {exc}"
         hint = ("shapes that do not fit: print the shape of every intermediate array"
-                if isinstance(exc, (ValueError, IndexError)) else "read the error above; run your function on a tiny input")
+                if isinstance(exc, (ValueError, IndexError)) else
+                "a None where an array was expected: a function that returns nothing, or a layer's backward called a "
+                "second time after one forward (each frees what its forward stored: call it once per forward)"
+                if isinstance(exc, TypeError) and "NoneType" in str(exc) else
+                "read the error above; run your function on a tiny input")
     else:
         print(f"{name}: PASS  worst relative error {max(errors, default=0.0):.1e} "
               f"({len(errors)} comparisons vs {against})")
@@ -757,14 +761,18 @@ def reference_resize_nearest(mask: Any, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize((width, height), Image.NEAREST))
 
 
-RESIZE_CASES = [((37, 29), (16, 11)), ((5, 7), (13, 17)), ((7, 9), (7, 9)), ((11, 3), (1, 2)), ((3, 5), (6, 10))]
-"""(H, W) -> (height, width). Odd input sides: an output pixel's centre, at (i + 1/2) H / height, then never
-falls exactly on the border between two input pixels, where implementations may round either way."""
+RESIZE_CASES = [((37, 29), (16, 11)), ((5, 7), (13, 17)), ((7, 9), (7, 9)), ((11, 3), (1, 2)), ((3, 5), (6, 10)),
+                ((8, 6), (4, 3)), ((10, 9), (5, 3))]
+"""(H, W) -> (height, width). An output pixel's centre, at (i + 1/2) H / height, falls exactly on the border
+between two input pixels only in the shrinks by a whole factor (8 -> 4, 10 -> 5): there the scale is exact
+in floating point and Pillow, like floor, takes the lower-right pixel. Elsewhere the input sides are odd,
+so that no centre falls on a border (where, with an inexact scale, Pillow's rounding can go either way)."""
 
 
 def check_resize_nearest(resize_nearest: Callable) -> Callable:
     """``resize_nearest(mask, height, width) -> (height, width)``: every output pixel takes the input
-    pixel under its centre; against PIL's NEAREST on shrinking, growing, unchanged and 1-pixel sizes."""
+    pixel under its centre; against PIL's NEAREST on shrinking (also by exactly 2 and 3), growing, unchanged
+    and 1-pixel sizes."""
     def by_index(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return mask[np.clip(rows, 0, mask.shape[0] - 1)[:, None], np.clip(cols, 0, mask.shape[1] - 1)[None, :]]
 
@@ -773,13 +781,23 @@ def check_resize_nearest(resize_nearest: Callable) -> Callable:
         for (H, W), (h, w) in RESIZE_CASES:
             mask = rng.choice(np.array([0, 3, 7], dtype=np.uint8), (H, W))   # ids whose averages are no ids
             i, j = np.arange(h), np.arange(w)
-            known = [(by_index(mask, i * H // h, j * W // w),
+            # the tie slip first: at a shrink by 2 it gives what the corner rule gives
+            known = [(by_index(mask, np.ceil((i + 0.5) * H / h).astype(int) - 1, np.ceil((j + 0.5) * W / w).astype(int) - 1),
+                      "a centre exactly on the border between two input pixels (a shrink by 2: 8 -> 4) belongs to the "
+                      "lower-right one, floor((i + 1/2) * H / height); ceil(x) - 1 or round(x - 1/2) take the upper-left"),
+                     (by_index(mask, i * H // h, j * W // w),
                       "that is the input pixel under the output pixel's top-left corner (i * H // height): the mask "
                       "moves by half a pixel; take the one under its centre, (i + 1/2) * H / height"),
                      (by_index(mask, np.round((i + 0.5) * H / h).astype(int), np.round((j + 0.5) * W / w).astype(int)),
                       "round() picks the nearer pixel *border*: the pixel that holds the centre is floor((i + 1/2) * H / height)")]
-            result = fn(mask.copy(), h, w)
+            given = mask.copy()
+            result = fn(given, h, w)
             case = f"{H}x{W} -> {h}x{w}"
+            if not np.array_equal(given, mask):
+                raise Mismatch(f"{case}: your function changed the mask it was given",
+                               "build a new array (fancy indexing returns one) and leave the input as it was")
+            if result is not None and not isinstance(result, np.ndarray):
+                raise Mismatch(f"{case}: your function returned a {type(result).__name__}", "return a NumPy array")
             invented = np.setdiff1d(np.unique(np.asarray(result)), np.unique(mask)) if result is not None else []
             if len(invented):
                 raise Mismatch(f"{case}: your mask holds {invented[:3]}, values the input does not hold",
@@ -832,7 +850,7 @@ def _residual_slip(slip: str) -> Callable:
         if block.shortcut is not None:
             d_shortcut = block.shortcut.backward(d_shortcut)
         dx = block.branch.backward(d_branch)
-        return dx if slip == "fork" else dx + d_shortcut
+        return dx if slip == "fork" else (dx + d_shortcut) / 2 if slip == "fork_mean" else dx + d_shortcut
     return backward
 
 
@@ -845,12 +863,29 @@ def check_residual_backward(residual_backward: Callable) -> Callable:
     hints = {"relu": "the ReLU after the sum is part of the block: start with ds = block.relu.backward(dout)",
              "relu_branch": "the ReLU comes after the sum, so both paths get ds = relu.backward(dout), "
                             "the shortcut too",
-             "fork": "x feeds both paths: dx is the branch's gradient plus the shortcut's (the fork adds)"}
+             "fork": "x feeds both paths: dx is the branch's gradient plus the shortcut's (the fork adds)",
+             "fork_mean": "at a fork the gradients add, they are not averaged: each path's change of x "
+                          "changes y on its own"}
+
+    def whole_backward(dout: Any) -> Any:
+        raise Mismatch("your function called block.backward", "use the parts' backward (block.relu, block.add, "
+                       "block.shortcut, block.branch): MyResidualBlock.backward calls residual_backward itself")
 
     def gradients(fn: Callable, block: Any, x: np.ndarray, dout: np.ndarray) -> Dict[str, Any]:
         block.zero_grad()
         block.forward(x)
-        dx = fn(block, dout.copy())
+        given = dout.copy()
+        block.backward = whole_backward             # the answer must not be the block's own backward
+        try:
+            dx = fn(block, given)
+        finally:
+            del block.backward
+        if not np.array_equal(given, dout):
+            raise Mismatch("your function changed dout in place", "the layers' backward passes return new "
+                           "arrays; write d = ... rather than d *= ... on the array you were given")
+        if dx is not None and getattr(dx, "dtype", None) != np.float64:
+            raise Mismatch(f"dx has dtype {getattr(dx, 'dtype', type(dx).__name__)}", "the block computes in "
+                           "float64: keep it (a float32 copy loses the precision a gradient check needs)")
         return {"dx": dx, **{name: host(p.grad) for name, p in block.named_parameters()}}
 
     def run(fn: Callable) -> List[float]:
