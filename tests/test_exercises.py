@@ -271,7 +271,7 @@ CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, (
           (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ()),
           (E.check_ring_allreduce, ()), (E.check_sync_bn_forward, ()), (E.check_sync_bn_backward, (sync_bn_forward,)),
           (E.check_gate_backward, ()), (E.check_train_steps, ()), (E.check_iou_per_class, ()),
-          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ()), (E.check_resize_nearest, ())]
+          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ()), (E.check_resize_nearest, ()), (E.check_conv3x3_flat_rows, ())]
 
 
 @pytest.mark.parametrize("check, extra", CHECKS, ids=lambda v: getattr(v, "__name__", ""))
@@ -706,6 +706,34 @@ def test_resize_cases_ties_only_at_exact_scales_and_pillow_takes_the_centre():
         pillow = np.asarray(Image.fromarray(distinct).resize((w, h), Image.NEAREST))
         assert np.array_equal(pillow, resize_nearest_loops(distinct, h, w)), ((H, W), (h, w))
     assert ties >= 2, "a case with ties is what tells floor from ceil - 1"
+
+
+def conv3x3_flat_rows_by_rows(x, w, b):
+    """A right answer written here: each output row of flat gathered from its nine window rows one by one."""
+    n, c, h, wd = x.shape
+    hp, wp = h + 2, wd + 2
+    flat = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1))).transpose(0, 2, 3, 1).reshape(-1, c)
+    out = np.empty((n, w.shape[0], h, wd))
+    for img in range(n):
+        for y in range(h):
+            for q in range(wd):
+                top_left = img * hp * wp + y * wp + q
+                window = np.stack([flat[top_left + i * wp + j] for i in range(3) for j in range(3)])   # (9, C)
+                out[img, :, y, q] = np.einsum("kc,okc->o", window, w.reshape(w.shape[0], c, 9).transpose(0, 2, 1)) + b
+    return out
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (conv3x3_flat_rows_by_rows, None),
+    (lambda x, w, b: E._flat_rows_variant(x, w, b, "width"), "the *padded* width"),
+    (lambda x, w, b: E._flat_rows_variant(x, w, b, "centre"), "keep [:, :H, :W]"),
+    (lambda x, w, b: E._flat_rows_variant(x, w, b, "nchw"), "flatten channels-last"),
+    (lambda x, w, b: conv3x3_flat_rows_by_rows(x, w.transpose(0, 1, 3, 2), b), "row offset i and column offset j"),
+])
+def test_conv3x3_flat_rows_check(mine, hint, capsys):
+    """Lesson 17's flattened-rows exercise: an answer gathered row by row passes; the slips fail with their hints."""
+    used = E.check_conv3x3_flat_rows(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
 def residual_backward_layer_by_layer(block, dout):

@@ -832,6 +832,48 @@ def check_conv2d_shifted(conv2d_shifted: Callable) -> Callable:
     return verdict("conv2d_shifted", conv2d_shifted, reference_conv2d_shifted, run, "Conv2d.forward")
 
 
+def reference_conv3x3_flat_rows(x: Any, w: Any, b: Any) -> Any:
+    return reference_conv2d_forward(x, w, b, 1, 1)
+
+
+def _flat_rows_variant(x: np.ndarray, w: np.ndarray, b: np.ndarray, slip: str) -> np.ndarray:
+    """The flattened-rows 3x3 convolution (padding 1) with one classic mistake."""
+    n, c, h, wd = x.shape
+    cout = w.shape[0]
+    hp, wp = h + 2, wd + 2
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    flat = (padded.reshape(-1, c) if slip == "nchw" else padded.transpose(0, 2, 3, 1).reshape(-1, c))
+    step = wd if slip == "width" else wp
+    rows = flat.shape[0] - 2 * wp - 2
+    out = sum(flat[i * step + j:i * step + j + rows] @ w[:, :, i, j].T for i in range(3) for j in range(3))
+    full = np.concatenate([out, np.zeros((flat.shape[0] - rows, cout))]).reshape(n, hp, wp, cout)
+    kept = full[:, 1:h + 1, 1:wd + 1] if slip == "centre" else full[:, :h, :wd]
+    return kept.transpose(0, 3, 1, 2) + b.reshape(1, cout, 1, 1)
+
+
+def check_conv3x3_flat_rows(conv3x3_flat_rows: Callable) -> Callable:
+    """``conv3x3_flat_rows(x, w, b)``: a 3x3 convolution, stride 1, padding 1, as nine products of
+    contiguous row slices of the padded image flattened channels-last; against Conv2d on batches of
+    several images (windows that run across an image's edge into the next), non-square images, 1 pixel."""
+    hints = {"width": "moving down one image row is Wp = W + 2 rows of flat: the *padded* width",
+             "centre": "row q of the result is the window whose top-left corner is padded pixel q: out[n, y, x] is "
+                       "at (n, y, x) of the (N, Hp, Wp) grid, so keep [:, :H, :W]",
+             "nchw": "flatten channels-last, transpose(0, 2, 3, 1) before the reshape, so that one row of flat is one "
+                     "pixel's C channels"}
+
+    def run(fn: Callable) -> List[float]:
+        rng, errors = _rng(), []
+        for n, c, h, wd, cout in [(2, 3, 7, 6, 4), (3, 1, 5, 9, 2), (1, 2, 1, 1, 3), (2, 4, 8, 8, 5)]:
+            x, w, b = rng.standard_normal((n, c, h, wd)), rng.standard_normal((cout, c, 3, 3)), rng.standard_normal(cout)
+            known = [(_flat_rows_variant(x, w, b, slip), hint) for slip, hint in hints.items()]
+            known.append((reference_conv2d_forward(x, w.transpose(0, 1, 3, 2).copy(), b, 1, 1),
+                          "w[:, :, i, j] is the weight at row offset i and column offset j: the shift is i * Wp + j"))
+            errors.append(compare("out", fn(x.copy(), w.copy(), b.copy()), reference_conv3x3_flat_rows(x, w, b),
+                                  "Conv2d.forward", known, f"{n} images of {c}x{h}x{wd}, {cout} output channels"))
+        return errors
+    return verdict("conv3x3_flat_rows", conv3x3_flat_rows, reference_conv3x3_flat_rows, run, "Conv2d.forward")
+
+
 # --- the attention gate (the variants lesson) ---------------------------------------------------------------
 
 def reference_residual_backward(block: Any, dout: Any) -> Any:
