@@ -723,15 +723,36 @@ def conv3x3_flat_rows_by_rows(x, w, b):
     return out
 
 
+def conv3x3_flat_rows_zeroing_x(x, w, b):
+    out = conv3x3_flat_rows_by_rows(x, w, b)
+    x[...] = 0                   # "free" the input: the caller's array
+    return out
+
+
+def conv3x3_flat_rows_empty(x, w, b):
+    """An accumulator from np.empty whose last entry is never written (NaN stands in for its garbage)."""
+    out = conv3x3_flat_rows_by_rows(x, w, b)
+    out[-1, -1, -1, -1] = np.nan
+    return out
+
+
 @pytest.mark.parametrize("mine, hint", [
     (conv3x3_flat_rows_by_rows, None),
     (lambda x, w, b: E._flat_rows_variant(x, w, b, "width"), "the *padded* width"),
     (lambda x, w, b: E._flat_rows_variant(x, w, b, "centre"), "keep [:, :H, :W]"),
     (lambda x, w, b: E._flat_rows_variant(x, w, b, "nchw"), "flatten channels-last"),
     (lambda x, w, b: conv3x3_flat_rows_by_rows(x, w.transpose(0, 1, 3, 2), b), "row offset i and column offset j"),
+    (lambda x, w, b: E._flat_rows_variant(x, w, b, "short"), "L is one short"),
+    (lambda x, w, b: E._flat_rows_variant(x, w, b, "untransposed"), "w[:, :, i, j].T, (C, Cout)"),
+    (lambda x, w, b: conv3x3_flat_rows_by_rows(x, w[:, :, ::-1, ::-1], b), "the kernel is flipped"),
+    (lambda x, w, b: conv3x3_flat_rows_by_rows(x, w, 0 * b), "the bias is missing"),
+    (conv3x3_flat_rows_zeroing_x, "leave the inputs as they were"),
+    (conv3x3_flat_rows_empty, "np.empty"),
 ])
 def test_conv3x3_flat_rows_check(mine, hint, capsys):
-    """Lesson 17's flattened-rows exercise: an answer gathered row by row passes; the slips fail with their hints."""
+    """Lesson 17's flattened-rows exercise: an answer gathered row by row passes; the slips fail with their hints
+    (the last six were found by a learner's walkthrough: an answer that zeroed x after its result passed, and
+    a missing bias, L one short, a missing .T and a NaN got no hint that named them)."""
     used = E.check_conv3x3_flat_rows(mine)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 

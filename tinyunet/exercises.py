@@ -67,8 +67,9 @@ def compare(what: str, mine: Any, expected: Any, against: str,
         raise Mismatch(f"{where}: wrong shape", "; ".join(matched + [hint]))
     if not np.all(np.isfinite(mine)):   # NaN compares False with everything: it must never pass
         raise Mismatch(f"{where}: NaN or inf in your result", "; ".join(matched + [
-            "a division by zero or the square root of a negative number: 1 - beta**t with t = 0, "
-            "a variance or a square root without eps? Print the intermediate arrays of one small case"]))
+            "an np.empty array with entries never written (start from np.zeros), a division by zero or the square "
+            "root of a negative number (1 - beta**t with t = 0, a variance without eps?): print the intermediate "
+            "arrays of one small case"]))
     err = relative_error(mine, expected)
     if not err <= TOLERANCE:
         if matched:
@@ -79,6 +80,19 @@ def compare(what: str, mine: Any, expected: Any, against: str,
                     "compare one small case by hand with the formula in the text (print both arrays)")
         raise Mismatch(f"{where}: relative error {err:.2g} vs {against}", hint)
     return err
+
+
+def call_leaving_inputs(fn: Callable, *arrays: np.ndarray) -> Any:
+    """``fn`` on copies of ``arrays``; a :class:`Mismatch` if it changed one of them (the caller's arrays
+    are not the function's to change: a layer's input is kept for its backward)."""
+    copies = [a.copy() for a in arrays]
+    result = fn(*copies)
+    for i, (a, c) in enumerate(zip(arrays, copies)):
+        if not np.array_equal(a, c, equal_nan=True):
+            raise Mismatch(f"your function changed its argument {i + 1} in place",
+                           "leave the inputs as they were: compute into new arrays (x = x + ... makes one, "
+                           "x += ... or x[...] = ... changes the caller's)")
+    return result
 
 
 def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Callable], List[float]],
@@ -826,7 +840,7 @@ def check_conv2d_shifted(conv2d_shifted: Callable) -> Callable:
             known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: start from b, then add the terms"),
                      (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, 1, p),
                       "the kernel is flipped: offset (i, j) reads the input shifted by (i, j) with w[:, :, i, j]")]
-            errors.append(compare("out", fn(x.copy(), w.copy(), b.copy(), p), expected, "Conv2d.forward", known,
+            errors.append(compare("out", call_leaving_inputs(lambda *a: fn(*a, p), x, w, b), expected, "Conv2d.forward", known,
                                   f"kernel {kh}x{kw}, padding {p}, a 7x6 image"))
         return errors
     return verdict("conv2d_shifted", conv2d_shifted, reference_conv2d_shifted, run, "Conv2d.forward")
@@ -845,7 +859,10 @@ def _flat_rows_variant(x: np.ndarray, w: np.ndarray, b: np.ndarray, slip: str) -
     flat = (padded.reshape(-1, c) if slip == "nchw" else padded.transpose(0, 2, 3, 1).reshape(-1, c))
     step = wd if slip == "width" else wp
     rows = flat.shape[0] - 2 * wp - 2
-    out = sum(flat[i * step + j:i * step + j + rows] @ w[:, :, i, j].T for i in range(3) for j in range(3))
+    if slip == "short":
+        rows -= 1
+    out = sum(flat[i * step + j:i * step + j + rows] @ (w[:, :, i, j] if slip == "untransposed" else w[:, :, i, j].T)
+              for i in range(3) for j in range(3))
     full = np.concatenate([out, np.zeros((flat.shape[0] - rows, cout))]).reshape(n, hp, wp, cout)
     kept = full[:, 1:h + 1, 1:wd + 1] if slip == "centre" else full[:, :h, :wd]
     return kept.transpose(0, 3, 1, 2) + b.reshape(1, cout, 1, 1)
@@ -859,17 +876,27 @@ def check_conv3x3_flat_rows(conv3x3_flat_rows: Callable) -> Callable:
              "centre": "row q of the result is the window whose top-left corner is padded pixel q: out[n, y, x] is "
                        "at (n, y, x) of the (N, Hp, Wp) grid, so keep [:, :H, :W]",
              "nchw": "flatten channels-last, transpose(0, 2, 3, 1) before the reshape, so that one row of flat is one "
-                     "pixel's C channels"}
+                     "pixel's C channels",
+             "short": "L is one short: the last output pixel, the bottom-right one of the last image, is row "
+                      "L - 1 = N*Hp*Wp - 2*Wp - 3",
+             "untransposed": "flat's rows are pixels of C numbers: multiply them by w[:, :, i, j].T, (C, Cout)"}
 
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for n, c, h, wd, cout in [(2, 3, 7, 6, 4), (3, 1, 5, 9, 2), (1, 2, 1, 1, 3), (2, 4, 8, 8, 5)]:
+        # C == Cout first: a missing .T gives wrong numbers there (a hint that names it), not a crash
+        for n, c, h, wd, cout in [(2, 3, 4, 5, 3), (2, 3, 7, 6, 4), (3, 1, 5, 9, 2), (1, 2, 1, 1, 3), (2, 4, 8, 8, 5)]:
             x, w, b = rng.standard_normal((n, c, h, wd)), rng.standard_normal((cout, c, 3, 3)), rng.standard_normal(cout)
-            known = [(_flat_rows_variant(x, w, b, slip), hint) for slip, hint in hints.items()]
-            known.append((reference_conv2d_forward(x, w.transpose(0, 1, 3, 2).copy(), b, 1, 1),
-                          "w[:, :, i, j] is the weight at row offset i and column offset j: the shift is i * Wp + j"))
-            errors.append(compare("out", fn(x.copy(), w.copy(), b.copy()), reference_conv3x3_flat_rows(x, w, b),
-                                  "Conv2d.forward", known, f"{n} images of {c}x{h}x{wd}, {cout} output channels"))
+            expected = reference_conv3x3_flat_rows(x, w, b)
+            known = [(_flat_rows_variant(x, w, b, slip), hint) for slip, hint in hints.items()
+                     if slip != "untransposed" or c == cout]
+            known += [(reference_conv2d_forward(x, w.transpose(0, 1, 3, 2).copy(), b, 1, 1),
+                       "w[:, :, i, j] is the weight at row offset i and column offset j: the shift is i * Wp + j"),
+                      (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, 1, 1),
+                       "the kernel is flipped: offset (i, j) reads row i * Wp + j further down with w[:, :, i, j]"),
+                      (host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: add b to every output pixel")]
+            out = call_leaving_inputs(fn, x, w, b)
+            errors.append(compare("out", out, expected, "Conv2d.forward", known,
+                                  f"{n} images of {c}x{h}x{wd}, {cout} output channels"))
         return errors
     return verdict("conv3x3_flat_rows", conv3x3_flat_rows, reference_conv3x3_flat_rows, run, "Conv2d.forward")
 
