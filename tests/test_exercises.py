@@ -572,6 +572,34 @@ def test_optimizer_and_process_slips_fail(check, mine, extra, hint, capsys):
     assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out
 
 
+def relu_backward_in_place(dout, mask):
+    dout[~mask] = 0              # right numbers, but the caller's dout is changed
+    return dout
+
+
+def softmax_ce_backward_in_place(probs, target):
+    n, k, h, w = probs.shape
+    probs[np.arange(n)[:, None, None], target, np.arange(h)[:, None], np.arange(w)] -= 1   # the forward's cache
+    return probs / (n * h * w)
+
+
+def concat_backward_returning_views(dout, ca):
+    return dout[:, :ca], dout[:, ca:]      # views are fine: nothing is written
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_relu_backward, relu_backward_in_place, (lambda x: (np.maximum(x, 0), x > 0),), "Add hands one dout to two paths"),
+    (E.check_softmax_ce_backward, softmax_ce_backward_in_place, (softmax_forward,), "a forward's cache serves"),
+    (E.check_concat_backward, concat_backward_returning_views, (), None),
+])
+def test_answers_that_change_their_inputs_fail(check, mine, extra, hint, capsys):
+    """An answer with the right numbers that writes into an array it was given fails, with a hint saying why
+    (Add hands one dout to both paths of a fork; a forward's cache serves its backward); views that write
+    nothing pass."""
+    used = check(mine, *extra)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
 def gate_backward_by_layers(dout, x, s, sig, alpha, Wx, Wg, Wpsi, Ah, Aw):
     """A right answer through tinyunet's own layers' backward passes (not the check's NumPy formulas)."""
     from tinyunet import backend

@@ -82,16 +82,16 @@ def compare(what: str, mine: Any, expected: Any, against: str,
     return err
 
 
-def call_leaving_inputs(fn: Callable, *arrays: np.ndarray) -> Any:
-    """``fn`` on copies of ``arrays``; a :class:`Mismatch` if it changed one of them (the caller's arrays
-    are not the function's to change: a layer's input is kept for its backward)."""
-    copies = [a.copy() for a in arrays]
+def call_leaving_inputs(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` with copies of the array arguments; a :class:`Mismatch` if it changed one of them."""
+    copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
     result = fn(*copies)
-    for i, (a, c) in enumerate(zip(arrays, copies)):
-        if not np.array_equal(a, c, equal_nan=True):
+    for i, (a, c) in enumerate(zip(args, copies)):
+        if isinstance(a, np.ndarray) and not np.array_equal(a, c, equal_nan=True):
             raise Mismatch(f"your function changed its argument {i + 1} in place",
-                           "leave the inputs as they were: compute into new arrays (x = x + ... makes one, "
-                           "x += ... or x[...] = ... changes the caller's)")
+                           "leave the inputs as they were: an array you are given may be used again (Add hands one "
+                           "dout to two paths, a forward's cache serves the backward, x is kept for it); compute "
+                           "into new arrays: d = d * m makes one, d *= m or d[...] = ... changes the caller's")
     return result
 
 
@@ -205,7 +205,7 @@ def check_im2col(im2col: Callable) -> Callable:
                      (unstrided[:, :, :ho, :wo].reshape(expected.shape) if s > 1 else None,
                       "your slices take Hout consecutive rows: they must step by the stride (i:i + stride*Hout:stride)"),
                      (reference_im2col(x, kh, kw, s, 0) if p else None, "the padding is missing: pad x by `padding` zeros on each side of H and W first")]
-            errors.append(compare("cols", fn(x, kh, kw, s, p), expected, "tinyunet.nn.conv.im2col",
+            errors.append(compare("cols", call_leaving_inputs(fn, x, kh, kw, s, p), expected, "tinyunet.nn.conv.im2col",
                                   known, case))
         return errors
     return verdict("im2col", im2col, reference_im2col, run, "tinyunet.nn.conv.im2col")
@@ -223,7 +223,7 @@ def check_conv2d_forward(conv2d: Callable) -> Callable:
             known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: add b[o] to every position of output channel o"),
                      (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, s, p), "the kernel is flipped: deep learning's convolution does not flip it")]
             case = f"kernel {k}, stride {s}, padding {p}"
-            errors.append(compare("out", fn(x, w, b, s, p), expected, "Conv2d.forward", known, case))
+            errors.append(compare("out", call_leaving_inputs(fn, x, w, b, s, p), expected, "Conv2d.forward", known, case))
             errors.append(compare("out", fn(x, w, b, s, p), naive.conv2d(x, w, b, s, p), "naive.conv2d (loops)", (), case))
         return errors
     return verdict("conv2d_forward", conv2d, reference_conv2d_forward, run, "Conv2d.forward and the loops")
@@ -240,7 +240,7 @@ def check_col2im(col2im: Callable) -> Callable:
             x = rng.standard_normal(shape)
             expected = reference_col2im(cols, shape, kh, kw, s, p)
             case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
-            image = fn(cols, shape, kh, kw, s, p)
+            image = call_leaving_inputs(fn, cols, shape, kh, kw, s, p)
             if image is not None and np.asarray(to_host(image)).dtype != cols.dtype:
                 raise Mismatch(f"image, {case}: dtype {np.asarray(to_host(image)).dtype} for {cols.dtype} cols",
                                "keep the dtype you are given (np.zeros(..., dtype=cols.dtype)): a float32 "
@@ -291,7 +291,7 @@ def check_conv2d_backward(conv2d_backward: Callable) -> Callable:
             b = np.zeros(4)
             g = rng.standard_normal(host(reference_conv2d_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv2d_backward(x, w, g, s, p)
-            result = fn(x.copy(), w.copy(), g.copy(), s, p)
+            result = call_leaving_inputs(fn, x, w, g, s, p)
             if not isinstance(result, tuple) or len(result) != 3:
                 raise Mismatch("your function must return three arrays", "return dx, dw, db")
             g0 = g[:1]
@@ -390,7 +390,7 @@ def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Ca
                             (spread / 4, "that is average pooling's gradient: only the winner gets dout, unscaled")]}
             forward = lambda: float((host(reference_maxpool2x2_forward(x)[0]) * g).sum())
             errors += _gradient_cases(forward, {"dx": x}, {"dx": expected},
-                                      {"dx": fn(g, maxpool2x2_forward(x)[1])}, "MaxPool2d(2).backward", known,
+                                      {"dx": call_leaving_inputs(fn, g, maxpool2x2_forward(x)[1])}, "MaxPool2d(2).backward", known,
                                       f"input {shape}")
         x = np.maximum(np.round(rng.standard_normal((2, 3, 4, 6))), 0)      # ReLU-like: many tied zeros
         g = rng.standard_normal((2, 3, 2, 3))
@@ -399,7 +399,7 @@ def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Ca
         mask = win == win.max(-1, keepdims=True)
         all_tied = (mask * g[..., None]).reshape(2, 3, 2, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(x.shape)
         split = (mask * g[..., None] / mask.sum(-1, keepdims=True)).reshape(2, 3, 2, 3, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(x.shape)
-        errors.append(compare("dx", fn(g, maxpool2x2_forward(x)[1]), expected, "MaxPool2d(2).backward",
+        errors.append(compare("dx", call_leaving_inputs(fn, g, maxpool2x2_forward(x)[1]), expected, "MaxPool2d(2).backward",
                               [(all_tied, "on a tie every maximum got the gradient: only the first one (the argmax) gets it"),
                                (split, "on a tie the gradient is split between the maxima: the first one (the argmax) gets all of it")],
                               "input with tied maxima (ReLU zeros)"))
@@ -448,7 +448,7 @@ def check_conv_transpose_forward(conv_transpose: Callable) -> Callable:
             known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing"),
                      (reference_conv_transpose_forward(x, w[:, :, ::-1, ::-1], b, s, p),
                       "the kernel is flipped: a transposed convolution stamps w as it is (w[..., ::-1, ::-1] is wrong)")]
-            errors.append(compare("out", fn(x, w, b, s, p), expected, "ConvTranspose2d.forward", known, case))
+            errors.append(compare("out", call_leaving_inputs(fn, x, w, b, s, p), expected, "ConvTranspose2d.forward", known, case))
             errors.append(compare("out", fn(x, w, b, s, p), naive.conv_transpose2d(x, w, b, s, p),
                                   "naive.conv_transpose2d (loops)", (), case))
         return errors
@@ -465,7 +465,7 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
             b = np.zeros(2)
             g = rng.standard_normal(host(reference_conv_transpose_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv_transpose_backward(x, w, g, s, p)
-            result = fn(x.copy(), w.copy(), g.copy(), s, p)
+            result = call_leaving_inputs(fn, x, w, g, s, p)
             if not isinstance(result, tuple) or len(result) != 3:
                 raise Mismatch("your function must return three arrays", "return dx, dw, db")
             _, dw0, db0 = reference_conv_transpose_backward(x[:1], w, g[:1], s, p)
@@ -498,7 +498,7 @@ def check_concat_backward(concat_backward: Callable) -> Callable:
         for ca, cb in [(2, 3), (4, 1)]:
             a, b = rng.standard_normal((2, ca, 3, 4)), rng.standard_normal((2, cb, 3, 4))
             g = rng.standard_normal((2, ca + cb, 3, 4))
-            result = fn(g.copy(), ca)
+            result = call_leaving_inputs(fn, g, ca)
             if not isinstance(result, tuple) or len(result) != 2:
                 raise Mismatch("return two arrays", "return da, db")
             da, db = reference_concat_backward(g, ca)
@@ -585,7 +585,7 @@ def check_relu_backward(relu_backward: Callable, relu_forward: Callable) -> Call
         known = {"dx": [(g * (x < 0), "the mask is reversed: the gradient passes where x > 0"),
                         (np.maximum(g, 0), "that is relu(dout): the mask comes from the *input*, not from dout")]}
         forward = lambda: float((np.maximum(x, 0) * g).sum())
-        return _gradient_cases(forward, {"dx": x}, {"dx": expected}, {"dx": fn(g, relu_forward(x)[1])},
+        return _gradient_cases(forward, {"dx": x}, {"dx": expected}, {"dx": call_leaving_inputs(fn, g, relu_forward(x)[1])},
                                "ReLU.backward", known, "")
     return verdict("relu_backward", relu_backward, reference_relu_backward, run, "ReLU.backward and finite differences")
 
@@ -638,7 +638,7 @@ def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
                      "dgamma": [(dbeta, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")],
                      "dbeta": [(dgamma, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")]}
             forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape))[0]) * g).sum())
-            result = fn(g.copy(), bn_forward(x, gamma, beta)[1])
+            result = call_leaving_inputs(fn, g, bn_forward(x, gamma, beta)[1])
             if not isinstance(result, tuple) or len(result) != 3:
                 raise Mismatch("your function must return three arrays", "return dx, dgamma, dbeta")
             errors += _gradient_cases(forward, {"dx": x, "dgamma": gamma, "dbeta": beta},
@@ -675,7 +675,7 @@ def check_softmax_ce_backward(softmax_ce_backward: Callable, softmax_ce_forward:
                                                        "each with its C classes")]}
             forward = lambda: float(CrossEntropyLoss().forward(to_device(logits), to_device(target)))
             errors += _gradient_cases(forward, {"dlogits": logits}, {"dlogits": expected},
-                                      {"dlogits": fn(softmax_ce_forward(logits, target)[1], target)},
+                                      {"dlogits": call_leaving_inputs(fn, softmax_ce_forward(logits, target)[1], target)},
                                       "CrossEntropyLoss.backward", known, f"logits {shape}")
         return errors
     return verdict("softmax_ce_backward", softmax_ce_backward, reference_softmax_ce_backward, run,
@@ -1047,7 +1047,7 @@ def check_gate_backward(gate_backward: Callable) -> Callable:
                 out = gate.forward(to_device(k["x"]), to_device(k["g"]))
                 dout = rng.standard_normal(out.shape)
                 expected = dict(zip(("dx", "dg"), map(host, gate.backward(to_device(dout)))))
-            result = fn(dout.copy(), *(k[name].copy() for name in ("x", "s", "sig", "alpha", "Wx", "Wg", "Wpsi", "Ah", "Aw")))
+            result = call_leaving_inputs(fn, dout, *(k[name] for name in ("x", "s", "sig", "alpha", "Wx", "Wg", "Wpsi", "Ah", "Aw")))
             if not isinstance(result, tuple) or len(result) != 2:
                 raise Mismatch("your function must return two arrays", "return dx, dg")
             slips = {slip: _gate_backward_variant(dout, k, slip) for slip in hints}
@@ -1076,7 +1076,7 @@ def check_linear_backward(linear_backward: Callable) -> Callable:
         for n, cin, cout in [(5, 3, 4), (1, 2, 2)]:
             x, w, b = rng.standard_normal((n, cin)), rng.standard_normal((cout, cin)), rng.standard_normal(cout)
             g = rng.standard_normal((n, cout))
-            result = fn(x.copy(), w.copy(), g.copy())
+            result = call_leaving_inputs(fn, x, w, g)
             if not isinstance(result, tuple) or len(result) != 3:
                 raise Mismatch("your function must return three arrays", "return dx, dw, db")
             dx, dw, db = reference_linear_backward(x, w, g)
