@@ -198,3 +198,19 @@ def test_recipe_table_reads_the_scores_evaluate_writes(tmp_path):
                            capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(table) == 3 and table[2].startswith("| unet, 45 epochs, ce+dice |")
     assert "| 0, 1 | 0.7550 (0.7500–0.7600) |" in table[2] and "| 0.5300 (0.5200–0.5400) |" in table[2]
+
+
+def test_readme_variants_table_is_the_committed_runs():
+    """The README's variants table at the real budget holds, for each architecture, the seeds and the test
+    mIoU mean (range) that benchmarks/recipe_table.py computes from the committed reports in docs/recipe."""
+    repo = SCRIPT.parent.parent
+    runs = sorted(p for p in (repo / "docs" / "recipe").glob("*-45ep-s*") if p.name.split("-")[0] in
+                  ("unet", "resunet", "attunet"))
+    table = subprocess.run([sys.executable, str(SCRIPT.parent / "recipe_table.py"), *runs],
+                           capture_output=True, text=True, check=True).stdout.splitlines()[2:]
+    readme = (repo / "README.md").read_text(encoding="utf-8").splitlines()
+    for arch in ("unet", "resunet", "attunet"):
+        cells = [c.strip() for c in next(r for r in table if r.startswith(f"| {arch},")).split("|")]
+        seeds, miou = cells[3], cells[4]
+        row = next(line for line in readme if f"(`{arch}`)" in line and "| 0, 1 |" in line)
+        assert f"| {seeds} | " in row and miou.split(" ")[1] in row and miou.split(" ")[0] in row, (arch, row, miou)
