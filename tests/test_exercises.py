@@ -271,7 +271,7 @@ CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, (
           (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ()),
           (E.check_ring_allreduce, ()), (E.check_sync_bn_forward, ()), (E.check_sync_bn_backward, (sync_bn_forward,)),
           (E.check_gate_backward, ()), (E.check_train_steps, ()), (E.check_iou_per_class, ()),
-          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ()), (E.check_resize_nearest, ()), (E.check_conv3x3_flat_rows, ())]
+          (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ()), (E.check_resize_nearest, ()), (E.check_conv3x3_flat_rows, ()), (E.check_timed, ())]
 
 
 @pytest.mark.parametrize("check, extra", CHECKS, ids=lambda v: getattr(v, "__name__", ""))
@@ -783,6 +783,74 @@ def test_conv3x3_flat_rows_check(mine, hint, capsys):
     a missing bias, L one short, a missing .T and a NaN got no hint that named them)."""
     used = E.check_conv3x3_flat_rows(mine)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def timed_written_here(fn, sync, warmup=2, repeat=5):
+    """A right answer written differently: another clock, statistics.median, the runs kept as end - start."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    runs = []
+    for _ in range(repeat):
+        start = time.monotonic()
+        fn()
+        sync()
+        runs.append(time.monotonic() - start)
+    return statistics.median(runs)
+
+
+def timed_slip(slip):
+    def timed(fn, sync, warmup=2, repeat=5):
+        import time
+
+        for _ in range(0 if slip == "no warm-up" else warmup):
+            fn()
+        runs = []
+        for _ in range(repeat):
+            if slip != "no sync before":
+                sync()
+            start = time.perf_counter()
+            fn()
+            if slip != "no sync after":
+                sync()
+            runs.append(time.perf_counter() - start)
+        seconds = float(np.mean(runs) if slip == "mean" else np.median(runs))
+        return seconds * 1000 if slip == "ms" else seconds
+    return timed
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (timed_written_here, None),
+    (timed_slip("no sync after"), "the time of the launch only"),
+    (timed_slip("no sync before"), "sync() before starting the clock too"),
+    (timed_slip("no warm-up"), "call fn() warmup times"),
+    (timed_slip("mean"), "take the median"),
+    (timed_slip("ms"), "return seconds, not ms"),
+])
+def test_timed_check(mine, hint, capsys):
+    """Lesson 15's timing exercise, on the simulated asynchronous device: a right answer written here passes;
+    each of the classic GPU-timing mistakes fails with its hint."""
+    used = E.check_timed(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def test_simulated_device_queues_work_until_sync():
+    """The simulated device the timing check relies on: a call returns at once, sync() waits for the queued
+    work, which adds up across calls; the first call's set-up is paid at once."""
+    import time
+
+    device = E.SimulatedDevice([0.05, 0.05], first=0.05)
+    start = time.perf_counter()
+    device.run()
+    launched = time.perf_counter() - start
+    device.run()
+    queued = time.perf_counter() - start
+    device.sync()
+    done = time.perf_counter() - start
+    assert 0.045 < launched < 0.08 and queued < 0.08 and 0.145 < done < 0.2, (launched, queued, done)
 
 
 def residual_backward_layer_by_layer(block, dout):

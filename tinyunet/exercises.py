@@ -824,6 +824,81 @@ def check_resize_nearest(resize_nearest: Callable) -> Callable:
     return verdict("resize_nearest", resize_nearest, reference_resize_nearest, run, "PIL's NEAREST")
 
 
+# --- the GPU lesson ------------------------------------------------------------------------------------------
+
+def reference_timed(fn: Callable, sync: Callable, warmup: int = 2, repeat: int = 5) -> float:
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class SimulatedDevice:
+    """A stand-in for a GPU's queue, on the real clock: ``run()`` queues ``durations[k]`` seconds of work (the
+    k-th call's) and returns at once; ``sync()`` sleeps until the queue is empty. The first call also costs
+    ``first`` seconds at once (compiling kernels, growing the memory pool): what a warm-up absorbs."""
+
+    def __init__(self, durations: Sequence[float], first: float = 0.0) -> None:
+        self.durations, self.first, self.calls, self.busy_until = list(durations), first, 0, 0.0
+
+    def run(self) -> None:
+        import time
+
+        if self.calls == 0 and self.first:
+            time.sleep(self.first)
+        now = time.perf_counter()
+        self.busy_until = max(self.busy_until, now) + self.durations[min(self.calls, len(self.durations) - 1)]
+        self.calls += 1
+
+    def sync(self) -> None:
+        import time
+
+        time.sleep(max(0.0, self.busy_until - time.perf_counter()))
+
+
+def check_timed(timed: Callable) -> Callable:
+    """``timed(fn, sync, warmup=2, repeat=5) -> seconds``: on a simulated asynchronous device whose calls
+    return at once and whose work ends only at ``sync()``; the median of the synchronised runs."""
+    unit = 0.04          # seconds of work per call: well above the clock's and the sleep's noise
+
+    def run(fn: Callable) -> List[float]:
+        errors = []
+        cases = [  # (what it tells apart, the queue's durations, the first call's cost, warmup, repeat, hint)
+            ("the work, not the launch", [unit] * 8, 0.0, 1, 3,
+             "the time of the launch only: the work runs on after fn() returns; sync() before reading the clock"),
+            ("earlier work left in the queue", [3 * unit, 3 * unit, unit], 0.0, 2, 1,
+             "the warm-up's work was still queued and got billed to the run: sync() before starting the clock too"),
+            ("the first call's set-up", [unit] * 6, 10 * unit, 2, 3,
+             "the first call's compilation was timed: call fn() warmup times before measuring"),
+            ("one slow run among five", [unit, unit, unit, 5 * unit, unit, unit, unit], 0.0, 2, 5,
+             "one slow run moved your number: take the median of the runs, not the mean (np.median)"),
+        ]
+        for what, durations, first, warmup, repeat, hint in cases:
+            device = SimulatedDevice(durations, first)
+            seconds = fn(device.run, device.sync, warmup=warmup, repeat=repeat)
+            if not isinstance(seconds, (float, int, np.floating)):
+                raise Mismatch(f"{what}: your function returned {type(seconds).__name__}", "return one number: seconds")
+            if device.calls != warmup + repeat:
+                raise Mismatch(f"{what}: fn was called {device.calls} times for warmup={warmup}, repeat={repeat}",
+                               "call fn() warmup times, then once per timed run")
+            if 500 * unit < seconds < 2000 * unit:
+                raise Mismatch(f"{what}: {seconds:.3g}, about a thousand times the work", "return seconds, not ms")
+            err = abs(float(seconds) - unit) / unit
+            if err > 0.5:     # a right answer is within a few ms of the work; each mistake is off by 100 % or more
+                raise Mismatch(f"{what}: {float(seconds) * 1e3:.1f} ms measured for {unit * 1e3:.0f} ms of work", hint)
+            errors.append(err)
+        return errors
+    return verdict("timed", timed, reference_timed, run, "the work queued on a simulated GPU")
+
+
 # --- the fast CPU lesson ------------------------------------------------------------------------------------
 
 def reference_conv2d_shifted(x: Any, w: Any, b: Any, padding: int) -> Any:
