@@ -348,3 +348,35 @@ print(json.dumps([result["miou"], result["loss"]]))
     miou, loss = json.loads(evaluation.stdout)
     row = metrics(run_dir)[-1]
     assert abs(miou - float(row["val_miou"])) < 1e-4 and abs(loss - float(row["val_loss"])) < 1e-4
+
+
+def test_first_process_loads_before_the_others():
+    """first_process_first: process 1 starts loading only after process 0 has finished (the cache it fills is
+    then complete); each process gets its own load's result; without a group it is just the call."""
+    import threading
+
+    rendezvous, events = threading.Barrier(2), []
+
+    class ThreadGroup:               # two "processes" as threads, meeting at a real barrier
+        def __init__(self, rank):
+            self.rank, self.size = rank, 2
+
+        def barrier(self):
+            rendezvous.wait(timeout=10)
+
+    def load(rank):
+        events.append(("start", rank))
+        time.sleep(0.05 if rank == 0 else 0.0)     # process 0 is slow: a wrong order would show
+        events.append(("end", rank))
+        return rank * 10
+
+    results = {}
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, distributed.first_process_first(
+        ThreadGroup(r), lambda: load(r)))) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert events == [("start", 0), ("end", 0), ("start", 1), ("end", 1)], events
+    assert results == {0: 0, 1: 10}
+    assert distributed.first_process_first(None, lambda: "alone") == "alone"

@@ -434,3 +434,29 @@ def test_mirror_averaging_in_evaluate_and_predict_matches_independent_computatio
                  "--mirror"]) == 0
     mask = np.asarray(Image.open(tmp_path / "out" / "square_mask.png"))
     np.testing.assert_array_equal(mask, independent_mirror_probabilities(model, x).argmax(axis=1)[0])
+
+
+def test_evaluate_in_a_group_loads_the_split_before_the_others(trained, monkeypatch):
+    """Under mpiexec, process 0 loads (and caches) the split before the others start: the barrier comes
+    after its load. A one-process group whose sums are the identity gives the metrics of no group."""
+    import tinyunet.evaluate as evaluate_module
+    from tinyunet.evaluate import evaluate_checkpoint
+
+    root, checkpoint = trained
+    events = []
+
+    class OneProcess:
+        rank, size = 0, 1
+
+        def barrier(self):
+            events.append("barrier")
+
+        def allreduce(self, array):
+            return array
+
+    real_load = evaluate_module.load_pets
+    monkeypatch.setattr(evaluate_module, "load_pets", lambda *a, **k: (events.append("load"), real_load(*a, **k))[1])
+    shared = evaluate_checkpoint(checkpoint, str(root), "test", progress=False, group=OneProcess())
+    assert events == ["load", "barrier"]
+    alone = evaluate_checkpoint(checkpoint, str(root), "test", progress=False)
+    assert shared["miou"] == alone["miou"] and np.array_equal(shared["confusion"], alone["confusion"])

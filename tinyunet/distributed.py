@@ -17,7 +17,7 @@ training runs exactly as it always did.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, TypeVar
 
 import numpy as np
 
@@ -126,6 +126,21 @@ def world() -> Optional[ProcessGroup]:
                             "another MPI than mpi4py's; use the one installed with it (`python -m pip show mpich`, "
                             "the mpiexec beside this Python)")
     return group
+
+
+T = TypeVar("T")
+
+
+def first_process_first(group: Optional[ProcessGroup], load: Callable[[], T]) -> T:
+    """``load()`` in process 0, then in the others (a barrier between): the first fills the data cache that
+    the others then read, instead of all of them decoding the same photos at once. No group: ``load()``."""
+    first = group is None or group.rank == 0
+    if not first:
+        group.barrier()
+    result = load()
+    if first and group is not None:
+        group.barrier()
+    return result
 
 
 def shard(count: int, rank: int, size: int) -> slice:

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 from tinyunet.classes import CLASS_NAMES
 from tinyunet.data import default_data_dir, load_native_labels, load_pets, make_shapes
+from tinyunet.distributed import first_process_first
 from tinyunet.errors import TinyUNetError
 from tinyunet.train import TrainConfig, checkpoint_file, evaluate_model, load_model
 
@@ -41,7 +42,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: Optional[str] = Non
     else:
         split = split or "test"
         root = data or config.data or str(default_data_dir())
-        dataset = load_pets(root, split, config.size, progress=progress, limit=limit)
+        dataset = first_process_first(group, lambda: load_pets(root, split, config.size, progress=progress,
+                                                               limit=limit))
         desc = f"evaluate {split}"
         if native:
             labels = load_native_labels(root, dataset.names)

@@ -49,7 +49,7 @@ from tinyunet.classes import CLASS_NAMES, NUM_CLASSES
 from tinyunet.data import (SegmentationData, default_data_dir, iterate_batches, load_pets, make_shapes, read_split,
                            split_train_val)
 from tinyunet.data.pets import spread_subset
-from tinyunet.distributed import ProcessGroup, shard
+from tinyunet.distributed import ProcessGroup, first_process_first, shard
 from tinyunet.errors import CheckpointError, TinyUNetError, TrainingError
 from tinyunet.data.transforms import Augmentation, augment, resize_probabilities
 from tinyunet.losses import LOSSES, CrossEntropyLoss, make_loss, softmax
@@ -455,13 +455,7 @@ class Trainer:
 
     def _load_data(self) -> Tuple[SegmentationData, SegmentationData]:
         """load_data; with several processes, process 0 first (it may fill the data cache), then the others."""
-        first = self.group is None or self.group.rank == 0
-        if not first:
-            self.group.barrier()
-        data = load_data(self.config, progress=self.progress)
-        if first and self.group is not None:
-            self.group.barrier()
-        return data
+        return first_process_first(self.group, lambda: load_data(self.config, progress=self.progress))
 
     def _check_data(self, train: SegmentationData, val: SegmentationData) -> None:
         """Refuse data a run cannot use, with a change that makes it usable."""
