@@ -817,8 +817,10 @@ def timed_slip(slip):
             if slip != "no sync after":
                 sync()
             runs.append(time.perf_counter() - start)
-        seconds = float(np.mean(runs) if slip == "mean" else np.median(runs))
-        return seconds * 1000 if slip == "ms" else seconds
+        if slip == "never appended":
+            runs = []
+        seconds = float({"mean": np.mean, "max": np.max, "total": np.sum}.get(slip, np.median)(runs))
+        return {"ms": 1000, "ns": 1e9, "negative": -1}.get(slip, 1) * seconds
     return timed
 
 
@@ -829,10 +831,17 @@ def timed_slip(slip):
     (timed_slip("no warm-up"), "call fn() warmup times"),
     (timed_slip("mean"), "take the median"),
     (timed_slip("ms"), "return seconds, not ms"),
+    (timed_slip("max"), "not the mean or the max"),
+    (timed_slip("total"), "the total of the runs"),
+    (timed_slip("ns"), "nanoseconds"),
+    (timed_slip("negative"), "end - start"),
+    (timed_slip("never appended"), "the median of an empty list"),
 ])
 def test_timed_check(mine, hint, capsys):
     """Lesson 15's timing exercise, on the simulated asynchronous device: a right answer written here passes;
-    each of the classic GPU-timing mistakes fails with its hint."""
+    each of the classic GPU-timing mistakes fails with its hint (the last five from a learner's walkthrough:
+    a NaN from an empty list passed, and the max, a total, nanoseconds and end - start reversed were hinted
+    at as a missing sync)."""
     used = E.check_timed(mine)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 

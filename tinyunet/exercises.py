@@ -873,27 +873,38 @@ def check_timed(timed: Callable) -> Callable:
         errors = []
         cases = [  # (what it tells apart, the queue's durations, the first call's cost, warmup, repeat, hint)
             ("the work, not the launch", [unit] * 8, 0.0, 1, 3,
-             "the time of the launch only: the work runs on after fn() returns; sync() before reading the clock"),
+             "the time of the launch only: the work runs on after fn() returns; sync() before reading the clock "
+             "(a wall clock: time.perf_counter)"),
             ("earlier work left in the queue", [3 * unit, 3 * unit, unit], 0.0, 2, 1,
-             "the warm-up's work was still queued and got billed to the run: sync() before starting the clock too"),
+             "the warm-up's work was billed to the run: sync() before starting the clock too (or were the warm-up "
+             "calls timed?)"),
             ("the first call's set-up", [unit] * 6, 10 * unit, 2, 3,
              "the first call's compilation was timed: call fn() warmup times before measuring"),
             ("one slow run among five", [unit, unit, unit, 5 * unit, unit, unit, unit], 0.0, 2, 5,
-             "one slow run moved your number: take the median of the runs, not the mean (np.median)"),
+             "one slow run moved your number: take the median of the runs (np.median), not the mean or the max"),
         ]
         for what, durations, first, warmup, repeat, hint in cases:
             device = SimulatedDevice(durations, first)
             seconds = fn(device.run, device.sync, warmup=warmup, repeat=repeat)
             if not isinstance(seconds, (float, int, np.floating)):
-                raise Mismatch(f"{what}: your function returned {type(seconds).__name__}", "return one number: seconds")
+                raise Mismatch(f"your function returned {type(seconds).__name__}", "return one number: seconds")
             if device.calls != warmup + repeat:
-                raise Mismatch(f"{what}: fn was called {device.calls} times for warmup={warmup}, repeat={repeat}",
+                raise Mismatch(f"fn was called {device.calls} times for warmup={warmup}, repeat={repeat}",
                                "call fn() warmup times, then once per timed run")
-            if 500 * unit < seconds < 2000 * unit:
-                raise Mismatch(f"{what}: {seconds:.3g}, about a thousand times the work", "return seconds, not ms")
-            err = abs(float(seconds) - unit) / unit
-            if err > 0.5:     # a right answer is within a few ms of the work; each mistake is off by 100 % or more
-                raise Mismatch(f"{what}: {float(seconds) * 1e3:.1f} ms measured for {unit * 1e3:.0f} ms of work", hint)
+            seconds = float(seconds)
+            total = sum(durations[min(k, len(durations) - 1)] for k in range(warmup, warmup + repeat))
+            measured = f"{what}: {seconds * 1e3:.4g} ms measured for {unit * 1e3:.0f} ms of work"
+            for wrong, why in [(seconds < 0, "a negative time: end - start, not start - end"),
+                               (1e8 * unit < seconds < 1e10 * unit, "nanoseconds: divide by 1e9 (perf_counter_ns)"),
+                               (500 * unit < seconds < 2000 * unit, "return seconds, not ms"),
+                               (repeat > 1 and abs(seconds - total) < 0.3 * unit,
+                                "the total of the runs: return one run's time, their median")]:
+                if wrong:
+                    raise Mismatch(measured, why)
+            err = abs(seconds - unit) / unit
+            if not err <= 0.5:     # NaN too. A right answer is within a few ms of the work; each mistake is off by 100 % or more
+                raise Mismatch(measured, hint if np.isfinite(seconds) else
+                               "not a number: the median of an empty list? append each run's time")
             errors.append(err)
         return errors
     return verdict("timed", timed, reference_timed, run, "the work queued on a simulated GPU")
