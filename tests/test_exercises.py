@@ -3,6 +3,8 @@ classic mistake (and must name it in its hint), and on a right answer written in
 check's own reference (and must pass, returning the learner's function)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -818,7 +820,9 @@ def timed_slip(slip):
                 sync()
             runs.append(time.perf_counter() - start)
         if slip == "never appended":
-            runs = []
+            with warnings.catch_warnings():        # NumPy warns of the empty median, then gives NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return float(np.median([]))
         seconds = float({"mean": np.mean, "max": np.max, "total": np.sum}.get(slip, np.median)(runs))
         return {"ms": 1000, "ns": 1e9, "negative": -1}.get(slip, 1) * seconds
     return timed
