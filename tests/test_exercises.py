@@ -710,7 +710,7 @@ def resize_nearest_in_place(mask, height, width):
 
 @pytest.mark.parametrize("mine, hint", [
     (resize_nearest_ceil, "belongs to the lower-right one"),
-    (resize_nearest_in_place, "leave the input as it was"),
+    (resize_nearest_in_place, "leave the inputs as they were"),
     (lambda mask, height, width: resize_nearest_loops(mask, height, width).tolist(), "return a NumPy array"),
 ])
 def test_resize_nearest_check_more_slips(mine, hint, capsys):
@@ -906,7 +906,7 @@ def shortcut_not_run_backward(block, dout):
     (shortcut_not_run_backward, "shapes that do not fit"),
     (E._residual_slip("fork_mean"), "not averaged"),
     (lambda block, dout: block.backward(dout), "use the parts' backward"),
-    (residual_backward_scaling_dout, "rather than d *= ..."),
+    (residual_backward_scaling_dout, "changes the caller's"),
     (lambda block, dout: residual_backward_layer_by_layer(block, dout).astype(np.float32), "keep it"),
     (residual_backward_relu_twice, "called a second time after one forward"),
 ])
