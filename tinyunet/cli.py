@@ -333,7 +333,6 @@ def _end(args: argparse.Namespace, code: int) -> int:
     """The exit code; with several processes, first the end of all of them: the others would wait for
     this one in their next allreduce forever."""
     if args.group is not None:
-        sys.stderr.flush()
         args.group.abort(code)
     return code
 

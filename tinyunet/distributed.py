@@ -17,6 +17,8 @@ training runs exactly as it always did.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any, Callable, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -80,8 +82,15 @@ class ProcessGroup:
         """Wait until every process has come here."""
         self.comm.Barrier()
 
-    def abort(self, code: int = 1) -> None:
-        """End every process of the job (an error in one must not leave the others waiting forever)."""
+    def abort(self, code: int = 1, grace: float = 1.0) -> None:
+        """End every process of the job (an error in one must not leave the others waiting forever).
+
+        What this process printed last (the error) travels to the user through the launcher: a pipe to its
+        proxy, a socket to ``mpiexec``. MPI_Abort kills the job at once and may cut that path, and the error
+        is then lost. So: flush, give the launcher ``grace`` seconds to pass the lines on, then abort."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(grace)
         self.comm.Abort(code)
 
     def local_rank(self) -> int:
