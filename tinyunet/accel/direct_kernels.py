@@ -65,6 +65,7 @@ import numpy as np
 
 from tinyunet import backend
 from tinyunet.accel import compiled_loops
+from tinyunet.cache import default_cache_dir
 
 __all__ = ["set_enabled", "runs", "usable", "clipped_segments", "segment_rows", "shifted_sum",
            "shifted_weight_grad", "MAX_TAPS"]
@@ -134,7 +135,6 @@ def _kernel_file(source: str) -> Optional[Path]:
     by a hash of it and of simd.py, written once (atomically); None where the folder is not writable.
     Numba keeps a function's machine code only for functions in files, beside the file."""
     from tinyunet.accel import simd
-    from tinyunet.data.pets import default_cache_dir
     text = _IMPORTS + source + "\n"
     key = hashlib.sha256((text + Path(simd.__file__).read_text()).encode()).hexdigest()[:16]
     path = default_cache_dir() / "kernels" / f"tinyunet_kernel_{key}.py"

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from tinyunet.cache import default_cache_dir
 from tinyunet.classes import trimap_to_labels
 from tinyunet.data.dataset import SegmentationData, iterate_batches, split_train_val
 from tinyunet.data.images import UnreadableImage, read_photo
@@ -58,12 +59,6 @@ def default_data_dir() -> Path:
     """``$TINYUNET_DATA`` if set, else ``~/.cache/tinyunet/oxford-iiit-pet`` (where `tinyunet download` puts it)."""
     env = os.environ.get("TINYUNET_DATA")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tinyunet" / "oxford-iiit-pet"
-
-
-def default_cache_dir() -> Path:
-    """``$TINYUNET_CACHE`` if set, else ``~/.cache/tinyunet/cache``."""
-    env = os.environ.get("TINYUNET_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tinyunet" / "cache"
 
 
 def _check_split_name(split: str) -> None:
