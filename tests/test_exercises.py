@@ -720,6 +720,20 @@ def test_resize_nearest_check_more_slips(mine, hint, capsys):
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
+def test_a_wrong_mask_is_told_how_many_pixels_differ(capsys):
+    """Class ids are right or wrong: a mask off in one pixel of the first case (37x29 -> 16x11, 176 pixels)
+    is told "1 of 176", not a relative error of the ids."""
+    def one_pixel_off(mask, height, width):
+        out = resize_nearest_loops(mask, height, width)
+        out[0, 0] = 3 if out[0, 0] != 3 else 7   # another id that the mask holds
+        return out
+
+    used = E.check_resize_nearest(one_pixel_off)
+    out = capsys.readouterr().out
+    assert used is not one_pixel_off
+    assert "1 of 176 values differ from PIL's NEAREST" in out and "relative error" not in out
+
+
 def test_resize_cases_ties_only_at_exact_scales_and_pillow_takes_the_centre():
     """The check's cases put an output centre on a border between input pixels only where the scale is a
     whole factor (exact in floating point), and on all of them Pillow's NEAREST is the centre rule, floor

@@ -56,6 +56,7 @@ def compare(what: str, mine: Any, expected: Any, against: str,
     """Relative error of ``mine`` against ``expected``; raise :class:`Mismatch` with a hint when it is
     too large. ``known``: (what a known mistake gives, the hint for it)."""
     where = f"{what}{', ' + case if case else ''}"
+    exact = np.asarray(to_host(expected)).dtype.kind in "biu"   # labels, masks, indices: right or wrong
     if mine is None:
         raise Mismatch(f"{where}: your function returned None", "return the array (a function that only assigns returns None)")
     mine, expected = np.asarray(to_host(mine)), host(expected)
@@ -79,6 +80,9 @@ def compare(what: str, mine: Any, expected: Any, against: str,
             hint = ("the same numbers in another order: check the order of the axes (and of the rows of a reshape)"
                     if relative_error(np.sort(mine, axis=None), np.sort(expected, axis=None)) <= TOLERANCE else
                     "compare one small case by hand with the formula in the text (print both arrays)")
+        if exact:
+            wrong = int(np.count_nonzero(mine != expected))
+            raise Mismatch(f"{where}: {wrong:,} of {expected.size:,} values differ from {against}", hint)
         raise Mismatch(f"{where}: relative error {err:.2g} vs {against}", hint)
     return err
 
