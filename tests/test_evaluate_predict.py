@@ -460,3 +460,34 @@ def test_evaluate_in_a_group_loads_the_split_before_the_others(trained, monkeypa
     assert events == ["load", "barrier"]
     alone = evaluate_checkpoint(checkpoint, str(root), "test", progress=False)
     assert shared["miou"] == alone["miou"] and np.array_equal(shared["confusion"], alone["confusion"])
+
+
+def test_a_shared_evaluation_reads_only_its_own_trimaps_one_batch_at_a_time(trained, monkeypatch, tmp_path):
+    """Process 1 of 2 scores the second half of the test split (dog_2, dog_3) and reads only those full-size
+    trimaps, each after the forward of its batch: the split's trimaps are never all in memory at once, nor
+    read by every process."""
+    from tinyunet.data import pets
+    from tinyunet.data import load_native_labels, load_pets
+    from tinyunet.train import evaluate_model, load_model
+
+    root, checkpoint = trained
+    monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
+    model, _ = load_model(checkpoint)
+    data = load_pets(root, "test", SIZE, progress=False)
+    assert data.names == TEST_NAMES
+    events = []
+    forward, open_image = model.forward, pets.Image.open
+    monkeypatch.setattr(model, "forward", lambda x: events.append(("forward", len(x))) or forward(x))
+    monkeypatch.setattr(pets.Image, "open", lambda path, *a: events.append(("read", Path(path).stem)) or open_image(path, *a))
+
+    class SecondOfTwo:   # the arithmetic of the sums is not under test here: each process keeps its own
+        rank, size = 1, 2
+
+        def allreduce(self, array):
+            return array
+
+    result = evaluate_model(model, data, batch_size=1, native_labels=load_native_labels(root, data.names),
+                            group=SecondOfTwo())
+    assert events == [("forward", 1), ("read", "dog_2"), ("forward", 1), ("read", "dog_3")]
+    assert sum(map(sum, result["native"]["confusion"])) == sum(
+        np.asarray(Image.open(root / "annotations" / "trimaps" / f"{n}.png")).size for n in ("dog_2", "dog_3"))

@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -203,7 +203,7 @@ def class_probabilities(model: Any, x: Any, mirror: bool = False) -> Any:
 
 def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
                    progress: bool = False, desc: str = "eval",
-                   native_labels: Optional[List[np.ndarray]] = None,
+                   native_labels: Optional[Sequence[np.ndarray]] = None,
                    group: Optional[ProcessGroup] = None, mirror: bool = False) -> Dict[str, Any]:
     """Mean loss and segmentation metrics of ``model`` (in eval mode) over ``data``.
 
@@ -239,7 +239,7 @@ def evaluate_model(model: Any, data: SegmentationData, batch_size: int = 16,
         total += loss_fn.forward(logits, y) * x.shape[0]  # summed on the device: no sync per batch
         meter.update(logits, y)
         if native_labels is not None:
-            for p, truth in zip(to_host(probs if mirror else softmax(logits)), native_labels[b * batch_size:]):
+            for p, truth in zip(to_host(probs if mirror else softmax(logits)), native_labels[b * batch_size:(b + 1) * batch_size]):
                 pred = resize_probabilities(p, *truth.shape).argmax(axis=0)
                 native.update(to_device(pred[None]), to_device(truth[None]))
     model.train()

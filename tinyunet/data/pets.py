@@ -15,7 +15,9 @@ import hashlib
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,6 +40,7 @@ __all__ = [
     "read_split",
     "load_pets",
     "load_native_labels",
+    "NativeLabels",
     "split_train_val",
     "iterate_batches",
 ]
@@ -325,19 +328,34 @@ def _decode_all(root: Path, split: str, names: list[str], size: int, strict: boo
     return SegmentationData(images, labels, [names[i] for i in keep], skipped, notes)
 
 
-def load_native_labels(root: str | Path, names: list[str]) -> list[np.ndarray]:
-    """The class ids of each example's trimap at its own (full) size: what a prediction resized back
-    to the photo's size is scored against. Not cached: 2,669 small PNGs decode in a few seconds.
+class NativeLabels(Sequence):
+    """The class ids of each example's trimap at its photo's own size (full size), read from its PNG when
+    asked for: what a prediction resized back to the photo's size is scored against. Not cached (small
+    PNGs decode fast) and not held: a slice is another list of names, so each process of a shared
+    evaluation reads only its own part, and one batch at a time (the test split's trimaps at full size
+    are over a hundred MB).
 
-    Raises:
+    Raises (on reading):
         DataError: a trimap is missing or unreadable (the examples of a loaded split were checked).
     """
-    labels = []
-    for name in names:
-        path = _paths(Path(root), name)[1]
+
+    def __init__(self, root: str | Path, names: Sequence[str]) -> None:
+        self.root, self.names = Path(root), list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return NativeLabels(self.root, self.names[index])
+        path = _paths(self.root, self.names[index])[1]
         try:
             with Image.open(path) as tm:
-                labels.append(trimap_to_labels(np.asarray(tm)))
+                return trimap_to_labels(np.asarray(tm))
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot read the trimap {path} ({exc}); the split changed since it was loaded?") from exc
-    return labels
+
+
+def load_native_labels(root: str | Path, names: Sequence[str]) -> NativeLabels:
+    """Each example's full-size class ids, read one by one as they are used (:class:`NativeLabels`)."""
+    return NativeLabels(root, names)
