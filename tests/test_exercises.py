@@ -574,6 +574,221 @@ def test_optimizer_and_process_slips_fail(check, mine, extra, hint, capsys):
     assert used is not mine and ": FAIL " in out and hint in out.split("hint:")[1], out
 
 
+def momentum_step(params, velocities, lr, momentum=0.9):
+    for p, v in zip(params, velocities):
+        v *= momentum
+        v += p.grad
+        p.data -= lr * v
+
+
+def sgd_step_lr_written_in(params, lr):
+    for p in params:
+        p.data -= 0.1 * p.grad
+
+
+def momentum_step_written_in(params, velocities, lr, momentum=0.9):
+    momentum_step(params, velocities, lr, 0.9)
+
+
+def adam_step_default_betas(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    adam_step(params, ms, vs, t, lr)
+
+
+def sgd_step_scaling_grad(params, lr):
+    for p in params:
+        p.grad *= lr
+        p.data -= p.grad
+
+
+def momentum_step_through_grad(params, velocities, lr, momentum=0.9):
+    for p, v in zip(params, velocities):
+        p.grad += momentum * v
+        v[...] = p.grad
+        p.data -= lr * v
+
+
+def adam_step_squaring_grad(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    for p, m, v in zip(params, ms, vs):
+        m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+        g = p.grad
+        g **= 2
+        v[...] = betas[1] * v + (1 - betas[1]) * g
+        p.data -= lr * (m / (1 - betas[0] ** t)) / (np.sqrt(v / (1 - betas[1] ** t)) + eps)
+
+
+def sgd_step_zeroing_grad(params, lr):
+    sgd_step(params, lr)
+    for p in params:
+        p.grad[...] = 0
+
+
+def momentum_step_sutskever(params, velocities, lr, momentum=0.9):
+    for p, v in zip(params, velocities):
+        v *= momentum
+        v += lr * p.grad
+        p.data -= v
+
+
+def sgd_step_rebinding_data(params, lr):
+    for p in params:
+        p.data = p.data - lr * p.grad        # a new array for the weights: right, though not in place
+
+
+@pytest.mark.parametrize("check, mine, hint", [
+    (E.check_sgd_step, sgd_step_lr_written_in, "wrong with lr 0.03: use every argument"),
+    (E.check_momentum_step, momentum_step_written_in, "wrong with lr 0.03, momentum 0.5: use every argument"),
+    (E.check_adam_step, adam_step_default_betas, "wrong with lr 0.03, betas (0.8, 0.99), eps 0.001: use every"),
+    (E.check_sgd_step, sgd_step_scaling_grad, "leave it as it is"),
+    (E.check_momentum_step, momentum_step_through_grad, "leave it as it is"),
+    (E.check_adam_step, adam_step_squaring_grad, "leave it as it is"),
+    (E.check_sgd_step, sgd_step_zeroing_grad, "leave it as it is"),
+    (E.check_momentum_step, momentum_step_sutskever, "Sutskever's form"),
+    (E.check_momentum_step, momentum_step, None),
+    (E.check_sgd_step, sgd_step_rebinding_data, None),
+])
+def test_optimizer_checks_after_a_learners_walkthrough(check, mine, hint, capsys):
+    """Found by working through lesson 11 as a learner: a learning rate, momentum or betas written into the
+    code passed (the check used one setting), a step that wrote into p.grad passed, and Sutskever's momentum
+    (the same weights while lr is constant, another velocity) passed."""
+    used = check(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def ring_plain_sum(arrays):
+    total = np.sum(arrays, axis=0)
+    for a in arrays:
+        a[...] = total
+    return arrays
+
+
+def ring_through_process_0(arrays):
+    for a in arrays[1:]:
+        arrays[0] += a
+    for a in arrays[1:]:
+        a[...] = arrays[0]
+    return arrays
+
+
+def ring_schedule(arrays, steps_per_phase, direction=1, rebind_gather=False, copy_sent=True):
+    """The ring of the text, with knobs: the number of steps of each phase, the direction (r sends to
+    r + direction), the all-gather rebinding the list's entries, sending views instead of copies."""
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]
+    take = (lambda v: v.copy()) if copy_sent else (lambda v: v)
+    for step in range(steps_per_phase):
+        sent = [take(chunks[r][(r - direction * step) % n]) for r in range(n)]
+        for r in range(n):
+            chunks[(r + direction) % n][(r - direction * step) % n] += sent[r]
+    for step in range(steps_per_phase):
+        c = lambda r: (r + direction * (1 - step)) % n
+        sent = [take(chunks[r][c(r)]) for r in range(n)]
+        for r in range(n):
+            if rebind_gather:
+                chunks[(r + direction) % n][c(r)] = sent[r]
+            else:
+                chunks[(r + direction) % n][c(r)][...] = sent[r]
+    return arrays
+
+
+def ring_elementwise(arrays):
+    """The text's ring, each chunk added and copied value by value: the same traffic."""
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]
+    for phase in ("reduce", "gather"):
+        for step in range(n - 1):
+            c = [(r - step + (phase == "gather")) % n for r in range(n)]
+            sent = [chunks[r][c[r]].copy() for r in range(n)]
+            for r in range(n):
+                target = chunks[(r + 1) % n][c[r]]
+                for i in range(len(target)):
+                    target[i] = target[i] + sent[r][i] if phase == "reduce" else sent[r][i]
+    return arrays
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (ring_plain_sum, "the traffic is not a ring's"),
+    (ring_through_process_0, "the traffic is not a ring's"),
+    (lambda arrays: ring_schedule(arrays, len(arrays)), "the traffic is not a ring's"),
+    (lambda arrays: ring_schedule(arrays, len(arrays) - 1, rebind_gather=True), "replaces an entry of your list"),
+    (lambda arrays: ring_schedule(arrays, len(arrays) - 1), None),
+    (lambda arrays: ring_schedule(arrays, len(arrays) - 1, direction=-1), None),
+    (lambda arrays: ring_schedule(arrays, len(arrays) - 1, copy_sent=False), None),
+    (ring_elementwise, None),
+])
+def test_ring_check_after_a_learners_walkthrough(mine, hint, capsys):
+    """Found by working through lesson 18 as a learner: the plain sum, everything through process 0 and N
+    steps per phase passed (the check saw only the sums); the all-gather's rebinding was told the
+    all-gather was missing. A ring the other way, views sent without copies (no process sends and receives
+    one chunk in the same step) and value-by-value writes are rings, and pass."""
+    used = E.check_ring_allreduce(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def test_the_ring_checks_count_of_received_values_against_a_count_by_hand():
+    """The counting arrays: the text's ring on 3 processes of 9 values writes 2 x 2 chunks of 3 = 12 values
+    into each; the plain sum 9; a write into a copy counts for nobody; a += through a slice counts once."""
+    arrays = [np.arange(9.0) for _ in range(3)]
+    assert E.received_by_ring(lambda a: ring_schedule(a, 2), arrays) == [12, 12, 12]
+    assert E.received_by_ring(ring_plain_sum, arrays) == [9, 9, 9]
+    def mixed(a):
+        b = a[0].copy()
+        b += 1                     # a copy: not process 0's memory
+        a[1][2:5] += 1             # 3 values of process 1, once
+        np.add(a[2][:4], 1, out=a[2][:4])
+        np.copyto(a[0][:2], 7.0)
+    assert E.received_by_ring(mixed, arrays) == [2, 3, 4]
+
+
+def sync_bn_forward_in_place(xs, gamma, beta, eps=1e-5):
+    outs, cache = sync_bn_forward([x.copy() for x in xs], gamma, beta, eps)
+    for x, o in zip(xs, outs):
+        x[...] = o                  # the right outputs, written over the caller's shards
+    return xs, cache
+
+
+def sync_bn_backward_in_place(dys, cache):
+    result = sync_bn_backward([d.copy() for d in dys], cache)
+    for d in dys:
+        d *= 0
+    return result
+
+
+def sync_bn_forward_keeping_std(xs, gamma, beta, eps=1e-5):
+    outs, (xhats, s, g, m) = sync_bn_forward(xs, gamma, beta, eps)
+    return outs, (xhats, 1 / s, g, m)     # the standard deviation where the text keeps its inverse
+
+
+def sync_bn_backward_lists(dys, cache):
+    return [list(r) for r in sync_bn_backward(dys, cache)]
+
+
+def sync_bn_forward_counting_images(xs, gamma, beta, eps=1e-5):
+    """M = the number of images, not of values per channel: the variance from the sums goes negative."""
+    m = sum(x.shape[0] for x in xs)
+    mean = sum(x.sum(axis=(0, 2, 3)) for x in xs) / m
+    var = sum((x * x).sum(axis=(0, 2, 3)) for x in xs) / m - mean ** 2
+    with np.errstate(invalid="ignore"):
+        s = 1 / np.sqrt(var + eps)
+    xhats = [(x - mean[:, None, None]) * s[:, None, None] for x in xs]
+    return [gamma[:, None, None] * xh + beta[:, None, None] for xh in xhats], (xhats, s, gamma, m)
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_sync_bn_forward, sync_bn_forward_in_place, (), "leave the inputs as they were"),
+    (E.check_sync_bn_backward, sync_bn_backward_in_place, (sync_bn_forward,), "leave the inputs as they were"),
+    (E.check_sync_bn_backward, sync_bn_backward, (sync_bn_forward_keeping_std,), "look at what your sync_bn_forward keeps"),
+    (E.check_sync_bn_backward, sync_bn_backward_lists, (sync_bn_forward,), None),
+    (E.check_sync_bn_forward, sync_bn_forward_counting_images, (), "divided by the wrong count"),
+])
+def test_sync_bn_checks_after_a_learners_walkthrough(check, mine, extra, hint, capsys):
+    """Found by working through lesson 18 as a learner: a forward or backward that wrote over its inputs
+    passed (and the lesson's next cell failed), a forward keeping the standard deviation in its cache passed
+    and its right backward was blamed, a list per shard instead of a tuple failed, and M counted in images
+    got Adam's hint."""
+    used = check(mine, *extra)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
 def relu_backward_in_place(dout, mask):
     dout[~mask] = 0              # right numbers, but the caller's dout is changed
     return dout

@@ -51,6 +51,9 @@ def host(a: Any) -> np.ndarray:
     return np.array(to_host(a), dtype=np.float64)
 
 
+BY_HAND = "compare one small case by hand with the formula in the text (print both arrays)"
+
+
 def compare(what: str, mine: Any, expected: Any, against: str,
             known: Sequence[Tuple[Any, str]] = (), case: str = "") -> float:
     """Relative error of ``mine`` against ``expected``; raise :class:`Mismatch` with a hint when it is
@@ -69,9 +72,9 @@ def compare(what: str, mine: Any, expected: Any, against: str,
         raise Mismatch(f"{where}: wrong shape", "; ".join(matched + [hint]))
     if not np.all(np.isfinite(mine)):   # NaN compares False with everything: it must never pass
         raise Mismatch(f"{where}: NaN or inf in your result", "; ".join(matched + [
-            "an np.empty array with entries never written (start from np.zeros), a division by zero or the square "
-            "root of a negative number (1 - beta**t with t = 0, a variance without eps?): print the intermediate "
-            "arrays of one small case"]))
+            "an np.empty array with entries never written (start from np.zeros), a division by zero (1 - beta**t "
+            "with t = 0?) or the square root of a negative number (a variance from sums divided by the wrong count, "
+            "or without eps?): print the intermediate arrays of one small case"]))
     err = relative_error(mine, expected)
     if not err <= TOLERANCE:
         if matched:
@@ -79,7 +82,7 @@ def compare(what: str, mine: Any, expected: Any, against: str,
         else:
             hint = ("the same numbers in another order: check the order of the axes (and of the rows of a reshape)"
                     if relative_error(np.sort(mine, axis=None), np.sort(expected, axis=None)) <= TOLERANCE else
-                    "compare one small case by hand with the formula in the text (print both arrays)")
+                    BY_HAND)
         if exact:
             wrong = int(np.count_nonzero(mine != expected))
             raise Mismatch(f"{where}: {wrong:,} of {expected.size:,} values differ from {against}", hint)
@@ -88,11 +91,24 @@ def compare(what: str, mine: Any, expected: Any, against: str,
 
 
 def call_leaving_inputs(fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` with copies of the array arguments; a :class:`Mismatch` if it changed one of them."""
-    copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    """``fn(*args)`` with copies of the array arguments (and of lists of arrays, one per shard); a
+    :class:`Mismatch` if it changed one of them."""
+    def copy(a: Any) -> Any:
+        if isinstance(a, np.ndarray):
+            return a.copy()
+        if isinstance(a, list) and all(isinstance(x, np.ndarray) for x in a):
+            return [x.copy() for x in a]
+        return a
+
+    def changed(a: Any, c: Any) -> bool:
+        if isinstance(a, np.ndarray):
+            return not np.array_equal(a, c, equal_nan=True)
+        return c is not a and any(not np.array_equal(x, y, equal_nan=True) for x, y in zip(a, c))
+
+    copies = [copy(a) for a in args]
     result = fn(*copies)
     for i, (a, c) in enumerate(zip(args, copies)):
-        if isinstance(a, np.ndarray) and not np.array_equal(a, c, equal_nan=True):
+        if c is not a and changed(a, c):
             raise Mismatch(f"your function changed its argument {i + 1} in place",
                            "leave the inputs as they were: an array you are given may be used again (Add hands one "
                            "dout to two paths, a forward's cache serves the backward, x is kept for it); compute "
@@ -1194,9 +1210,17 @@ def reference_adam_step(params: Sequence[Any], ms: Sequence[Any], vs: Sequence[A
         p.data -= lr * m_hat / (np.sqrt(v_hat) + eps)
 
 
-def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3) -> List[np.ndarray]:
-    """Parameters after ``steps`` steps with fixed, step-dependent gradients: with your step function,
-    or (fn=None) with tinyunet.optim's optimizer."""
+OPTIMIZER_SETTINGS = [dict(lr=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8),
+                      dict(lr=0.03, momentum=0.5, betas=(0.8, 0.99), eps=1e-3)]
+"""The check runs each step with both: an answer that ignores an argument (a learning rate or a momentum
+written into the code, PyTorch's default betas) gives the first right and the second wrong."""
+
+
+def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3,
+                   settings: Dict[str, Any] = OPTIMIZER_SETTINGS[0]) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(parameters, optimizer state) after ``steps`` steps with fixed, step-dependent gradients: with your
+    step function, or (fn=None) with tinyunet.optim's optimizer for the weights and the reference step for
+    the state (velocities; m and v). A Mismatch if your step changed ``p.grad``."""
     from tinyunet.nn import Parameter
     from tinyunet.optim import SGD, Adam
 
@@ -1205,43 +1229,73 @@ def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3) -> List[np
     grads = [[rng.standard_normal(p.shape) for p in params] for _ in range(steps)]
     for g in grads:   # a zero and a tiny gradient: where Adam's eps decides the step
         g[1][:2] = 0.0, 1e-9
-    optimizer = None
-    if fn is None:
-        optimizer = {"sgd": lambda: SGD(params, lr=0.1), "momentum": lambda: SGD(params, lr=0.1, momentum=0.9),
-                     "adam": lambda: Adam(params, lr=0.1)}[kind]()
+    lr, momentum, betas, eps = settings["lr"], settings["momentum"], settings["betas"], settings["eps"]
+    reference = fn is None
+    if reference:
+        optimizer = {"sgd": lambda: SGD(params, lr=lr), "momentum": lambda: SGD(params, lr=lr, momentum=momentum),
+                     "adam": lambda: Adam(params, lr=lr, betas=betas, eps=eps)}[kind]()
+        shadow = [Parameter(p.data.copy()) for p in params]   # for the state, by the steps written out above
     state = [[np.zeros(p.shape) for p in params] for _ in range(2)]
     for t in range(1, steps + 1):
         for p, g in zip(params, grads[t - 1]):
             p.grad[...] = g
-        if optimizer is not None:
+        if reference:
             optimizer.step()
+            for q, g in zip(shadow, grads[t - 1]):
+                q.grad[...] = g
+            if kind == "momentum":
+                reference_momentum_step(shadow, state[0], lr, momentum)
+            elif kind == "adam":
+                reference_adam_step(shadow, state[0], state[1], t, lr, betas, eps)
         elif kind == "sgd":
-            fn(params, 0.1)
+            fn(params, lr)
         elif kind == "momentum":   # new lists of the same arrays each call, as a training loop may pass
-            fn(params, list(state[0]), 0.1, 0.9)
+            fn(params, list(state[0]), lr, momentum)
         else:
-            fn(params, list(state[0]), list(state[1]), t, 0.1)
-    return [host(p.data).copy() for p in params]
+            fn(params, list(state[0]), list(state[1]), t, lr, betas, eps)
+        if not reference and not all(np.array_equal(host(p.grad), g) for p, g in zip(params, grads[t - 1])):
+            raise Mismatch(f"step {t}: your step changed p.grad",
+                           "read the gradient, leave it as it is: it belongs to the backward that computed it "
+                           "(zero_grad clears it before the next one); p.grad *= lr or g **= 2 on p.grad change it "
+                           "-- compute into new arrays (lr * p.grad makes one)")
+    used = {"sgd": [], "momentum": state[:1], "adam": state}[kind]
+    return [host(p.data).copy() for p in params], [host(a).copy() for s in used for a in s]
 
 
-def _check_optimizer(name: str, kind: str, fn: Callable, reference: Callable, known_bugs: Dict[str, Callable]) -> Callable:
+def _check_optimizer(name: str, kind: str, fn: Callable, reference: Callable, known_bugs: Dict[str, Callable],
+                     known_state_bugs: Dict[str, Callable] = {}) -> Callable:
     def run(mine: Callable) -> List[float]:
         errors = []
-        for steps in (1, 3):
-            expected = _optimizer_run(kind, None, steps)
-            result = _optimizer_run(kind, mine, steps)
-            known = [(_optimizer_run(kind, bug, steps), hint) for hint, bug in known_bugs.items()]
-            for i, (a, b) in enumerate(zip(result, expected)):
-                errors.append(compare(f"parameter {i}", a, b, f"tinyunet.optim after {steps} step(s)",
-                                      [(k[i], hint) for k, hint in known], f"{steps} step(s)"))
-        if kind == "adam":   # independent of the package: Adam's first step is lr * g / |g| = lr * sign(g)
+        for number, settings in enumerate(OPTIMIZER_SETTINGS):
+            given = ", ".join(f"{k} {v}" for k, v in settings.items()
+                              if k in {"sgd": ("lr",), "momentum": ("lr", "momentum"), "adam": ("lr", "betas", "eps")}[kind])
+            for steps in (1, 3):
+                expected, expected_state = _optimizer_run(kind, None, steps, settings)
+                result, state = _optimizer_run(kind, mine, steps, settings)
+                known = [(_optimizer_run(kind, bug, steps, settings)[0], hint) for hint, bug in known_bugs.items()]
+                state_known = [(_optimizer_run(kind, bug, steps, settings)[1], hint)
+                               for hint, bug in known_state_bugs.items()]
+                case = f"{steps} step(s), {given}"
+                try:
+                    for i, (a, b) in enumerate(zip(result, expected)):
+                        errors.append(compare(f"parameter {i}", a, b, "tinyunet.optim",
+                                              [(k[i], hint) for k, hint in known], case))
+                    for i, (a, b) in enumerate(zip(state, expected_state)):
+                        errors.append(compare(f"{'velocity' if kind == 'momentum' else 'm and v'} {i}", a, b,
+                                              "the formula of the text", [(k[i], hint) for k, hint in state_known], case))
+                except Mismatch as failure:
+                    if number and failure.hint == BY_HAND:   # right with the first settings, wrong with these
+                        failure.hint = (f"right with the first settings, wrong with {given}: use every argument "
+                                        "you are given, not a number written into the code")
+                    raise
+        if kind == "adam":   # independent of the package: Adam's first step is lr * g / |g| = lr * sign(g) (eps 0)
             from tinyunet.nn import Parameter
 
             rng = _rng()
             p = Parameter(rng.standard_normal(6))
             p.grad[...] = g = rng.uniform(0.5, 2.0, 6) * rng.choice([-1.0, 1.0], 6)
             before = p.data.copy()
-            mine([p], [np.zeros(6)], [np.zeros(6)], 1, 0.1)
+            mine([p], [np.zeros(6)], [np.zeros(6)], 1, 0.1, (0.9, 0.999), 0.0)
             errors.append(compare("first step", before - host(p.data), 0.1 * np.sign(g), "lr * sign(g)", [], "1 step"))
         return errors
     return verdict(name, fn, reference, run, "tinyunet.optim")
@@ -1259,10 +1313,26 @@ def check_momentum_step(momentum_step: Callable) -> Callable:
         for p, v in zip(ps, vs):
             v[...] = mom * v + p.grad
             p.data -= lr * p.grad
+    def velocity_with_lr(ps: Any, vs: Any, lr: float, mom: float) -> None:
+        for p, v in zip(ps, vs):
+            v *= mom
+            v += lr * p.grad
+            p.data -= v
+    def rebinding(ps: Any, vs: Any, lr: float, mom: float) -> None:
+        for i, p in enumerate(ps):
+            vs[i] = mom * vs[i] + p.grad
+            p.data -= lr * vs[i]
     return _check_optimizer("momentum_step", "momentum", momentum_step, reference_momentum_step,
                             {"your steps are plain gradient steps: step with the velocity (p.data -= lr * v), and "
                              "update v in place (v *= momentum; v += p.grad): `v = ...` or `velocities[i] = ...` "
-                             "makes a new array that the next call never sees": no_memory})
+                             "makes a new array that the next call never sees": no_memory},
+                            {"your velocity holds lr * g: that is Sutskever's form (v = momentum * v + lr * g; "
+                             "p -= v), which moves the weights the same only while lr stays constant; the text's "
+                             "(and PyTorch's) keeps v = momentum * v + g and steps by lr * v, so that a schedule "
+                             "changing lr changes the next step at once": velocity_with_lr,
+                             "your velocities are still zero after the step: update them in place (v *= momentum; "
+                             "v += p.grad): `v = ...` or `velocities[i] = ...` makes a new array that the caller, "
+                             "who passes them again at the next step, never sees": rebinding})
 
 
 def check_adam_step(adam_step: Callable) -> Callable:
@@ -1324,12 +1394,73 @@ def _ring_mistake(arrays: List[np.ndarray], kind: str) -> List[np.ndarray]:
 
 
 RING_HINTS = {
-    "no all-gather": "each process holds the whole sum in one chunk only: that is the reduce-scatter alone; the "
-                     "all-gather must then pass the finished chunks around the ring (N-1 more steps)",
+    "no all-gather": "each process holds the whole sum in one chunk only: that is the reduce-scatter alone. Either "
+                     "the all-gather is missing (N-1 more steps that pass the finished chunks around the ring), or "
+                     "its copies never reached the arrays: chunks[r][c] = sent replaces an entry of your list; "
+                     "write into the view, chunks[r][c][...] = sent",
     "all-gather adds": "in the all-gather the chunks arrive finished: copy them in (=), do not add them (+=)",
     "all-gather from the wrong chunk": "after the reduce-scatter process r holds the finished chunk (r + 1) mod N: "
                                        "the all-gather starts by sending that one",
 }
+
+
+class ProcessMemory(np.ndarray):
+    """One process's array in the ring check, as a NumPy array that counts the values written into it (by
+    ``[...] =``, ``+=`` and any ufunc's ``out=``, ``np.copyto``): what a process receives over its link. Only
+    writes into the array itself count, through any view of it; a copy (``.copy()``, what is sent) is not it."""
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.counter = getattr(obj, "counter", None)
+
+    def _record(self, target: np.ndarray, size: int) -> None:
+        for k, memory in enumerate(self.counter["memories"]):
+            if np.shares_memory(target, memory):
+                self.counter["written"][k] += size
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        plain = self.view(np.ndarray)
+        target = plain[key]
+        same = (isinstance(value, np.ndarray) and isinstance(target, np.ndarray) and value.shape == target.shape
+                and value.__array_interface__["data"][0] == target.__array_interface__["data"][0])
+        plain[key] = value
+        if self.counter is not None and not same:   # same: the write-back of a[i] += x, already counted
+            written = np.zeros(self.shape, dtype=bool)
+            written[key] = True
+            self._record(plain, int(written.sum()))
+
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, out: Any = None, **kwargs: Any) -> Any:
+        plain = [x.view(np.ndarray) if isinstance(x, ProcessMemory) else x for x in inputs]
+        if out is None:
+            return getattr(ufunc, method)(*plain, **kwargs)
+        getattr(ufunc, method)(*plain, out=tuple(o.view(np.ndarray) if isinstance(o, ProcessMemory) else o
+                                                 for o in out), **kwargs)
+        for o in out:
+            if isinstance(o, ProcessMemory) and o.counter is not None:
+                o._record(o.view(np.ndarray), o.size)
+        return out[0] if len(out) == 1 else out
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if func is np.copyto:
+            dst = args[0] if args else kwargs["dst"]
+            np.copyto(dst.view(np.ndarray) if isinstance(dst, ProcessMemory) else dst, *args[1:], **{
+                k: v for k, v in kwargs.items() if k != "dst"})
+            if isinstance(dst, ProcessMemory) and dst.counter is not None:
+                dst._record(dst.view(np.ndarray), dst.size)
+            return None
+        return super().__array_function__(func, types, args, kwargs)
+
+
+def received_by_ring(fn: Callable, arrays: Sequence[np.ndarray]) -> List[int]:
+    """How many values ``fn`` wrote into each process's array (on copies)."""
+    memories = [np.array(a) for a in arrays]
+    counter = {"memories": memories, "written": [0] * len(arrays)}
+    wrapped = []
+    for m in memories:
+        w = m.view(ProcessMemory)
+        w.counter = counter
+        wrapped.append(w)
+    fn(wrapped)
+    return counter["written"]
 
 
 def check_ring_allreduce(ring_allreduce: Callable) -> Callable:
@@ -1354,6 +1485,16 @@ def check_ring_allreduce(ring_allreduce: Callable) -> Callable:
                 errors.append(compare(f"process {r}'s array", mine[r], total, "the plain sum",
                                       [(m[r], hint) for m, hint in known],
                                       f"{n} processes, {length} values (after the call: in place)"))
+        for n, length in [(2, 6), (3, 9), (4, 12)]:   # the right sums: now, were they made by a ring?
+            ring = 2 * (n - 1) * length // n
+            received = received_by_ring(fn, [rng.standard_normal(length) for _ in range(n)])
+            if received != [ring] * n:
+                raise Mismatch(f"{n} processes, {length} values: {received} values were written into the processes' "
+                               f"arrays; a ring writes {ring} into each (2(N-1) chunks of {length // n})",
+                               "the sums are right, the traffic is not a ring's: at each of the N-1 steps of each phase "
+                               "every process receives one chunk. The plain sum written back writes all "
+                               f"{length} values into each, everything gathered on process 0 writes (N-1) x "
+                               f"{length} there, and N steps per phase write 2N chunks")
         return errors
     return verdict("ring_allreduce", ring_allreduce, reference_ring_allreduce, run, "the plain sum")
 
@@ -1412,7 +1553,7 @@ def check_sync_bn_forward(sync_bn_forward: Callable) -> Callable:
             avg_var = sum(x.var(axis=(0, 2, 3)) * x.shape[0] for x in xs) / sum(counts)   # within-shard only
             no_spread = np.concatenate([(x - mean.reshape(1, -1, 1, 1)) / np.sqrt(avg_var + 1e-5).reshape(1, -1, 1, 1)
                                         * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1) for x in xs])
-            result = fn([x.copy() for x in xs], gamma.copy(), beta.copy(), 1e-5)
+            result = call_leaving_inputs(fn, xs, gamma, beta, 1e-5)
             if not isinstance(result, tuple) or len(result) != 2:
                 raise Mismatch("your function must return two things", "return the list of outputs and the cache")
             outs = result[0]
@@ -1448,25 +1589,45 @@ def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable
                                      for dy, xh, sg, sb, c in zip(dys, xhats, shares_g, shares_b, sizes)])
                      for sizes in ([m] * len(xs), [x.size // x.shape[1] for x in xs])]   # the shard's sums, M or m_k
             own_m = np.concatenate([host(_bn_reference(x, gamma, beta, dy)[1]) for x, dy in zip(xs, dys)])
-            result = fn([dy.copy() for dy in dys], sync_bn_forward([x.copy() for x in xs], gamma, beta, 1e-5)[1])
-            if not isinstance(result, (list, tuple)) or len(result) != len(xs) or \
-                    any(not isinstance(r, tuple) or len(r) != 3 for r in result):
-                raise Mismatch("return one (dx, dgamma, dbeta) per shard", "return a list: [(dx_k, dgamma_k, dbeta_k) for each shard]")
             case = f"shards of {counts} images"
             hint_local = "your dx uses the shard's own sums of dy and dy * xhat: every image moved the mean and the " \
                          "variance, so both sums must be those of the whole batch (added up over the shards)"
-            errors.append(compare("dx", np.concatenate([host(r[0]) for r in result]), dx,
-                                  "BatchNorm2d.backward on the concatenated batch",
-                                  [(local[0], hint_local), (local[1], hint_local), (own_m, hint_local)], case))
             whole = ("your dgamma/dbeta is the whole batch's on every shard: the gradient allreduce adds the shards' "
                      "values up afterwards and would count it N times; keep the shard's own share")
-            for k, r in enumerate(result):
-                errors.append(compare("dgamma", r[1], shares_g[k], "the shard's share of dgamma", [(dgamma, whole)],
-                                      f"{case}, shard {k}"))
-                errors.append(compare("dbeta", r[2], shares_b[k], "the shard's share of dbeta", [(dbeta, whole)],
-                                      f"{case}, shard {k}"))
-            errors.append(compare("sum of the shards' dgamma", sum(host(r[1]) for r in result), dgamma,
-                                  "BatchNorm2d's dgamma on the concatenated batch", (), case))
+
+            def scored(result: Any) -> List[float]:
+                if not isinstance(result, (list, tuple)) or len(result) != len(xs) or \
+                        any(not isinstance(r, (tuple, list)) or len(r) != 3 for r in result):
+                    raise Mismatch("return one (dx, dgamma, dbeta) per shard",
+                                   "return a list: [(dx_k, dgamma_k, dbeta_k) for each shard]")
+                found = [compare("dx", np.concatenate([host(r[0]) for r in result]), dx,
+                                 "BatchNorm2d.backward on the concatenated batch",
+                                 [(local[0], hint_local), (local[1], hint_local), (own_m, hint_local)], case)]
+                for k, r in enumerate(result):
+                    found.append(compare("dgamma", r[1], shares_g[k], "the shard's share of dgamma",
+                                         [(dgamma, whole)], f"{case}, shard {k}"))
+                    found.append(compare("dbeta", r[2], shares_b[k], "the shard's share of dbeta",
+                                         [(dbeta, whole)], f"{case}, shard {k}"))
+                found.append(compare("sum of the shards' dgamma", sum(host(r[1]) for r in result), dgamma,
+                                     "BatchNorm2d's dgamma on the concatenated batch", (), case))
+                return found
+
+            own_cache = sync_bn_forward([x.copy() for x in xs], gamma, beta, 1e-5)[1]
+            result = call_leaving_inputs(fn, dys, own_cache)
+            try:
+                errors += scored(result)
+            except Mismatch as failure:
+                if sync_bn_forward is not reference_sync_bn_forward:   # is it the forward's cache?
+                    try:
+                        scored(fn([dy.copy() for dy in dys], reference_sync_bn_forward(xs, gamma, beta, 1e-5)[1]))
+                    except Exception:
+                        raise failure
+                    raise Mismatch(f"{case}: your backward is right with the cache of the text's forward and wrong "
+                                   "with your forward's",
+                                   "look at what your sync_bn_forward keeps: the cache is (xhats, s, gamma, M) with "
+                                   "s = 1 / sqrt(var + eps), the inverse of the standard deviation, and M the number "
+                                   "of values per channel over all the shards") from failure
+                raise
         return errors
     return verdict("sync_bn_backward", sync_bn_backward, reference_sync_bn_backward, run,
                    "BatchNorm2d.backward on the concatenated batch")
