@@ -63,6 +63,40 @@ def test_separable_pool_equals_the_reference(shape, k, s, dtype, channels_last):
         compare(SeparablePool(layer), layer, (x,), dout, dtype)
 
 
+@pytest.mark.parametrize("k, s", [(16, 16), (16, 1), (17, 17), (17, 1), (20, 3)])
+def test_pool_windows_at_and_above_the_uint8_offset(k, s):
+    """The separable pool keeps each window's offset i * k + j in a uint8: it runs up to k = 16 (256
+    offsets) and declines above, where the offsets would wrap and backward route the gradient to the wrong
+    pixel; the layer, whichever runs, equals the loop reference (float64 and float32)."""
+    from tinyunet.nn import naive
+
+    layer = MaxPool2d(k, s)
+    x = data((2, 3, 35, 36), np.float64, False, distinct=True)
+    assert SeparablePool.accepts(layer, x) == (k <= 16)
+    if k <= 16:
+        compare(SeparablePool(layer), layer, (x,), data((2, 3, (35 - k) // s + 1, (36 - k) // s + 1), np.float64,
+                                                         False, seed=1), np.float64)
+    for dtype in (np.float64, np.float32):
+        xd = x.astype(dtype)
+        out = layer.forward(xd)
+        dout = data(out.shape, dtype, False, seed=1)
+        dx = layer.backward(dout)
+        ref_out, ref_dx = naive.maxpool2d(xd, k, s)[0], naive.maxpool2d_backward(xd, dout, k, s)
+        np.testing.assert_array_equal(out, ref_out)
+        # overlapping windows add up in another order: equal to rounding (a misrouted gradient is off by O(1))
+        np.testing.assert_allclose(dx, ref_dx, rtol=0, atol=tolerance(dtype) * np.abs(ref_dx).max())
+
+
+def test_pool_backward_in_the_precision_of_its_gradient():
+    """A float64 gradient into a float32 layer gives a float64 dx, as the reference does."""
+    layer = MaxPool2d(2, 2)
+    x = data((2, 3, 8, 8), np.float32, True)
+    dout = data((2, 3, 4, 4), np.float64, True, seed=1)
+    with_accel = step(layer, (x,), dout, SeparablePool(layer))
+    reference = step(layer, (x,), dout)
+    assert with_accel["dx"][0].dtype == reference["dx"][0].dtype == np.float64
+
+
 @pytest.mark.parametrize("cin, cout, k, s, p, n, h, w", [(4, 3, 2, 2, 0, 2, 3, 5), (2, 3, 3, 2, 1, 1, 4, 3),
                                                           (3, 2, 3, 1, 0, 2, 5, 4), (3, 2, 4, 2, 1, 2, 3, 3),
                                                           (32, 16, 2, 2, 0, 8, 64, 64)])

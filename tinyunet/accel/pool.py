@@ -44,7 +44,7 @@ class SeparablePool(Implementation):
 
     @staticmethod
     def accepts(layer: Any, x: Any) -> bool:
-        return layer.kernel_size <= 255          # the argmax is a uint8
+        return layer.kernel_size ** 2 <= 256     # the window's offset i * k + j is kept as a uint8
 
     def _views(self, x: Any) -> List[Any]:
         """x: (N, H, W, C) -> the k*k strided views (N, Hout, Wout, C), offset (i, j) in order i*k + j."""
@@ -79,8 +79,9 @@ class SeparablePool(Implementation):
         return out.transpose(0, 3, 1, 2)
 
     def backward(self, dout: Any) -> Any:
-        argmax, (n, c, h, w), dtype = self.cache
+        argmax, (n, c, h, w), _ = self.cache
         self.cache = None
+        dtype = dout.dtype                     # as the reference: dx in the gradient's precision
         dout = dout.transpose(0, 2, 3, 1)
         k, s = self.layer.kernel_size, self.layer.stride
         if s != k:  # overlapping windows (or gaps between them): every view adds into zeros
