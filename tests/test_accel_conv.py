@@ -121,9 +121,10 @@ numba = pytest.mark.skipif(not compiled_loops.available(), reason="Numba is not 
 DIRECT_LAYERS = [(16, 16, 3, 1, 2, 9, 7), (32, 16, 3, 1, 1, 12, 12), (16, 48, 3, 1, 2, 5, 6),
                  (64, 64, 3, 1, 3, 8, 8), (16, 16, 1, 0, 2, 7, 9), (16, 16, 3, 0, 1, 6, 11),
                  (256, 256, 3, 1, 1, 8, 8), (3, 16, 3, 1, 2, 9, 7), (4, 32, 3, 1, 1, 40, 30),
-                 (16, 32, 5, 2, 2, 9, 8), (16, 16, 3, 2, 1, 6, 7), (16, 16, 3, 1, 2, 96, 96), (3, 16, 3, 1, 2, 96, 90)]
+                 (16, 32, 5, 2, 2, 9, 8), (16, 16, 3, 2, 1, 6, 7), (16, 16, 3, 1, 2, 96, 96), (3, 16, 3, 1, 2, 96, 90),
+                 (16, 16, 1, 1, 1, 5, 6), (16, 32, 3, 3, 1, 5, 4)]   # padding beyond the kernel: whole rings of no tap
 DIRECT_PLANS = [dict(split_weight_grad=split, share_channels=share)
-                for split in (False, True) for share in ((False, False), (True, True), (False, True))]
+                for split in (False, True) for share in ((False, False), (True, True), (False, True), (True, False))]
 
 
 @numba
@@ -222,3 +223,58 @@ def test_add_channel_vector_adds_in_place_for_every_layout():
         add_channel_vector(a, v)
         np.testing.assert_array_equal(a, np.broadcast_to(v, a.shape))
     assert not padded[:, 5:].any() and not padded[:, :, 7:].any()
+
+
+def test_the_default_unets_convolutions_as_the_chooser_picks_them():
+    """The convolutions `tinyunet train` runs by default (the U-Net of 16 base channels, depth 4, batch 8
+    of 128 x 128, float32, channels-last as the layers hand them on): each one with whatever the chooser
+    picks for it, against the reference layer. The plans above are forced one by one; this is the mix
+    that actually runs, including the 1x1 head (3 outputs: the kernels decline it)."""
+    from tinyunet.models import UNet
+
+    backend.seed(0)
+    model = UNet()
+    shapes = set()                       # (cin, cout, k, padding, h, w) of every convolution's input
+
+    def recording(layer):
+        forward = layer.forward
+        return lambda a: shapes.add((layer.in_channels, layer.out_channels, layer.kernel_size[0], layer.padding,
+                                     *a.shape[2:])) or forward(a)
+
+    for m in model.modules():
+        if isinstance(m, Conv2d):
+            m.forward = recording(m)
+    before = backend.set_acceleration(False)
+    try:
+        model.eval().forward(np.zeros((1, 3, 128, 128), np.float32))
+    finally:
+        backend.set_acceleration(before)
+    chosen = set()
+    for cin, cout, k, p, h, w in sorted(shapes):
+        layer, x, dout = layer_and_data(cin, cout, k, 1, p, 8, h, w, np.float32, channels_last=True)
+        expected = step(layer, (x,), dout)
+        got = step(layer, (x,), dout, AcceleratedByTheLayer(layer))
+        chosen.add(type(layer.fast).__name__)
+        assert_same(got, expected, tolerance(np.float32))
+    assert (16, 3, 1, 0, 128, 128) in shapes and len(shapes) >= 10, sorted(shapes)
+    assert len(chosen) >= 2, chosen
+
+
+class AcceleratedByTheLayer:
+    """``step``'s implementation argument for "the layer's own choice": its forward and backward with the
+    acceleration on."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def forward(self, x):
+        before = backend.set_acceleration(True)
+        try:
+            out = self.layer.forward(x)
+        finally:
+            backend.set_acceleration(before)
+        assert self.layer.fast is not None, "nothing accelerated this convolution"
+        return out
+
+    def backward(self, dout):
+        return self.layer.backward(dout)

@@ -99,7 +99,10 @@ def test_pool_backward_in_the_precision_of_its_gradient():
 
 @pytest.mark.parametrize("cin, cout, k, s, p, n, h, w", [(4, 3, 2, 2, 0, 2, 3, 5), (2, 3, 3, 2, 1, 1, 4, 3),
                                                           (3, 2, 3, 1, 0, 2, 5, 4), (3, 2, 4, 2, 1, 2, 3, 3),
-                                                          (32, 16, 2, 2, 0, 8, 64, 64)])
+                                                          (32, 16, 2, 2, 0, 8, 64, 64),
+                                                          # kernel = stride with padding, gaps (kernel < stride), wide
+                                                          (3, 2, 2, 2, 1, 2, 4, 3), (3, 2, 2, 3, 0, 2, 3, 3),
+                                                          (256, 128, 2, 2, 0, 1, 4, 4)])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("bias", [True, False])
 def test_rows_transposed_convolution_equals_the_reference(cin, cout, k, s, p, n, h, w, dtype, bias):
