@@ -789,6 +789,69 @@ def test_sync_bn_checks_after_a_learners_walkthrough(check, mine, extra, hint, c
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
+def im2col_for_the_lessons_x(x, kh, kw, stride=1, padding=0):
+    n, c, h, w = 2, 3, 7, 6              # the lesson's x, written into the code
+    return im2col_loops(x.reshape(n, c, h, w), kh, kw, stride, padding)
+
+
+def conv_forward_four_outputs(x, w, b, stride=1, padding=0):
+    cols = E.reference_im2col(x, *w.shape[2:], stride, padding)
+    ho = (x.shape[2] + 2 * padding - w.shape[2]) // stride + 1
+    out = w.reshape(4, -1) @ cols + b.reshape(1, 4, 1)     # Cout = 4 written in
+    return out.reshape(x.shape[0], 4, ho, -1)
+
+
+def conv_backward_list(x, w, dout, stride=1, padding=0):
+    return list(E.reference_conv2d_backward(x, w, dout, stride, padding))
+
+
+def maxpool_forward_from_zero(x):
+    """The max of each window started at 0 (right while every value is >= 0)."""
+    n, c, h, w = x.shape
+    out, argmax = np.zeros((n, c, h // 2, w // 2)), np.zeros((n, c, h // 2, w // 2), dtype=int)
+    for k, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        v = x[:, :, i::2, j::2]
+        better = v > out
+        out, argmax = np.where(better, v, out), np.where(better, k, argmax)
+    return out, argmax
+
+
+def maxpool_forward_writing_into_x(x):
+    out, argmax = maxpool_forward(x.copy())
+    x[:, :, ::2, ::2] = 0
+    return out, argmax
+
+
+def col2im_always_float64(cols, x_shape, kh, kw, stride=1, padding=0):
+    return np.asarray(E.reference_col2im(cols, x_shape, kh, kw, stride, padding), dtype=np.float64)
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_im2col, lambda *a: im2col_loops(*a).astype(np.float32), (), "keep the precision you are given"),
+    (E.check_conv2d_forward, lambda *a: conv_forward_naive(*a).astype(np.float32), (), "keep the precision"),
+    (E.check_conv2d_backward, lambda *a: tuple(np.asarray(g, np.float32) for g in E.reference_conv2d_backward(*a)), (),
+     "keep the precision"),
+    (E.check_maxpool_forward, lambda x: (maxpool_forward(x)[0].astype(np.float32), maxpool_forward(x)[1]), (),
+     "keep the precision"),
+    (E.check_im2col, im2col_for_the_lessons_x, (), "written into the code"),
+    (E.check_conv2d_forward, conv_forward_four_outputs, (), "written into the code"),
+    (E.check_maxpool_forward, maxpool_forward_from_zero, (), "compare one small case"),
+    (E.check_maxpool_forward, maxpool_forward_writing_into_x, (), "leave the inputs as they were"),
+    (E.check_maxpool_forward, lambda x: (maxpool_forward(x)[0], maxpool_forward(x)[1].astype(np.float64)), (),
+     "an integer array"),
+    (E.check_col2im, col2im_always_float64, (), "keep the dtype you are given"),
+    (E.check_conv2d_backward, conv_backward_list, (), None),
+    (E.check_maxpool_forward, lambda x: list(maxpool_forward(x)), (), None),
+])
+def test_convolution_and_pooling_checks_after_a_learners_walkthrough(check, mine, extra, hint, capsys):
+    """Found by working through lessons 03-05 as a learner: float32 results passed (7 digits within the
+    tolerance), sizes written into the code passed (every case had the lesson's x), a max started from 0
+    passed (every input was >= 0), an argmax of floats passed, a forward that wrote into x was told its
+    argmax was wrong, and a list of the right arrays failed as "not three arrays"."""
+    used = check(mine, *extra)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
 def relu_backward_in_place(dout, mask):
     dout[~mask] = 0              # right numbers, but the caller's dout is changed
     return dout
@@ -1251,3 +1314,12 @@ def test_conv2d_shifted_check(mine, hint, capsys):
     used = E.check_conv2d_shifted(mine)
     out = capsys.readouterr().out
     assert_verdict(used, mine, out, hint)
+
+
+def test_a_crash_names_the_line_and_the_call(capsys):
+    """An exception in the learner's function names its line in the learner's code and the arguments of the
+    call that raised (arrays by shape): "read the error above" had nothing above it."""
+    E.check_conv2d_forward(conv_forward_four_outputs)
+    out = capsys.readouterr().out
+    assert "in conv_forward_four_outputs, line" in out and "w.reshape(4, -1) @ cols" in out
+    assert "called with (array (3, 2, 5, 8) float64, array (5, 2, 3, 3) float64, array (5,) float64, 1, 1)" in out

@@ -16,6 +16,8 @@ known mistakes: a check computes what each of them would give and says which one
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -59,10 +61,15 @@ def compare(what: str, mine: Any, expected: Any, against: str,
     """Relative error of ``mine`` against ``expected``; raise :class:`Mismatch` with a hint when it is
     too large. ``known``: (what a known mistake gives, the hint for it)."""
     where = f"{what}{', ' + case if case else ''}"
-    exact = np.asarray(to_host(expected)).dtype.kind in "biu"   # labels, masks, indices: right or wrong
+    expected_dtype = np.asarray(to_host(expected)).dtype
+    exact = expected_dtype.kind in "biu"   # labels, masks, indices: right or wrong
     if mine is None:
         raise Mismatch(f"{where}: your function returned None", "return the array (a function that only assigns returns None)")
     mine, expected = np.asarray(to_host(mine)), host(expected)
+    if expected_dtype == np.float64 and mine.dtype in (np.float32, np.float16):
+        raise Mismatch(f"{where}: your result is {mine.dtype}, the inputs were float64",
+                       "keep the precision you are given (no astype(np.float32), no np.zeros(..., dtype=np.float32) "
+                       "for a float64 input): float32 keeps 7 digits, and the gradient checks need float64's 16")
     matched = [hint for wrong, hint in known if wrong is not None and np.shape(wrong) == mine.shape
                and relative_error(mine, host(wrong)) < TOLERANCE]     # a known mistake gives exactly yours
     if mine.shape != expected.shape:
@@ -88,6 +95,13 @@ def compare(what: str, mine: Any, expected: Any, against: str,
             raise Mismatch(f"{where}: {wrong:,} of {expected.size:,} values differ from {against}", hint)
         raise Mismatch(f"{where}: relative error {err:.2g} vs {against}", hint)
     return err
+
+
+def expect_parts(result: Any, count: int, hint: str) -> None:
+    """A :class:`Mismatch` unless ``result`` is ``count`` things (a tuple, or a list: both unpack alike)."""
+    if not isinstance(result, (tuple, list)) or len(result) != count:
+        got = (f"{len(result)} things" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}")
+        raise Mismatch(f"your function returned {got}, not {count}", hint)
 
 
 def call_leaving_inputs(fn: Callable, *args: Any) -> Any:
@@ -121,15 +135,24 @@ def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Calla
     """Run the cases on your function, print PASS or FAIL with the worst error and a hint; return your
     function when it passed, else ``reference``."""
     name = mine.__name__ if getattr(mine, "__name__", "<lambda>").isidentifier() else name   # as you named it
+    last_call: List[Any] = []
+
+    @functools.wraps(mine)
+    def watched(*args: Any, **kwargs: Any) -> Any:   # your function, remembering what it was last given
+        last_call[:] = [args]
+        return mine(*args, **kwargs)
+
     try:
-        errors = run(mine)
+        errors = run(watched)
     except Mismatch as failure:
         message, hint = str(failure), failure.hint
     except NotImplementedError:
         message, hint = "not written yet (NotImplementedError)", "write the function's body, then run its cell and this one again"
     except Exception as exc:   # a crash in your code is a failed check, not a crashed lesson
-        message = f"raised {type(exc).__name__}: {exc}"
-        hint = ("shapes that do not fit: print the shape of every intermediate array"
+        message = f"raised {type(exc).__name__}: {exc}" + (f"\n  {_where(exc)}" if _where(exc) else "") + \
+                  (f"\n  called with {_describe(last_call[0])}" if last_call else "")
+        hint = ("shapes that do not fit: print the shape of every intermediate array (a size written into the code "
+                "instead of read from .shape?)"
                 if isinstance(exc, (ValueError, IndexError)) else
                 "a None where an array was expected: a function that returns nothing, or a layer's backward called a "
                 "second time after one forward (each frees what its forward stored: call it once per forward)"
@@ -142,6 +165,31 @@ def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Calla
     print(f"{name}: FAIL  {message}\n  hint: {hint}\n"
           f"  the package's version stands in for yours from here on, so the rest of the lesson runs")
     return reference
+
+
+def _describe(args: Sequence[Any]) -> str:
+    """The arguments of a call, arrays by shape and dtype: (array (2, 3, 7, 6) float64, 3, 3, 1, 1)."""
+    def one(a: Any) -> str:
+        if hasattr(a, "shape") and hasattr(a, "dtype"):
+            return f"array {tuple(a.shape)} {a.dtype}"
+        if isinstance(a, (list, tuple)) and a and all(hasattr(x, "shape") for x in a):
+            return f"[{', '.join(one(x) for x in a)}]"
+        return type(a).__name__ if callable(a) or hasattr(a, "__dict__") else repr(a)
+    return f"({', '.join(one(a) for a in args)})"
+
+
+def _where(exc: BaseException) -> str:
+    """The line of the learner's code where ``exc`` was raised: the last frame outside this module and
+    the libraries (NumPy, CuPy, the package)."""
+    import traceback
+    package = os.path.dirname(os.path.abspath(__file__))      # tinyunet/
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not os.path.abspath(f.filename).startswith(package) and "site-packages" not in f.filename
+              and "/lib/python" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"in {f.name}, line {f.lineno}: {f.line}" if f.line else f"in {f.name}, line {f.lineno}"
 
 
 def _rng() -> np.random.Generator:
@@ -170,6 +218,9 @@ def backend_numpy() -> Iterator[None]:
 # --- convolution (lessons on the forward and the backward pass) ----------------------------------------
 
 CONV_CASES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2), ((2, 3), 1, 1), ((3, 1), 2, 0)]     # kernel, stride, padding
+CONV_SHAPES = [(2, 3, 7, 6), (3, 2, 5, 8)]   # the lesson's x, then other sizes: a size written into the code fails
+CONV_CASES_AND_SHAPES = [(case, CONV_SHAPES[0]) for case in CONV_CASES] + \
+                        [(case, CONV_SHAPES[1]) for case in CONV_CASES[:2] + CONV_CASES[-2:]]
 
 
 def _hw(k: Any) -> Tuple[int, int]:
@@ -214,13 +265,13 @@ def check_im2col(im2col: Callable) -> Callable:
     """``im2col(x, kh, kw, stride, padding) -> (N, C*kh*kw, Hout*Wout)``, row c*kh*kw + i*kw + j."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in CONV_CASES:
-            x = rng.standard_normal((2, 3, 7, 6))
+        for (k, s, p), shape in CONV_CASES_AND_SHAPES:
+            x = rng.standard_normal(shape)
             kh, kw = _hw(k)
-            case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
+            case = f"kernel {kh}x{kw}, stride {s}, padding {p}, x {shape}"
             expected = host(reference_im2col(x, kh, kw, s, p))
-            ho, wo = (7 + 2 * p - kh) // s + 1, (6 + 2 * p - kw) // s + 1
-            unstrided = host(reference_im2col(x, kh, kw, 1, p)).reshape(2, -1, x.shape[2] + 2 * p - kh + 1,
+            ho, wo = (shape[2] + 2 * p - kh) // s + 1, (shape[3] + 2 * p - kw) // s + 1
+            unstrided = host(reference_im2col(x, kh, kw, 1, p)).reshape(shape[0], -1, x.shape[2] + 2 * p - kh + 1,
                                                                         x.shape[3] + 2 * p - kw + 1)
             known = [(reference_im2col(x, kh, kw, 1, p), "right for stride 1 only: each slice steps by the stride (i:i + stride*Hout:stride)"),
                      (unstrided[:, :, :ho, :wo].reshape(expected.shape) if s > 1 else None,
@@ -238,12 +289,13 @@ def check_conv2d_forward(conv2d: Callable) -> Callable:
 
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in CONV_CASES:
-            x, w, b = rng.standard_normal((2, 3, 7, 6)), rng.standard_normal((4, 3, *_hw(k))), rng.standard_normal(4)
+        for (k, s, p), shape in CONV_CASES_AND_SHAPES:
+            cout = 4 if shape[1] == 3 else 5
+            x, w, b = rng.standard_normal(shape), rng.standard_normal((cout, shape[1], *_hw(k))), rng.standard_normal(cout)
             expected = reference_conv2d_forward(x, w, b, s, p)
             known = [(host(expected) - b.reshape(1, -1, 1, 1), "the bias is missing: add b[o] to every position of output channel o"),
                      (reference_conv2d_forward(x, w[:, :, ::-1, ::-1].copy(), b, s, p), "the kernel is flipped: deep learning's convolution does not flip it")]
-            case = f"kernel {k}, stride {s}, padding {p}"
+            case = f"kernel {k}, stride {s}, padding {p}, x {shape}, {cout} output channels"
             errors.append(compare("out", call_leaving_inputs(fn, x, w, b, s, p), expected, "Conv2d.forward", known, case))
             errors.append(compare("out", fn(x, w, b, s, p), naive.conv2d(x, w, b, s, p), "naive.conv2d (loops)", (), case))
         return errors
@@ -254,13 +306,14 @@ def check_col2im(col2im: Callable) -> Callable:
     """``col2im(cols, x_shape, kh, kw, stride, padding) -> (N, C, H, W)``: im2col's adjoint."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in CONV_CASES:
-            shape = (2, 3, 7, 6)
+        for (k, s, p), shape in CONV_CASES_AND_SHAPES:
             kh, kw = _hw(k)
             cols = rng.standard_normal(reference_im2col(np.zeros(shape), kh, kw, s, p).shape)
+            if shape != CONV_SHAPES[0]:   # and a float32 one: the image keeps the dtype it is given
+                cols = cols.astype(np.float32)
             x = rng.standard_normal(shape)
             expected = reference_col2im(cols, shape, kh, kw, s, p)
-            case = f"kernel {kh}x{kw}, stride {s}, padding {p}"
+            case = f"kernel {kh}x{kw}, stride {s}, padding {p}, x {shape}, {cols.dtype} cols"
             image = call_leaving_inputs(fn, cols, shape, kh, kw, s, p)
             if image is not None and np.asarray(to_host(image)).dtype != cols.dtype:
                 raise Mismatch(f"image, {case}: dtype {np.asarray(to_host(image)).dtype} for {cols.dtype} cols",
@@ -307,27 +360,28 @@ def check_conv2d_backward(conv2d_backward: Callable) -> Callable:
     """``conv2d_backward(x, w, dout, stride, padding) -> (dx, dw, db)``."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in [(3, 1, 1), (3, 2, 1), (2, 2, 0), ((2, 3), 1, 1)]:
-            x, w = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((4, 3, *_hw(k)))
-            b = np.zeros(4)
+        for k, s, p, (n, c, h, wd), cout in [(3, 1, 1, (2, 3, 5, 4), 4), (3, 2, 1, (2, 3, 5, 4), 4),
+                                             (2, 2, 0, (2, 3, 5, 4), 4), ((2, 3), 1, 1, (2, 3, 5, 4), 4),
+                                             (3, 1, 1, (3, 2, 4, 5), 5)]:   # other sizes than the lesson's
+            x, w = rng.standard_normal((n, c, h, wd)), rng.standard_normal((cout, c, *_hw(k)))
+            b = np.zeros(cout)
             g = rng.standard_normal(host(reference_conv2d_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv2d_backward(x, w, g, s, p)
             result = call_leaving_inputs(fn, x, w, g, s, p)
-            if not isinstance(result, tuple) or len(result) != 3:
-                raise Mismatch("your function must return three arrays", "return dx, dw, db")
+            expect_parts(result, 3, "return dx, dw, db")
             g0 = g[:1]
             _, dw0, db0 = reference_conv2d_backward(x[:1], w, g0, s, p)
             known = {"dw": [(dw0, "your dw is the first image's alone: the weight is shared by every image, sum over the batch"),
-                            (host(dw) / 2, "your dw is divided by the batch size: sum over the batch, do not average")],
+                            (host(dw) / n, "your dw is divided by the batch size: sum over the batch, do not average")],
                      "db": [(db0, "your db is the first image's alone: sum dout over the batch too (axes 0, 2, 3)"),
-                            (host(db) / 2, "your db is averaged over the batch: sum dout over axes 0, 2, 3"),
+                            (host(db) / n, "your db is averaged over the batch: sum dout over axes 0, 2, 3"),
                             (g.mean(axis=(0, 2, 3)), "your db is a mean: sum dout over axes 0, 2, 3")],
-                     "dx": [(_col2im_assigning(np.einsum("ok,nop->nkp", w.reshape(4, -1), g.reshape(2, 4, -1)), x.shape, k, s, p),
+                     "dx": [(_col2im_assigning(np.einsum("ok,nop->nkp", w.reshape(cout, -1), g.reshape(n, cout, -1)), x.shape, k, s, p),
                              "col2im must add (+=) where patches overlap")]}
             forward = lambda: float((host(reference_conv2d_forward(x, w, b, s, p)) * g).sum())
             errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
                                       dict(zip(("dx", "dw", "db"), result)), "Conv2d.backward", known,
-                                      f"kernel {_hw(k)[0]}x{_hw(k)[1]}, stride {s}, padding {p}")
+                                      f"kernel {_hw(k)[0]}x{_hw(k)[1]}, stride {s}, padding {p}, x {x.shape}, {cout} output channels")
         return errors
     return verdict("conv2d_backward", conv2d_backward, reference_conv2d_backward, run,
                    "Conv2d.backward and finite differences")
@@ -368,9 +422,10 @@ def check_maxpool_forward(maxpool2x2_forward: Callable) -> Callable:
         rng, errors = _rng(), []
         for shape in [(2, 3, 4, 6), (1, 2, 8, 8)]:
             x = _distinct(rng, *shape)
-            result = fn(x)
-            if not isinstance(result, tuple) or len(result) != 2:
-                raise Mismatch("return two things", "return the pooled array and the argmax (which position won)")
+            x = x - x.mean()      # half of the values negative (every window of the second image): a max that starts from 0 shows
+            x[-1] -= x.max() + 1
+            result = call_leaving_inputs(fn, x)
+            expect_parts(result, 2, "return the pooled array and the argmax (which position won)")
             expected, _ = _maxpool_layer_backward(x, np.zeros((shape[0], shape[1], shape[2] // 2, shape[3] // 2)))
             errors.append(compare("out", result[0], expected, "MaxPool2d(2).forward",
                                   [(x.reshape(*shape[:2], shape[2] // 2, 2, shape[3] // 2, 2).mean(axis=(3, 5)),
@@ -382,6 +437,10 @@ def check_maxpool_forward(maxpool2x2_forward: Callable) -> Callable:
                 raise Mismatch(f"argmax, input {shape}: shape {argmax.shape}, the right one {expected.shape}",
                                "one integer per output value: which of the window's 4 values won (0..3, row by row); "
                                "a mask of every maximum would give the gradient to all tied maxima")
+            if np.asarray(result[1]).dtype.kind not in "iu":
+                raise Mismatch(f"argmax, input {shape}: dtype {np.asarray(result[1]).dtype}",
+                               "the argmax numbers positions: an integer array (np.argmax gives one; np.where(..., k, "
+                               "argmax) keeps the dtype argmax started with: start from np.zeros(..., dtype=int))")
             try:
                 errors.append(compare("dx routed by your argmax", reference_maxpool2x2_backward(ones, argmax),
                                       _maxpool_layer_backward(x, ones)[1], "MaxPool2d(2).backward", [], f"input {shape}"))
@@ -487,8 +546,7 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
             g = rng.standard_normal(host(reference_conv_transpose_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv_transpose_backward(x, w, g, s, p)
             result = call_leaving_inputs(fn, x, w, g, s, p)
-            if not isinstance(result, tuple) or len(result) != 3:
-                raise Mismatch("your function must return three arrays", "return dx, dw, db")
+            expect_parts(result, 3, "return dx, dw, db")
             _, dw0, db0 = reference_conv_transpose_backward(x[:1], w, g[:1], s, p)
             averaged = "you averaged over the batch: the loss adds every image's term, so sum instead"
             known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch"), (host(dw) / 2, averaged)],
@@ -520,8 +578,7 @@ def check_concat_backward(concat_backward: Callable) -> Callable:
             a, b = rng.standard_normal((2, ca, 3, 4)), rng.standard_normal((2, cb, 3, 4))
             g = rng.standard_normal((2, ca + cb, 3, 4))
             result = call_leaving_inputs(fn, g, ca)
-            if not isinstance(result, tuple) or len(result) != 2:
-                raise Mismatch("return two arrays", "return da, db")
+            expect_parts(result, 2, "return da, db")
             da, db = reference_concat_backward(g, ca)
             forward = lambda: float((np.concatenate([a, b], axis=1) * g).sum())
             known = {"da": [(g[:, cb:], "the two halves are swapped: a came first, so it gets the first ca channels")]}
@@ -660,8 +717,7 @@ def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
                      "dbeta": [(dgamma, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")]}
             forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape))[0]) * g).sum())
             result = call_leaving_inputs(fn, g, bn_forward(x, gamma, beta)[1])
-            if not isinstance(result, tuple) or len(result) != 3:
-                raise Mismatch("your function must return three arrays", "return dx, dgamma, dbeta")
+            expect_parts(result, 3, "return dx, dgamma, dbeta")
             errors += _gradient_cases(forward, {"dx": x, "dgamma": gamma, "dbeta": beta},
                                       {"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
                                       dict(zip(("dx", "dgamma", "dbeta"), result)), "BatchNorm2d.backward", known,
@@ -1141,8 +1197,7 @@ def check_gate_backward(gate_backward: Callable) -> Callable:
                 dout = rng.standard_normal(out.shape)
                 expected = dict(zip(("dx", "dg"), map(host, gate.backward(to_device(dout)))))
             result = call_leaving_inputs(fn, dout, *(k[name] for name in ("x", "s", "sig", "alpha", "Wx", "Wg", "Wpsi", "Ah", "Aw")))
-            if not isinstance(result, tuple) or len(result) != 2:
-                raise Mismatch("your function must return two arrays", "return dx, dg")
+            expect_parts(result, 2, "return dx, dg")
             slips = {slip: _gate_backward_variant(dout, k, slip) for slip in hints}
             known = {name: [(slips[slip][i], hints[slip]) for slip in hints] for i, name in enumerate(("dx", "dg"))}
             forward = lambda: float((k["x"] * _gate_forward(k["x"], k["g"], k)["alpha"] * dout).sum())
@@ -1170,8 +1225,7 @@ def check_linear_backward(linear_backward: Callable) -> Callable:
             x, w, b = rng.standard_normal((n, cin)), rng.standard_normal((cout, cin)), rng.standard_normal(cout)
             g = rng.standard_normal((n, cout))
             result = call_leaving_inputs(fn, x, w, g)
-            if not isinstance(result, tuple) or len(result) != 3:
-                raise Mismatch("your function must return three arrays", "return dx, dw, db")
+            expect_parts(result, 3, "return dx, dw, db")
             dx, dw, db = reference_linear_backward(x, w, g)
             known = {"dw": [(x.T @ g, "dw has w's shape (out, in): dout.T @ x, not x.T @ dout")],
                      "db": [(g[0], "sum dout over the batch (axis 0)"), (g.sum(axis=1), "sum over the batch, axis 0, not axis 1"),
@@ -1554,8 +1608,7 @@ def check_sync_bn_forward(sync_bn_forward: Callable) -> Callable:
             no_spread = np.concatenate([(x - mean.reshape(1, -1, 1, 1)) / np.sqrt(avg_var + 1e-5).reshape(1, -1, 1, 1)
                                         * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1) for x in xs])
             result = call_leaving_inputs(fn, xs, gamma, beta, 1e-5)
-            if not isinstance(result, tuple) or len(result) != 2:
-                raise Mismatch("your function must return two things", "return the list of outputs and the cache")
+            expect_parts(result, 2, "return the list of outputs and the cache")
             outs = result[0]
             if len(outs) != len(xs):
                 raise Mismatch(f"{len(outs)} outputs for {len(xs)} shards", "return one output per shard, in order")
