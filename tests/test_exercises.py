@@ -154,8 +154,9 @@ def bn_backward_eval_formula(dy, cache):
 
 
 def softmax_forward(z, t):
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    return 0.0, p / p.sum(axis=1, keepdims=True)
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))    # no log(0) for a far-off class
+    return -np.take_along_axis(log_p, t[:, None], axis=1).mean(), np.exp(log_p)
 
 
 def softmax_backward_not_averaged(probs, target):
@@ -848,6 +849,65 @@ def test_convolution_and_pooling_checks_after_a_learners_walkthrough(check, mine
     tolerance), sizes written into the code passed (every case had the lesson's x), a max started from 0
     passed (every input was >= 0), an argmax of floats passed, a forward that wrote into x was told its
     argmax was wrong, and a list of the right arrays failed as "not three arrays"."""
+    used = check(mine, *extra)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def bn_backward_compact(dy, cache):
+    """Lesson 08's one-line backward, written here from the formula."""
+    x, mu, var, s, xhat, gamma = cache
+    m = x.size // x.shape[1]
+    c = lambda v: v.reshape(1, -1, 1, 1)
+    dbeta, dgamma = dy.sum(axis=(0, 2, 3)), (dy * xhat).sum(axis=(0, 2, 3))
+    return c(gamma * s / m) * (m * dy - c(dbeta) - xhat * c(dgamma)), dgamma, dbeta
+
+
+def bn_backward_scribbling_on_the_cache(dy, cache):
+    result = bn_backward_compact(dy, cache)
+    cache[0][...] = 0            # the caller's x, kept in the cache
+    return result
+
+
+def bn_forward_unbiased(x, gamma, beta, eps=1e-5):
+    mu, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3), ddof=1)
+    s = 1 / np.sqrt(var + eps)
+    xhat = (x - mu.reshape(1, -1, 1, 1)) * s.reshape(1, -1, 1, 1)
+    return gamma.reshape(1, -1, 1, 1) * xhat + beta.reshape(1, -1, 1, 1), (x, mu, var, s, xhat, gamma)
+
+
+def softmax_forward_naive(z, t):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)  # exp(1000) is inf
+        return -np.log(np.take_along_axis(p, t[:, None], axis=1)).mean(), p
+
+
+def softmax_forward_summed(z, t):
+    loss, p = softmax_forward(z, t)
+    return loss * t.size, p
+
+
+def conv_transpose_backward_flipped_dw(x, w, dout, stride=1, padding=0):
+    dx, dw, db = E.reference_conv_transpose_backward(x, w, dout, stride, padding)
+    return dx, np.asarray(dw)[:, :, ::-1, ::-1], db
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_bn_backward, bn_backward_scribbling_on_the_cache, (bn_forward,), "leave the inputs as they were"),
+    (E.check_bn_backward, bn_backward_compact, (bn_forward_unbiased,), "look at your bn_forward"),
+    (E.check_bn_backward, bn_backward_compact, (bn_forward,), None),
+    (E.check_concat_backward, lambda dout, ca: (dout[:, :ca], dout[:, ca:ca + 3]), (), "your db has shape (2, 3, 3, 4)"),
+    (E.check_relu_backward, lambda dout, mask: dout * mask, (lambda x: (np.maximum(x, 0), x >= 0),), "not x >= 0"),
+    (E.check_softmax_ce_backward, lambda p, t: E.reference_softmax_ce_backward(p, t), (softmax_forward_naive,),
+     "exp(1000) overflows"),
+    (E.check_softmax_ce_backward, lambda p, t: E.reference_softmax_ce_backward(p, t), (softmax_forward_summed,),
+     "sum over the pixels"),
+    (E.check_conv_transpose_backward, conv_transpose_backward_flipped_dw, (), "flipped in space"),
+])
+def test_layer_checks_after_a_learners_walkthrough(check, mine, extra, hint, capsys):
+    """Found by working through lessons 06-08 as a learner: a backward that wrote into its cache passed, a
+    wrong forward was blamed on the backward, a concat gradient cut at the lesson's 3 channels passed, a ReLU
+    mask x >= 0 passed (no input was 0), a softmax without the max subtracted and a summed loss passed (the
+    forward was never looked at), and a flipped dw got "another order"."""
     used = check(mine, *extra)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 

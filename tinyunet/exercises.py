@@ -105,19 +105,19 @@ def expect_parts(result: Any, count: int, hint: str) -> None:
 
 
 def call_leaving_inputs(fn: Callable, *args: Any) -> Any:
-    """``fn(*args)`` with copies of the array arguments (and of lists of arrays, one per shard); a
-    :class:`Mismatch` if it changed one of them."""
+    """``fn(*args)`` with copies of the array arguments (and of the arrays in lists and tuples: one per
+    shard, a forward's cache); a :class:`Mismatch` if it changed one of them."""
     def copy(a: Any) -> Any:
         if isinstance(a, np.ndarray):
             return a.copy()
-        if isinstance(a, list) and all(isinstance(x, np.ndarray) for x in a):
-            return [x.copy() for x in a]
+        if isinstance(a, (list, tuple)) and any(isinstance(x, (np.ndarray, list, tuple)) for x in a):
+            return type(a)(copy(x) for x in a)
         return a
 
     def changed(a: Any, c: Any) -> bool:
         if isinstance(a, np.ndarray):
             return not np.array_equal(a, c, equal_nan=True)
-        return c is not a and any(not np.array_equal(x, y, equal_nan=True) for x, y in zip(a, c))
+        return c is not a and any(changed(x, y) for x, y in zip(a, c))
 
     copies = [copy(a) for a in args]
     result = fn(*copies)
@@ -549,7 +549,9 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
             expect_parts(result, 3, "return dx, dw, db")
             _, dw0, db0 = reference_conv_transpose_backward(x[:1], w, g[:1], s, p)
             averaged = "you averaged over the batch: the loss adds every image's term, so sum instead"
-            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch"), (host(dw) / 2, averaged)],
+            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch"), (host(dw) / 2, averaged),
+                            (host(dw)[:, :, ::-1, ::-1], "your dw is flipped in space: the stamp's offset (i, j) pairs "
+                                                         "x with dout at y*stride + i - padding, no flip")],
                      "db": [(db0, "your db is the first image's alone: sum over the batch too"), (host(db) / 2, averaged)]}
             forward = lambda: float((host(reference_conv_transpose_forward(x, w, b, s, p)) * g).sum())
             errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
@@ -574,7 +576,7 @@ def check_concat_backward(concat_backward: Callable) -> Callable:
     """``concat_backward(dout, ca) -> (da, db)`` for ``out = concat([a, b], axis=1)``, a with ca channels."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for ca, cb in [(2, 3), (4, 1)]:
+        for ca, cb in [(2, 3), (4, 1), (1, 5)]:
             a, b = rng.standard_normal((2, ca, 3, 4)), rng.standard_normal((2, cb, 3, 4))
             g = rng.standard_normal((2, ca + cb, 3, 4))
             result = call_leaving_inputs(fn, g, ca)
@@ -663,8 +665,18 @@ def check_relu_backward(relu_backward: Callable, relu_forward: Callable) -> Call
         known = {"dx": [(g * (x < 0), "the mask is reversed: the gradient passes where x > 0"),
                         (np.maximum(g, 0), "that is relu(dout): the mask comes from the *input*, not from dout")]}
         forward = lambda: float((np.maximum(x, 0) * g).sum())
-        return _gradient_cases(forward, {"dx": x}, {"dx": expected}, {"dx": call_leaving_inputs(fn, g, relu_forward(x)[1])},
-                               "ReLU.backward", known, "")
+        errors = _gradient_cases(forward, {"dx": x}, {"dx": expected},
+                                 {"dx": call_leaving_inputs(fn, g, relu_forward(x)[1])}, "ReLU.backward", known, "")
+        x0 = x.copy()
+        x0[:, :, 0] = 0.0        # exactly at the kink: no derivative there, the text's choice is 0
+        with reference_layers():
+            relu = ReLU()
+            relu.forward(to_device(x0))
+            expected0 = relu.backward(to_device(g))
+        errors.append(compare("dx", call_leaving_inputs(fn, g, relu_forward(x0)[1]), expected0, "ReLU.backward",
+                              [(g * (x0 >= 0), "at x = 0 exactly the gradient is 0 (the text's choice, and PyTorch's): "
+                                               "the mask is x > 0, not x >= 0")], "inputs exactly 0"))
+        return errors
     return verdict("relu_backward", relu_backward, reference_relu_backward, run, "ReLU.backward and finite differences")
 
 
@@ -702,6 +714,16 @@ def reference_bn_backward(dy: Any, cache: Any) -> Tuple[Any, Any, Any]:
     return dx, dgamma, dbeta
 
 
+def reference_bn_forward(x: Any, gamma: Any, beta: Any, eps: float = 1e-5) -> Tuple[Any, Any]:
+    """BatchNorm's forward in train mode with the lesson's cache (x, mu, var, s, xhat, gamma)."""
+    c = lambda v: v.reshape(1, -1, 1, 1)
+    mu = x.mean(axis=(0, 2, 3))
+    var = ((x - c(mu)) ** 2).mean(axis=(0, 2, 3))
+    s = 1 / np.sqrt(var + eps)
+    xhat = (x - c(mu)) * c(s)
+    return c(gamma) * xhat + c(beta), (x, mu, var, s, xhat, gamma)
+
+
 def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
     """``bn_backward(dy, cache) -> (dx, dgamma, dbeta)`` with the cache of your ``bn_forward(x, gamma, beta)``."""
     def run(fn: Callable) -> List[float]:
@@ -716,12 +738,26 @@ def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
                      "dgamma": [(dbeta, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")],
                      "dbeta": [(dgamma, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")]}
             forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape))[0]) * g).sum())
+            scored = lambda result: _gradient_cases(forward, {"dx": x, "dgamma": gamma, "dbeta": beta},
+                                                    {"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
+                                                    dict(zip(("dx", "dgamma", "dbeta"), result)),
+                                                    "BatchNorm2d.backward", known, f"input {shape}")
             result = call_leaving_inputs(fn, g, bn_forward(x, gamma, beta)[1])
             expect_parts(result, 3, "return dx, dgamma, dbeta")
-            errors += _gradient_cases(forward, {"dx": x, "dgamma": gamma, "dbeta": beta},
-                                      {"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
-                                      dict(zip(("dx", "dgamma", "dbeta"), result)), "BatchNorm2d.backward", known,
-                                      f"input {shape}")
+            try:
+                errors += scored(result)
+            except Mismatch as failure:
+                if bn_forward is reference_bn_forward:
+                    raise
+                try:   # is it the forward's cache?
+                    scored(fn(g.copy(), reference_bn_forward(x, gamma, beta)[1]))
+                except Exception:
+                    raise failure
+                raise Mismatch(f"input {shape}: your backward is right with the cache of the text's forward and wrong "
+                               "with your bn_forward's",
+                               "look at your bn_forward: var is the mean of (x - mu)**2 over N, H, W (no -1), s = "
+                               "1 / sqrt(var + eps), xhat = (x - mu) * s, and the cache is (x, mu, var, s, xhat, "
+                               "gamma)") from failure
         return errors
     return verdict("bn_backward", bn_backward, reference_bn_backward, run, "BatchNorm2d.backward and finite differences")
 
@@ -754,6 +790,20 @@ def check_softmax_ce_backward(softmax_ce_backward: Callable, softmax_ce_forward:
             errors += _gradient_cases(forward, {"dlogits": logits}, {"dlogits": expected},
                                       {"dlogits": call_leaving_inputs(fn, softmax_ce_forward(logits, target)[1], target)},
                                       "CrossEntropyLoss.backward", known, f"logits {shape}")
+        # your forward too: its loss, and logits large enough that exp overflows unless the max is subtracted
+        for scale in (1.0, 1000.0):
+            logits = rng.standard_normal((2, 3, 4, 5)) * scale
+            target = rng.integers(0, 3, (2, 4, 5))
+            loss, probs = softmax_ce_forward(logits, target)
+            loss = float(np.asarray(to_host(loss)))
+            case = f"your softmax_ce_forward, logits of size {scale:g}"
+            if not np.all(np.isfinite(np.asarray(to_host(probs)))) or not np.isfinite(loss):
+                raise Mismatch(f"{case}: NaN or inf", "exp(1000) overflows: subtract each pixel's largest logit first "
+                               "(softmax is unchanged by a shift; log_softmax = z - max - log(sum(exp(z - max))))")
+            expected_loss = float(CrossEntropyLoss().forward(to_device(logits), to_device(target)))
+            errors.append(compare("loss", np.array(loss), np.array(expected_loss), "CrossEntropyLoss.forward",
+                                  [(np.array(expected_loss * target.size), "that is the sum over the pixels: the loss "
+                                                                          "is their mean")], case))
         return errors
     return verdict("softmax_ce_backward", softmax_ce_backward, reference_softmax_ce_backward, run,
                    "CrossEntropyLoss.backward and finite differences")
