@@ -27,7 +27,9 @@ from tinyunet import backend
 from tinyunet.backend import to_device, to_host
 from tinyunet.gradcheck import numerical_gradient, relative_error
 
-TOLERANCE = 1e-6     # float64: a right answer is at ~1e-9 or better, a wrong one at ~1e-1
+TOLERANCE = 1e-6     # against finite differences (a right answer is at ~1e-9 or better), or in float32
+EXACT = 1e-10        # float64 against float64: sums in another order differ by ~1e-15; float32 arithmetic
+                     # inside (cast back at the end) by ~1e-7, a wrong answer by ~1e-1
 
 
 class Mismatch(Exception):
@@ -57,15 +59,18 @@ BY_HAND = "compare one small case by hand with the formula in the text (print bo
 
 
 def compare(what: str, mine: Any, expected: Any, against: str,
-            known: Sequence[Tuple[Any, str]] = (), case: str = "") -> float:
+            known: Sequence[Tuple[Any, str]] = (), case: str = "", tolerance: Optional[float] = None) -> float:
     """Relative error of ``mine`` against ``expected``; raise :class:`Mismatch` with a hint when it is
-    too large. ``known``: (what a known mistake gives, the hint for it)."""
+    too large (``tolerance``; by default EXACT when both are float64, else TOLERANCE). ``known``: (what a
+    known mistake gives, the hint for it)."""
     where = f"{what}{', ' + case if case else ''}"
     expected_dtype = np.asarray(to_host(expected)).dtype
     exact = expected_dtype.kind in "biu"   # labels, masks, indices: right or wrong
     if mine is None:
         raise Mismatch(f"{where}: your function returned None", "return the array (a function that only assigns returns None)")
     mine, expected = np.asarray(to_host(mine)), host(expected)
+    if tolerance is None:
+        tolerance = EXACT if expected_dtype == np.float64 and mine.dtype == np.float64 else TOLERANCE
     if expected_dtype == np.float64 and mine.dtype in (np.float32, np.float16):
         raise Mismatch(f"{where}: your result is {mine.dtype}, the inputs were float64",
                        "keep the precision you are given (no astype(np.float32), no np.zeros(..., dtype=np.float32) "
@@ -83,7 +88,7 @@ def compare(what: str, mine: Any, expected: Any, against: str,
             "with t = 0?) or the square root of a negative number (a variance from sums divided by the wrong count, "
             "or without eps?): print the intermediate arrays of one small case"]))
     err = relative_error(mine, expected)
-    if not err <= TOLERANCE:
+    if not err <= tolerance:
         if matched:
             hint = matched[0]
         else:
@@ -324,7 +329,8 @@ def check_col2im(col2im: Callable) -> Callable:
                                     "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
             # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
             lhs, rhs = float((host(reference_im2col(x, kh, kw, s, p)) * cols).sum()), float((x * host(image)).sum())
-            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case))
+            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case,
+                                  tolerance=None if cols.dtype == np.float64 else TOLERANCE))
         return errors
     return verdict("col2im", col2im, reference_col2im, run, "tinyunet.nn.conv.col2im and the adjoint identity")
 
@@ -352,7 +358,7 @@ def _gradient_cases(forward: Callable, inputs: Dict[str, np.ndarray],
         errors.append(compare(name, value, expected[name], against, known.get(name, ()), case))
         if name in inputs:
             errors.append(compare(name, value, finite_differences(forward, inputs[name]), "finite differences",
-                                  known.get(name, ()), case))
+                                  known.get(name, ()), case, tolerance=TOLERANCE))
     return errors
 
 
@@ -634,7 +640,7 @@ def check_skip_backward(backward: Callable, forward: Callable, layers: Sequence[
             known = [(forgot[name], hint), (crossed.get(name), order)]
             errors.append(compare(name, mine[name], expected[name], "the reference wiring", known))
             if name in numeric:
-                errors.append(compare(name, mine[name], numeric[name], "finite differences", known))
+                errors.append(compare(name, mine[name], numeric[name], "finite differences", known, tolerance=TOLERANCE))
         # the lesson shows the bug with use_skip_gradient=False: that must leave out the concat's gradient of s
         errors.append(compare("dx", mine_forgetting["dx"], forgot["dx"], "the reference wiring without the skip's gradient",
                               [(expected["dx"], "with use_skip_gradient=False, leave out the concat's gradient of s "
@@ -853,7 +859,8 @@ def check_unet_backward(unet_backward: Callable) -> Callable:
         errors = []
         for name in expected:
             errors.append(compare(name, mine[name], expected[name], "UNet.backward", [(forgot[name], hint)]))
-        errors.append(compare("dx", mine["dx"], numeric, "finite differences", [(forgot["dx"], hint)]))
+        errors.append(compare("dx", mine["dx"], numeric, "finite differences", [(forgot["dx"], hint)],
+                              tolerance=TOLERANCE))
         return errors
     return verdict("unet_backward", unet_backward, reference_unet_backward, run, "UNet.backward and finite differences")
 
@@ -1173,7 +1180,7 @@ def check_residual_backward(residual_backward: Callable) -> Callable:
                 known = [(slips[slip][name], hints[slip]) for slip in hints]
                 errors.append(compare(name, mine[name], expected[name], "ResidualBlock.backward", known, case))
             errors.append(compare("dx", mine["dx"], numeric, "finite differences",
-                                  [(slips[slip]["dx"], hints[slip]) for slip in hints], case))
+                                  [(slips[slip]["dx"], hints[slip]) for slip in hints], case, tolerance=TOLERANCE))
         return errors
     return verdict("residual_backward", residual_backward, reference_residual_backward, run,
                    "ResidualBlock.backward and finite differences")
@@ -1388,7 +1395,7 @@ def _check_optimizer(name: str, kind: str, fn: Callable, reference: Callable, kn
                         errors.append(compare(f"{'velocity' if kind == 'momentum' else 'm and v'} {i}", a, b,
                                               "the formula of the text", [(k[i], hint) for k, hint in state_known], case))
                 except Mismatch as failure:
-                    if number and failure.hint == BY_HAND:   # right with the first settings, wrong with these
+                    if number:   # right with the first settings, wrong with these: an argument left unused
                         failure.hint = (f"right with the first settings, wrong with {given}: use every argument "
                                         "you are given, not a number written into the code")
                     raise
@@ -1451,9 +1458,13 @@ def check_adam_step(adam_step: Callable) -> Callable:
             m[...] = 0.9 * m + 0.1 * p.grad
             v[...] = 0.999 * v + 0.001 * p.grad ** 2
             p.data -= lr * (m / (1 - 0.9 ** t)) / np.sqrt(v / (1 - 0.999 ** t) + eps)
+    def no_eps(ps: Any, ms: Any, vs: Any, t: int, lr: float, betas: Any = (0.9, 0.999), eps: float = 1e-8) -> None:
+        with np.errstate(divide="ignore", invalid="ignore"):   # the zero gradient's 0/0: the slip's NaN
+            reference_adam_step(ps, ms, vs, t, lr, betas, 0.0)
     return _check_optimizer("adam_step", "adam", adam_step, reference_adam_step,
                             {"the bias correction is missing: divide m by 1 - b1**t and v by 1 - b2**t": no_correction,
-                             "eps goes outside the square root: sqrt(v_hat) + eps": eps_inside})
+                             "eps goes outside the square root: sqrt(v_hat) + eps": eps_inside,
+                             "you divide without eps: by sqrt(v_hat) + eps (a zero gradient would give 0/0)": no_eps})
 
 
 # --- several processes: the ring allreduce, synchronized BatchNorm -------------------------------------------
