@@ -912,6 +912,51 @@ def test_layer_checks_after_a_learners_walkthrough(check, mine, extra, hint, cap
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
+def unet_backward_depth_2(model, dlogits):
+    """Right for depth 2, the depth written into the code."""
+    d = model.head.backward(dlogits)
+    skips = []
+    for i in [1, 0]:
+        d_up, d_skip = model.concat[i].backward(model.up_conv[i].backward(d))
+        skips.append(d_skip)
+        d = model.up[i].backward(d_up)
+    d = model.bottleneck.backward(d)
+    for level in [1, 0]:
+        d = model.down[level].backward(model.pool[level].backward(d) + skips[1 - level])
+    return d
+
+
+def unet_backward_zeroing_dlogits(model, dlogits):
+    result = E.reference_unet_backward(model, dlogits.copy())
+    dlogits[...] = 0
+    return result
+
+
+def unet_backward_head_twice_as_large(model, dlogits):
+    """The head's gradient doubled: the head's own weights are the first wrong ones from the top."""
+    return E.reference_unet_backward(model, dlogits * 2)
+
+
+@pytest.mark.parametrize("check, mine, hint", [
+    (E.check_linear_backward, lambda x, w, d: tuple(np.asarray(a, np.float64) for a in linear_backward(
+        x.astype(np.float32), w.astype(np.float32), d.astype(np.float32))), "about 7 digits"),
+    (E.check_linear_backward, lambda x, w, d: (d @ w, d.T @ x, d[:5].sum(axis=0)), "compare one small case"),
+    (E.check_linear_backward, lambda x, w, d: (d @ w.T, d.T @ x, d.sum(axis=0)), "a transpose missing"),
+    (E.check_unet_backward, unet_backward_depth_2, "shapes that do not fit"),
+    (E.check_unet_backward, unet_backward_zeroing_dlogits, "leave the inputs as they were"),
+    (E.check_unet_backward, unet_backward_head_twice_as_large, "first wrong one in backward's order"),
+])
+def test_linear_and_unet_checks_after_a_learners_walkthrough(check, mine, hint, capsys):
+    """Found by working through lessons 02 and 09 as a learner: arithmetic in float32 cast back to float64
+    passed (within 1e-6), a batch of 5 written into db passed, dout @ w.T was hinted at a size written into the
+    code; a U-Net backward written for depth 2 passed (the check had one depth), one that wrote into dlogits
+    passed, and a wrong whole-network gradient got "compare one small case by hand"."""
+    used = check(mine)
+    out = capsys.readouterr().out
+    assert used is not mine and ": FAIL " in out, out
+    assert hint in out, out
+
+
 def relu_backward_in_place(dout, mask):
     dout[~mask] = 0              # right numbers, but the caller's dout is changed
     return dout

@@ -91,6 +91,9 @@ def compare(what: str, mine: Any, expected: Any, against: str,
     if not err <= tolerance:
         if matched:
             hint = matched[0]
+        elif tolerance == EXACT and err < 1e-5:
+            hint = ("your numbers agree to about 7 digits, no more: float32 arithmetic somewhere inside (a float32 "
+                    "array, an astype(np.float32)), cast back at the end? Compute in the dtype you are given")
         else:
             hint = ("the same numbers in another order: check the order of the axes (and of the rows of a reshape)"
                     if relative_error(np.sort(mine, axis=None), np.sort(expected, axis=None)) <= TOLERANCE else
@@ -156,8 +159,8 @@ def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Calla
     except Exception as exc:   # a crash in your code is a failed check, not a crashed lesson
         message = f"raised {type(exc).__name__}: {exc}" + (f"\n  {_where(exc)}" if _where(exc) else "") + \
                   (f"\n  called with {_describe(last_call[0])}" if last_call else "")
-        hint = ("shapes that do not fit: print the shape of every intermediate array (a size written into the code "
-                "instead of read from .shape?)"
+        hint = ("shapes that do not fit: print the shape of every intermediate array (a transpose missing or one "
+                "too many? a size written into the code instead of read from .shape?)"
                 if isinstance(exc, (ValueError, IndexError)) else
                 "a None where an array was expected: a function that returns nothing, or a layer's backward called a "
                 "second time after one forward (each frees what its forward stored: call it once per forward)"
@@ -830,7 +833,7 @@ def check_unet_backward(unet_backward: Callable) -> Callable:
         loss = CrossEntropyLoss()
         model.zero_grad()
         loss.forward(model.forward(x), target)
-        dx = fn(model, loss.backward())
+        dx = call_leaving_inputs(fn, model, loss.backward())
         return {"dx": dx, **{name: host(p.grad) for name, p in model.named_parameters()}}
 
     def forgot_fork(model: Any, d: Any) -> Any:
@@ -845,22 +848,31 @@ def check_unet_backward(unet_backward: Callable) -> Callable:
         return d
 
     def run(fn: Callable) -> List[float]:
-        rng = _rng()
-        with reference_layers():
-            backend.seed(3)
-            model = UNet(3, 3, base_channels=2, depth=2).double()
-            x, target = rng.standard_normal((2, 3, 8, 8)), rng.integers(0, 3, (2, 8, 8))
-            expected = gradients(reference_unet_backward, model, x, target)
-            forgot = gradients(forgot_fork, model, x, target)
-            mine = gradients(fn, model, x, target)
-            loss = CrossEntropyLoss()
-            numeric = finite_differences(lambda: float(loss.forward(model.forward(x), target)), x)
+        rng, errors = _rng(), []
         hint = "every encoder output fed its pool and a concat: add the skip's gradient to the pool's before the block (the fork)"
-        errors = []
-        for name in expected:
-            errors.append(compare(name, mine[name], expected[name], "UNet.backward", [(forgot[name], hint)]))
-        errors.append(compare("dx", mine["dx"], numeric, "finite differences", [(forgot["dx"], hint)],
-                              tolerance=TOLERANCE))
+        for depth, size in [(2, 8), (3, 8)]:     # and another depth than the one written into a loop
+            with reference_layers():
+                backend.seed(3)
+                model = UNet(3, 3, base_channels=2, depth=depth).double()
+                x, target = rng.standard_normal((2, 3, size, size)), rng.integers(0, 3, (2, size, size))
+                expected = gradients(reference_unet_backward, model, x, target)
+                forgot = gradients(forgot_fork, model, x, target)
+                mine = gradients(fn, model, x, target)
+                loss = CrossEntropyLoss()
+                numeric = finite_differences(lambda: float(loss.forward(model.forward(x), target)), x)
+            case = f"depth {depth}"
+            try:
+                for name in [n for n in expected if n != "dx"][::-1] + ["dx"]:   # backward's order: head first
+                    errors.append(compare(name, mine[name], expected[name], "UNet.backward", [(forgot[name], hint)], case))
+                errors.append(compare("dx", mine["dx"], numeric, "finite differences", [(forgot["dx"], hint)], case,
+                                      tolerance=TOLERANCE))
+            except Mismatch as failure:
+                if failure.hint == BY_HAND:   # the first wrong gradient, in the model's order, says where to look
+                    failure.hint = ("the gradient named above is the first wrong one in backward's order (head, "
+                                    "decoder, bottleneck, encoder): everything before it is right, so the slip is in "
+                                    "that layer's backward call or in the dout you handed it; compare that step of your "
+                                    "backward with the forward's, in reverse")
+                raise
         return errors
     return verdict("unet_backward", unet_backward, reference_unet_backward, run, "UNet.backward and finite differences")
 
@@ -1278,7 +1290,7 @@ def check_linear_backward(linear_backward: Callable) -> Callable:
     """``linear_backward(x, w, dout) -> (dx, dw, db)`` for ``y = x @ w.T + b``."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for n, cin, cout in [(5, 3, 4), (1, 2, 2)]:
+        for n, cin, cout in [(5, 3, 4), (1, 2, 2), (7, 4, 3)]:
             x, w, b = rng.standard_normal((n, cin)), rng.standard_normal((cout, cin)), rng.standard_normal(cout)
             g = rng.standard_normal((n, cout))
             result = call_leaving_inputs(fn, x, w, g)
