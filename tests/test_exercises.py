@@ -823,10 +823,6 @@ def maxpool_forward_writing_into_x(x):
     return out, argmax
 
 
-def col2im_always_float64(cols, x_shape, kh, kw, stride=1, padding=0):
-    return np.asarray(E.reference_col2im(cols, x_shape, kh, kw, stride, padding), dtype=np.float64)
-
-
 @pytest.mark.parametrize("check, mine, extra, hint", [
     (E.check_im2col, lambda *a: im2col_loops(*a).astype(np.float32), (), "keep the precision you are given"),
     (E.check_conv2d_forward, lambda *a: conv_forward_naive(*a).astype(np.float32), (), "keep the precision"),
@@ -840,13 +836,15 @@ def col2im_always_float64(cols, x_shape, kh, kw, stride=1, padding=0):
     (E.check_maxpool_forward, maxpool_forward_writing_into_x, (), "leave the inputs as they were"),
     (E.check_maxpool_forward, lambda x: (maxpool_forward(x)[0], maxpool_forward(x)[1].astype(np.float64)), (),
      "an integer array"),
-    (E.check_col2im, col2im_always_float64, (), "keep the dtype you are given"),
+    (E.check_col2im, lambda *a: np.asarray(E.reference_col2im(*a), dtype=np.float32), (), "keep the dtype you are given"),
+    (E.check_col2im, lambda *a: np.asarray(E.reference_col2im(np.asarray(a[0], np.float32), *a[1:]), np.float64), (),
+     "about 7 digits"),
     (E.check_conv2d_backward, conv_backward_list, (), None),
     (E.check_maxpool_forward, lambda x: list(maxpool_forward(x)), (), None),
 ])
 def test_convolution_and_pooling_checks_after_a_learners_walkthrough(check, mine, extra, hint, capsys):
     """Found by working through lessons 03-05 as a learner: float32 results passed (7 digits within the
-    tolerance), sizes written into the code passed (every case had the lesson's x), a max started from 0
+    tolerance; a float32 buffer cast back too), sizes written into the code passed (every case had the lesson's x), a max started from 0
     passed (every input was >= 0), an argmax of floats passed, a forward that wrote into x was told its
     argmax was wrong, and a list of the right arrays failed as "not three arrays"."""
     used = check(mine, *extra)
@@ -1363,6 +1361,88 @@ def test_training_loop_and_metric_checks(check, mine, hint, capsys):
         used = check(mine)
     out = capsys.readouterr().out
     assert_verdict(used, mine, out, hint)
+
+
+def train_steps_counting_first(model, optimizer, loss_fn, batches):
+    steps = sum(1 for _ in batches)        # a first pass over a loader that allows one
+    return train_steps_written_out(model, optimizer, loss_fn, batches) if steps else []
+
+
+def train_steps_two_forwards(model, optimizer, loss_fn, batches):
+    model.train()
+    out = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        out.append(float(loss_fn.forward(model.forward(x), y)))
+        model.forward(x)                   # a second forward (for a prediction): BatchNorm's statistics move again
+        loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+    return out
+
+
+def train_steps_zero_grad_after_step(model, optimizer, loss_fn, batches):
+    model.train()
+    out = []
+    for x, y in batches:
+        out.append(float(loss_fn.forward(model.forward(x), y)))
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        optimizer.zero_grad()
+    return out
+
+
+def train_steps_keeping_loss_objects(model, optimizer, loss_fn, batches):
+    model.train()
+    out = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        out.append(loss)
+    return out
+
+
+def train_steps_optimizer_on_copies(model, optimizer, loss_fn, batches):
+    import copy
+    from tinyunet.optim import Adam
+
+    mine = Adam(copy.deepcopy(model.parameters()), lr=1e-2)
+    return train_steps_written_out(model, mine, loss_fn, batches)
+
+
+def iou_nan_where_never_predicted(cm):
+    tp = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cm.sum(0) > 0, tp / (cm.sum(0) + cm.sum(1) - tp), np.nan)
+
+
+def iou_zeroing_the_diagonal(cm):
+    tp = np.diag(cm).copy()
+    np.fill_diagonal(cm, 0)                # the caller's matrix
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return tp / (tp + cm.sum(0) + cm.sum(1))
+
+
+@pytest.mark.parametrize("check, mine, hint", [
+    (E.check_train_steps, train_steps_counting_first, "one-pass loader"),
+    (E.check_train_steps, train_steps_two_forwards, "a second forward also moves"),
+    (E.check_train_steps, train_steps_zero_grad_after_step, "cleared after the step"),
+    (E.check_train_steps, train_steps_keeping_loss_objects, "append float(loss)"),
+    (E.check_train_steps, train_steps_optimizer_on_copies, "copies of the parameters"),
+    (E.check_train_steps, lambda *a: np.array(train_steps_written_out(*a)), None),
+    (E.check_iou_per_class, iou_nan_where_never_predicted, "IoU 0, a real score"),
+    (E.check_iou_per_class, lambda cm: np.where(np.diag(cm) > 0, E.reference_iou_per_class(cm), np.nan), "IoU 0"),
+    (E.check_iou_per_class, iou_zeroing_the_diagonal, "leave the inputs as they were"),
+])
+def test_loop_and_iou_checks_after_a_learners_walkthrough(check, mine, hint, capsys):
+    """Found by working through lesson 13 as a learner: a loop that read the batches twice passed (the check
+    gave a list, the lesson a one-pass loader), two forwards per step passed (BatchNorm's statistics were not
+    compared), zero_grad after the step passed (the model came with no gradients), loss objects instead of
+    floats passed; an IoU of NaN for a class never predicted passed, and so did one that wrote into cm."""
+    used = check(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
 
 
 def trimap_by_table(trimap):

@@ -317,11 +317,9 @@ def check_col2im(col2im: Callable) -> Callable:
         for (k, s, p), shape in CONV_CASES_AND_SHAPES:
             kh, kw = _hw(k)
             cols = rng.standard_normal(reference_im2col(np.zeros(shape), kh, kw, s, p).shape)
-            if shape != CONV_SHAPES[0]:   # and a float32 one: the image keeps the dtype it is given
-                cols = cols.astype(np.float32)
             x = rng.standard_normal(shape)
             expected = reference_col2im(cols, shape, kh, kw, s, p)
-            case = f"kernel {kh}x{kw}, stride {s}, padding {p}, x {shape}, {cols.dtype} cols"
+            case = f"kernel {kh}x{kw}, stride {s}, padding {p}, x {shape}"
             image = call_leaving_inputs(fn, cols, shape, kh, kw, s, p)
             if image is not None and np.asarray(to_host(image)).dtype != cols.dtype:
                 raise Mismatch(f"image, {case}: dtype {np.asarray(to_host(image)).dtype} for {cols.dtype} cols",
@@ -332,8 +330,7 @@ def check_col2im(col2im: Callable) -> Callable:
                                     "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
             # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
             lhs, rhs = float((host(reference_im2col(x, kh, kw, s, p)) * cols).sum()), float((x * host(image)).sum())
-            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case,
-                                  tolerance=None if cols.dtype == np.float64 else TOLERANCE))
+            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case))
         return errors
     return verdict("col2im", col2im, reference_col2im, run, "tinyunet.nn.conv.col2im and the adjoint identity")
 
@@ -1767,18 +1764,21 @@ def reference_train_steps(model: Any, optimizer: Any, loss_fn: Any, batches: Seq
 
 
 def _train_mistake(kind: str) -> Callable:
-    """The training steps, right (kind "") or with one classic slip: "eval", "no zero_grad", "no step"."""
+    """The training steps, right (kind "") or with one classic slip: "eval", "no zero_grad", "zero_grad last",
+    "no step"."""
     def steps(model: Any, optimizer: Any, loss_fn: Any, batches: Sequence[Tuple[Any, Any]]) -> List[float]:
         if kind != "eval":
             model.train()
         losses = []
         for x, y in batches:
-            if kind != "no zero_grad":
+            if kind not in ("no zero_grad", "zero_grad last"):
                 optimizer.zero_grad()
             loss = loss_fn.forward(model.forward(x), y)
             model.backward(loss_fn.backward(), input_grad=False)
             if kind != "no step":
                 optimizer.step()
+            if kind == "zero_grad last":
+                optimizer.zero_grad()
             losses.append(float(loss))
         return losses
     return steps
@@ -1797,8 +1797,13 @@ def _train_run(fn: Callable) -> Tuple[List[float], np.ndarray]:
         backend.seed(0)
         model = UNet(3, 3, base_channels=4, depth=2)
         model.eval()
-        losses = fn(model, Adam(model.parameters(), lr=1e-2), CrossEntropyLoss(), batches)
-        weights = np.concatenate([host(p.data).ravel() for p in model.parameters()])
+        rng = np.random.default_rng(1)
+        for p in model.parameters():   # stale gradients, as a previous step leaves them: a step must clear them first
+            p.grad[...] = to_device(rng.standard_normal(p.grad.shape).astype(p.grad.dtype))
+        # the batches as the lesson's loader hands them: one pass, no len()
+        losses = fn(model, Adam(model.parameters(), lr=1e-2), CrossEntropyLoss(), iter(batches))
+        weights = np.concatenate([host(p.data).ravel() for p in model.parameters()] +   # and BatchNorm's statistics
+                                 [host(b).ravel() for _, b in model.named_buffers()])
     return losses, weights
 
 
@@ -1807,18 +1812,37 @@ def check_train_steps(train_steps: Callable) -> Callable:
     def run(fn: Callable) -> List[float]:
         expected_losses, expected_weights = _train_run(reference_train_steps)
         losses, weights = _train_run(fn)
-        if not isinstance(losses, (list, tuple)) or len(losses) != len(expected_losses):
-            raise Mismatch("your function must return one loss per batch", "return a list of float(loss), one per step")
-        known = {kind: _train_run(_train_mistake(kind)) for kind in ("no zero_grad", "no step", "eval")}
-        hints = {"no zero_grad": "gradients accumulate: clear them (optimizer.zero_grad()) at the start of every step",
+        if not isinstance(losses, (list, tuple, np.ndarray)) or len(losses) != len(expected_losses):
+            raise Mismatch(f"your function returned {len(losses) if hasattr(losses, '__len__') else 'no'} losses "
+                           f"for {len(expected_losses)} batches", "return a list of float(loss), one per step (the "
+                           "batches may come from a one-pass loader, as in the lesson: no len(), loop over them once)")
+        if not all(isinstance(loss, float) for loss in losses):
+            raise Mismatch(f"your losses are {type(losses[0]).__name__}, not float",
+                           "append float(loss): a Python number (on a GPU the loss is a device array, and a list of "
+                           "them keeps every step's memory and syncs later, where it is hard to find)")
+        known = {kind: _train_run(_train_mistake(kind)) for kind in ("no zero_grad", "zero_grad last", "no step", "eval")}
+        hints = {"no zero_grad": "gradients accumulate: clear them (optimizer.zero_grad()) at the start of every step, "
+                                 "before the backward (the model may come with gradients of an earlier step)",
+                 "zero_grad last": "clear the gradients at the start of each step, before its backward: cleared after "
+                                   "the step, the first step still adds the gradients the model came with",
                  "no step": "the weights never moved with this batch's gradient: the order is zero_grad, forward, "
                             "loss, backward, then optimizer.step() (a zero_grad after backward, or a step before it, "
-                            "throws the gradient away)",
+                            "throws the gradient away; an optimizer made on copies of the parameters moves the copies)",
                  "eval": "the model comes in eval mode (as after a validation pass): call model.train() before training"}
-        return [compare("losses", np.array(losses, dtype=np.float64), np.array(expected_losses), "the reference loop",
-                        [(np.array(known[k][0]), hints[k]) for k in known], "3 batches of 4 images"),
-                compare("weights after training", weights, expected_weights, "the reference loop",
-                        [(known[k][1], hints[k]) for k in known], "3 batches of 4 images")]
+        try:
+            return [compare("losses", np.array(losses, dtype=np.float64), np.array(expected_losses), "the reference loop",
+                            [(np.array(known[k][0]), hints[k]) for k in known], "3 batches of 4 images",
+                            tolerance=TOLERANCE),          # a float32 model: float32's 7 digits
+                    compare("weights and BatchNorm statistics after training", weights, expected_weights,
+                            "the reference loop", [(known[k][1], hints[k]) for k in known], "3 batches of 4 images",
+                            tolerance=TOLERANCE)]
+        except Mismatch as failure:
+            if failure.hint == BY_HAND:
+                failure.hint = ("compare your loop with the text's, step by step: model.train() once, then for each "
+                                "batch zero_grad, one forward, the loss, backward, optimizer.step(), float(loss); the "
+                                "optimizer you are given, used as it is (a second forward also moves BatchNorm's "
+                                "running statistics)")
+            raise
     return verdict("train_steps", train_steps, reference_train_steps, run, "the reference loop")
 
 
@@ -1833,7 +1857,7 @@ def check_iou_per_class(iou_fn: Callable) -> Callable:
     def run(fn: Callable) -> List[float]:
         cm = np.array([[50, 3, 7, 0], [11, 80, 2, 0], [5, 9, 20, 0], [0, 0, 0, 0]], dtype=np.int64)   # class 3: absent
         tp = np.diag(cm).astype(np.float64)
-        mine = np.asarray(to_host(fn(cm.copy())), dtype=np.float64)
+        mine = np.asarray(to_host(call_leaving_inputs(fn, cm)), dtype=np.float64)
         expected = reference_iou_per_class(cm)
         if mine.shape != expected.shape:
             raise Mismatch(f"iou: wrong shape {mine.shape}", f"one IoU per class: shape {expected.shape}")
@@ -1844,6 +1868,19 @@ def check_iou_per_class(iou_fn: Callable) -> Callable:
             slips = [(tp / (cm.sum(0) + cm.sum(1)), "the union counts TP once: TP + FP + FN = row sum + column sum - TP"),
                      (tp / cm.sum(1), "that is the recall (TP / row sum): the union also holds the false positives"),
                      (tp / cm.sum(0), "that is the precision (TP / column sum): the union also holds the false negatives")]
-        return [compare("iou", mine[:3], expected[:3], "tinyunet.metrics.iou_per_class",
-                        [(w[:3], h) for w, h in slips], "4 classes, the last absent")]
+        errors = [compare("iou", mine[:3], expected[:3], "tinyunet.metrics.iou_per_class",
+                          [(w[:3], h) for w, h in slips], "4 classes, the last absent")]
+        # classes scored 0, not NaN: in the truth but never predicted (1), predicted but not in the truth (2),
+        # both but never on the same pixel (3); each has a union, only TP is 0
+        cm = np.array([[30, 0, 4, 2], [6, 0, 1, 0], [0, 0, 0, 0], [3, 0, 0, 0]], dtype=np.int64)
+        mine = np.asarray(to_host(call_leaving_inputs(fn, cm)), dtype=np.float64)
+        expected = reference_iou_per_class(cm)
+        for k, what in [(1, "in the truth but never predicted"), (2, "predicted but not in the truth"),
+                        (3, "in both, never on the same pixel")]:
+            if mine.shape == expected.shape and not mine[k] == 0:
+                raise Mismatch(f"iou of a class {what}: {mine[k]:g}",
+                               "its union holds pixels (its FN or FP) and TP = 0: IoU 0, a real score, not NaN; NaN "
+                               "only where the union itself is 0")
+        errors.append(compare("iou", mine, expected, "tinyunet.metrics.iou_per_class", [], "classes of IoU 0"))
+        return errors
     return verdict("iou_per_class", iou_fn, reference_iou_per_class, run, "tinyunet.metrics.iou_per_class")
