@@ -5,7 +5,7 @@
 
 On a GPU a small model is bound by kernel launches (each costs ~5-10 us of CPU time and GPU idle),
 not by arithmetic: the standard step is ~36 GFLOP, about a millisecond of a current GPU. This runs
-one training step (forward, loss, backward, Adam; after one warm-up step) under tests/fake_cupy.py,
+one training step (forward, loss, backward, Adam; after one warm-up step) under tinyunet/fake_cupy.py,
 which counts every array operation that would launch a kernel on CuPy (functions, ufuncs, operators,
 computing methods, assignments into arrays; views and allocations from the pool launch nothing),
 and prints them by layer type and by operation. A lower bound: CuPy runs some calls as several
@@ -24,7 +24,6 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -44,7 +43,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def count_tinyunet(args: argparse.Namespace) -> Dict[str, Any]:
     import numpy as np
 
-    import fake_cupy
+    from tinyunet import fake_cupy
     from tinyunet import backend
     from tinyunet.losses import CrossEntropyLoss
     from tinyunet.models import create_model

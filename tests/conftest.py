@@ -128,13 +128,13 @@ def numpy_backend():
 
 @pytest.fixture
 def fake_cupy():
-    """Install the strict CuPy stand-in (tests/fake_cupy.py) as the array module; NumPy afterwards.
+    """Install the strict CuPy stand-in (tinyunet/fake_cupy.py) as the array module; NumPy afterwards.
 
     Build models *inside* the test (after this fixture) so their parameters are stand-in arrays.
     ``fake_cupy.stats["transfers"]`` counts explicit device -> host copies; ``reset_counters()``
     zeroes it. Yields the stand-in module.
     """
-    import fake_cupy as fake
+    from tinyunet import fake_cupy as fake
     from tinyunet import backend
 
     backend.use_module(fake, "fake-cupy")

@@ -16,12 +16,9 @@ statistics after the last step, and the loss of every step.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fake_cupy
 
 
 def main() -> None:
@@ -43,7 +40,7 @@ def main() -> None:
 
     from tinyunet import backend, distributed
     if args.backend == "fake-cupy":
-        import fake_cupy
+        from tinyunet import fake_cupy
         backend.use_module(fake_cupy, "fake-cupy")
         fake_nccl(fake_cupy)
     if args.no_accel:

@@ -1,4 +1,4 @@
-"""tinyunet.backend, and the whole package under a strict CuPy stand-in (tests/fake_cupy.py).
+"""tinyunet.backend, and the whole package under a strict CuPy stand-in (tinyunet/fake_cupy.py).
 
 The stand-in refuses every implicit device -> host conversion, as CuPy does, and counts explicit
 transfers, so these tests find ``np.`` calls on device arrays and stray host syncs without a GPU.
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-import fake_cupy as fake_module
+from tinyunet import fake_cupy as fake_module
 from tinyunet import backend
 from tinyunet.backend import BackendError
 
@@ -107,7 +107,7 @@ def test_seed_makes_initialisation_reproducible(numpy_backend):
 def test_switching_modules_leaves_no_names_of_the_previous_one(fake_cupy):
     """xp carries the active module's names as its own attributes (fast lookups): after a switch
     none of the previous module's may remain, or layer code would quietly run on the wrong one."""
-    import fake_cupy as fake
+    from tinyunet import fake_cupy as fake
     from tinyunet.backend import xp
     assert isinstance(xp.zeros(3), fake.FakeCupyArray)          # forwarded by the stand-in's __getattr__
     assert xp.ndarray is fake.FakeCupyArray and xp.asnumpy is fake.asnumpy

@@ -273,7 +273,7 @@ CHECKS = [(E.check_im2col, ()), (E.check_conv2d_forward, ()), (E.check_col2im, (
           (E.check_softmax_ce_backward, (softmax_forward,)), (E.check_unet_backward, ()),
           (E.check_linear_backward, ()), (E.check_sgd_step, ()), (E.check_momentum_step, ()), (E.check_adam_step, ()),
           (E.check_ring_allreduce, ()), (E.check_sync_bn_forward, ()), (E.check_sync_bn_backward, (sync_bn_forward,)),
-          (E.check_gate_backward, ()), (E.check_train_steps, ()), (E.check_iou_per_class, ()),
+          (E.check_gate_backward, ()), (E.check_train_steps, ()), (E.check_iou_per_class, ()), (E.check_pixel_accuracy, ()),
           (E.check_trimap_to_labels, ()), (E.check_conv2d_shifted, ()), (E.check_residual_backward, ()), (E.check_resize_nearest, ()), (E.check_conv3x3_flat_rows, ()), (E.check_timed, ())]
 
 
@@ -1443,6 +1443,84 @@ def test_loop_and_iou_checks_after_a_learners_walkthrough(check, mine, hint, cap
     floats passed; an IoU of NaN for a class never predicted passed, and so did one that wrote into cm."""
     used = check(mine)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def pixel_accuracy_counted(model, batches):
+    """A right answer written here: the hits summed with xp on the device, one to_host at the end."""
+    from tinyunet.backend import to_device, to_host, xp
+
+    model.eval()
+    hits, pixels = [], 0
+    for x, y in batches:
+        labels = to_device(y)
+        hits.append(xp.sum(model.forward(to_device(x)).argmax(axis=1) == labels))
+        pixels += labels.size
+    return float(to_host(xp.stack(hits).sum())) / pixels
+
+
+def pixel_accuracy_per_batch_float(model, batches):
+    from tinyunet.backend import to_device
+
+    model.eval()
+    right = total = 0
+    for x, y in batches:
+        right += float((model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum())   # waits every batch
+        total += y.size
+    return right / total
+
+
+def pixel_accuracy_on_host_batches(model, batches):
+    model.eval()
+    right = 0
+    for x, y in batches:
+        right = right + (model.forward(x).argmax(axis=1) == y).sum()      # no to_device
+    return float(right) / sum(y.size for _, y in batches)
+
+
+def pixel_accuracy_with_numpy(model, batches):
+    from tinyunet.backend import to_device
+
+    model.eval()
+    right = 0
+    for x, y in batches:
+        right = right + np.sum(model.forward(to_device(x)).argmax(axis=1) == to_device(y))
+    return float(right) / sum(y.size for _, y in batches)
+
+
+def pixel_accuracy_train_mode(model, batches):
+    from tinyunet.backend import to_device
+
+    right = 0
+    for x, y in batches:
+        right = right + (model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum()
+    return float(right) / sum(y.size for _, y in batches)
+
+
+def pixel_accuracy_mean_of_batches(model, batches):
+    from tinyunet.backend import to_device, xp
+
+    model.eval()
+    return float(xp.stack([(model.forward(to_device(x)).argmax(axis=1) == to_device(y)).mean()
+                           for x, y in batches]).mean())
+
+
+@pytest.mark.parametrize("mine, hint", [
+    (pixel_accuracy_counted, None),
+    (pixel_accuracy_per_batch_float, "waits for the GPU at every batch"),
+    (pixel_accuracy_on_host_batches, "copy each batch with to_device"),
+    (pixel_accuracy_with_numpy, "numpy cannot read a device array"),
+    (pixel_accuracy_train_mode, "model.eval()"),
+    (pixel_accuracy_mean_of_batches, "weighs the small last batch"),
+])
+def test_pixel_accuracy_check_on_the_cupy_stand_in(mine, hint, capsys):
+    """Lesson 15's evaluation on the strict CuPy stand-in: a right answer passes with one transfer; a float()
+    per batch, host batches, np.sum on device arrays, train mode and a mean of the batches' means each fail
+    with their hint; the backend is NumPy again afterwards."""
+    from tinyunet import backend
+
+    used = E.check_pixel_accuracy(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+    assert backend.name() == "numpy"
 
 
 def trimap_by_table(trimap):

@@ -965,6 +965,91 @@ def check_resize_nearest(resize_nearest: Callable) -> Callable:
 
 # --- the GPU lesson ------------------------------------------------------------------------------------------
 
+def reference_pixel_accuracy(model: Any, batches: Any) -> float:
+    """The fraction of pixels labelled right over all (x, y) host batches: each batch copied to the device
+    once, the counts kept there, one number back to the host at the end."""
+    model.eval()
+    correct, total = 0, 0
+    for x, y in batches:
+        x, y = to_device(x), to_device(y)
+        correct = correct + (model.forward(x).argmax(axis=1) == y).sum()
+        total += y.size
+    return float(correct) / total
+
+
+@contextlib.contextmanager
+def on_the_fake_gpu() -> Iterator[Any]:
+    """The strict CuPy stand-in (tinyunet/fake_cupy.py) as the array module inside, counters zeroed; the
+    backend that was active afterwards. Build models inside, so that their parameters are device arrays."""
+    from tinyunet import fake_cupy
+
+    before = backend.name()
+    backend.use_module(fake_cupy, "fake-cupy")
+    fake_cupy.reset_counters()
+    try:
+        yield fake_cupy
+    finally:
+        backend.use(before if before in ("numpy", "cupy") else "numpy")
+
+
+def check_pixel_accuracy(pixel_accuracy: Callable) -> Callable:
+    """``pixel_accuracy(model, batches) -> float`` over host (x, y) batches, run on the strict CuPy stand-in:
+    the right fraction, with one device -> host transfer in all."""
+    from tinyunet.models import UNet
+
+    def run(fn: Callable) -> List[float]:
+        rng = _rng()
+        sizes = [4, 4, 1]      # a small last batch: a mean of the batches' accuracies weighs it 4 times too much
+        batches = [(rng.standard_normal((n, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, (n, 8, 8)))
+                   for n in sizes]
+        with backend_numpy(), reference_layers():
+            backend.seed(5)
+            model = UNet(3, 3, base_channels=2, depth=2)
+            for _ in range(2):           # BatchNorm's running statistics, as after some training
+                model.forward(to_device(rng.standard_normal((4, 3, 8, 8)).astype(np.float32) * 2 + 1))
+            weights = model.state_dict()
+            model.train()
+            labels = [model.forward(x).argmax(axis=1) for x, _ in batches]   # train mode: the batch's statistics
+            in_train_mode = sum(int((p == y).sum()) for p, (_, y) in zip(labels, batches)) / sum(y.size for _, y in batches)
+            model.load_state_dict(weights)
+            model.eval()
+            hits = [(model.forward(x).argmax(axis=1) == y) for x, y in batches]
+            expected = sum(int(h.sum()) for h in hits) / sum(y.size for _, y in batches)
+            per_batch_mean = float(np.mean([h.mean() for h in hits]))
+        with on_the_fake_gpu() as device:
+            backend.seed(5)
+            model = UNet(3, 3, base_channels=2, depth=2)
+            model.load_state_dict(weights)
+            model.train()                 # as a training loop leaves it
+            device.reset_counters()
+            try:
+                result = fn(model, [(x.copy(), y.copy()) for x, y in batches])
+            except TypeError as exc:
+                if "host numpy.ndarray" in str(exc) or "unsupported operand" in str(exc):
+                    raise Mismatch(f"raised TypeError: {exc}", "a host array met a device array: copy each batch "
+                                   "with to_device(x), to_device(y) before the forward and the comparison") from exc
+                if "on a device array" in str(exc):
+                    raise Mismatch(f"raised TypeError: {exc}", "numpy cannot read a device array: use the array's "
+                                   "methods ((pred == y).sum()) or backend.xp, and float() once at the end") from exc
+                raise
+            transfers = device.stats["transfers"]
+        if not isinstance(result, float):
+            raise Mismatch(f"your function returned a {type(result).__name__}",
+                           "return a Python float: float(correct) / total, the one copy back to the host")
+        if transfers > 1:
+            raise Mismatch(f"{transfers} device -> host transfers for {len(sizes)} batches",
+                           "float(), .item(), int() or to_host inside the loop waits for the GPU at every batch: "
+                           "keep the count on the device (correct = correct + (pred == y).sum()) and convert once, "
+                           "at the end; total needs no transfer (y.size is known on the host)")
+        return [compare("accuracy", np.array(result), np.array(expected), "the pixels counted on the host",
+                        [(np.array(in_train_mode), "the model came in train mode: BatchNorm used each batch's own "
+                                                   "statistics; call model.eval() first"),
+                         (np.array(per_batch_mean), "the mean of the batches' accuracies weighs the small last batch "
+                                                    "as much as a full one: add up the correct pixels and divide once")],
+                        f"batches of {sizes} images")]
+    return verdict("pixel_accuracy", pixel_accuracy, reference_pixel_accuracy, run, "the pixels counted on the host")
+
+
 def reference_timed(fn: Callable, sync: Callable, warmup: int = 2, repeat: int = 5) -> float:
     for _ in range(warmup):
         fn()

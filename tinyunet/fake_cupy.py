@@ -4,7 +4,9 @@ CuPy copies NumPy's API but its arrays live on the device: NumPy cannot read the
 (``numpy.asarray(cupy_array)`` raises ``TypeError``) and every device -> host copy is explicit
 (``.get()``, ``float(a)``, ``a.item()``, ...). Code that works on NumPy can therefore still be broken
 on CuPy: a stray ``np.sum(x)`` or ``np.asarray(x)`` on a device array, or a host array mixed into
-device arithmetic. This module lets the tests find those mistakes on a CPU.
+device arithmetic. This module finds those mistakes on a CPU: the tests run the package on it, lesson
+15's check runs the learner's evaluation loop on it, and benchmarks/launches.py counts a step's kernel
+launches with it.
 
 Design: :class:`FakeCupyArray` *wraps* (does not subclass) a NumPy array. An ndarray subclass cannot
 refuse ``numpy.asarray`` (NumPy recognises the subclass and never asks it), and it would fool
