@@ -1471,29 +1471,32 @@ def pixel_accuracy_per_batch_float(model, batches):
 
 def pixel_accuracy_on_host_batches(model, batches):
     model.eval()
-    right = 0
+    right = total = 0
     for x, y in batches:
         right = right + (model.forward(x).argmax(axis=1) == y).sum()      # no to_device
-    return float(right) / sum(y.size for _, y in batches)
+        total += y.size
+    return float(right) / total
 
 
 def pixel_accuracy_with_numpy(model, batches):
     from tinyunet.backend import to_device
 
     model.eval()
-    right = 0
+    right = total = 0
     for x, y in batches:
         right = right + np.sum(model.forward(to_device(x)).argmax(axis=1) == to_device(y))
-    return float(right) / sum(y.size for _, y in batches)
+        total += y.size
+    return float(right) / total
 
 
 def pixel_accuracy_train_mode(model, batches):
     from tinyunet.backend import to_device
 
-    right = 0
+    right = total = 0
     for x, y in batches:
         right = right + (model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum()
-    return float(right) / sum(y.size for _, y in batches)
+        total += y.size
+    return float(right) / total
 
 
 def pixel_accuracy_mean_of_batches(model, batches):
@@ -1504,18 +1507,83 @@ def pixel_accuracy_mean_of_batches(model, batches):
                            for x, y in batches]).mean())
 
 
+def pixel_accuracy_labels_alone(model, batches):
+    """Never asks the model: the share of class-0 labels (right when the model predicts 0 everywhere)."""
+    from tinyunet.backend import to_device
+
+    right = total = 0
+    for _, y in batches:
+        y = to_device(y)
+        right = right + (y == 0).sum()
+        total += y.size
+    return float(right) / total
+
+
+def pixel_accuracy_predictions_to_host(model, batches):
+    from tinyunet.backend import to_device, to_host, xp
+
+    model.eval()
+    predictions, labels = [], []
+    for x, y in batches:
+        predictions.append(model.forward(to_device(x)).argmax(axis=1))
+        labels.append(y)
+    return float((to_host(xp.concatenate(predictions)) == np.concatenate(labels)).mean())   # one copy, many values
+
+
+def pixel_accuracy_twice_through_the_model(model, batches):
+    from tinyunet.backend import to_device
+
+    model.eval()
+    right = total = 0
+    for x, y in batches:
+        x, y = to_device(x), to_device(y)
+        model.forward(x)
+        right = right + (model.forward(x).argmax(axis=1) == y).sum()
+        total += y.size
+    return float(right) / total
+
+
+def pixel_accuracy_uploading_y_twice(model, batches):
+    from tinyunet.backend import to_device
+
+    model.eval()
+    right = total = 0
+    for x, y in batches:
+        right = right + (model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum()
+        total += to_device(y).size
+    return float(right) / total
+
+
+def pixel_accuracy_counting_in_uint8(model, batches):
+    from tinyunet.backend import to_device, xp
+
+    model.eval()
+    right, total = xp.zeros((), dtype=np.uint8), 0
+    for x, y in batches:
+        right += (model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum().astype(np.uint8)
+        total += y.size
+    return float(right) / total
+
+
 @pytest.mark.parametrize("mine, hint", [
     (pixel_accuracy_counted, None),
     (pixel_accuracy_per_batch_float, "waits for the GPU at every batch"),
     (pixel_accuracy_on_host_batches, "copy each batch with to_device"),
     (pixel_accuracy_with_numpy, "numpy cannot read a device array"),
     (pixel_accuracy_train_mode, "model.eval()"),
-    (pixel_accuracy_mean_of_batches, "weighs the small last batch"),
+    (pixel_accuracy_mean_of_batches, "the weight of four"),
+    (pixel_accuracy_labels_alone, "one forward per batch"),
+    (pixel_accuracy_predictions_to_host, "not the predictions"),
+    (pixel_accuracy_twice_through_the_model, "one forward per batch"),
+    (pixel_accuracy_uploading_y_twice, "copy each batch once"),
+    (pixel_accuracy_counting_in_uint8, "argmax over axis 1"),
 ])
 def test_pixel_accuracy_check_on_the_cupy_stand_in(mine, hint, capsys):
     """Lesson 15's evaluation on the strict CuPy stand-in: a right answer passes with one transfer; a float()
     per batch, host batches, np.sum on device arrays, train mode and a mean of the batches' means each fail
-    with their hint; the backend is NumPy again afterwards."""
+    with their hint; and after a learner's walkthrough: the labels alone (the check's model once predicted one
+    class), the predictions copied back, two forwards, y uploaded twice and a uint8 count. The backend is
+    NumPy again afterwards."""
     from tinyunet import backend
 
     used = E.check_pixel_accuracy(mine)

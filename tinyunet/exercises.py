@@ -180,8 +180,11 @@ def _describe(args: Sequence[Any]) -> str:
     def one(a: Any) -> str:
         if hasattr(a, "shape") and hasattr(a, "dtype"):
             return f"array {tuple(a.shape)} {a.dtype}"
-        if isinstance(a, (list, tuple)) and a and all(hasattr(x, "shape") for x in a):
-            return f"[{', '.join(one(x) for x in a)}]"
+        if isinstance(a, (list, tuple)) and a:
+            inner = ", ".join(one(x) for x in a[:3]) + (f", ... {len(a)} in all" if len(a) > 3 else "")
+            return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+        if hasattr(a, "__next__"):
+            return "an iterator"
         return type(a).__name__ if callable(a) or hasattr(a, "__dict__") else repr(a)
     return f"({', '.join(one(a) for a in args)})"
 
@@ -994,36 +997,55 @@ def on_the_fake_gpu() -> Iterator[Any]:
 
 def check_pixel_accuracy(pixel_accuracy: Callable) -> Callable:
     """``pixel_accuracy(model, batches) -> float`` over host (x, y) batches, run on the strict CuPy stand-in:
-    the right fraction, with one device -> host transfer in all."""
+    the right fraction, each batch uploaded once and run through the model once, one number back to the host."""
     from tinyunet.models import UNet
+
+    def model_with_opinions(rng: np.random.Generator) -> Any:
+        """A small U-Net whose eval-mode predictions use every class (a fresh one predicts one class almost
+        everywhere, and then the labels alone would give the right fraction)."""
+        backend.seed(5)
+        model = UNet(3, 3, base_channels=2, depth=2)
+        for _ in range(10):          # BatchNorm's running statistics, as after some training
+            model.forward(to_device(rng.standard_normal((4, 3, 32, 32)).astype(np.float32)))
+        model.eval()                 # each class's mean logit to 0: no class wins everywhere
+        logits = model.forward(to_device(rng.standard_normal((4, 3, 32, 32)).astype(np.float32)))
+        model.head.bias.data[...] -= logits.mean(axis=(0, 2, 3))
+        model.train()
+        return model
 
     def run(fn: Callable) -> List[float]:
         rng = _rng()
-        sizes = [4, 4, 1]      # a small last batch: a mean of the batches' accuracies weighs it 4 times too much
-        batches = [(rng.standard_normal((n, 3, 8, 8)).astype(np.float32), rng.integers(0, 3, (n, 8, 8)))
-                   for n in sizes]
+        sizes = [4, 4, 1]     # a small last batch: a mean of the batches' accuracies gives its image 3x its weight
         with backend_numpy(), reference_layers():
-            backend.seed(5)
-            model = UNet(3, 3, base_channels=2, depth=2)
-            for _ in range(2):           # BatchNorm's running statistics, as after some training
-                model.forward(to_device(rng.standard_normal((4, 3, 8, 8)).astype(np.float32) * 2 + 1))
+            model = model_with_opinions(rng)
             weights = model.state_dict()
+            images = [rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in sizes]
+            model.eval()             # labels that agree with the model's eval predictions on about 70% of the pixels
+            batches = [(x, np.where(rng.random((n, 32, 32)) < 0.3, rng.integers(0, 3, (n, 32, 32)),
+                                    model.forward(x).argmax(axis=1))) for x, n in zip(images, sizes)]
+            model.load_state_dict(weights)
             model.train()
             labels = [model.forward(x).argmax(axis=1) for x, _ in batches]   # train mode: the batch's statistics
-            in_train_mode = sum(int((p == y).sum()) for p, (_, y) in zip(labels, batches)) / sum(y.size for _, y in batches)
+            pixels = sum(y.size for _, y in batches)
+            in_train_mode = sum(int((p == y).sum()) for p, (_, y) in zip(labels, batches)) / pixels
             model.load_state_dict(weights)
             model.eval()
-            hits = [(model.forward(x).argmax(axis=1) == y) for x, y in batches]
-            expected = sum(int(h.sum()) for h in hits) / sum(y.size for _, y in batches)
+            predicted = [model.forward(x).argmax(axis=1) for x, _ in batches]
+            hits = [p == y for p, (_, y) in zip(predicted, batches)]
+            expected = sum(int(h.sum()) for h in hits) / pixels
             per_batch_mean = float(np.mean([h.mean() for h in hits]))
+            assert all(len(np.unique(p)) == 3 for p in predicted), "the check's model should predict every class"
         with on_the_fake_gpu() as device:
-            backend.seed(5)
-            model = UNet(3, 3, base_channels=2, depth=2)
+            model = model_with_opinions(_rng())
             model.load_state_dict(weights)
             model.train()                 # as a training loop leaves it
+            forwards = []
+            forward = model.forward
+            model.forward = lambda x: forwards.append(1) or forward(x)
             device.reset_counters()
+            given = [(x.copy(), y.copy()) for x, y in batches]
             try:
-                result = fn(model, [(x.copy(), y.copy()) for x, y in batches])
+                result = fn(model, iter(given))      # a one-pass loader, as in training
             except TypeError as exc:
                 if "host numpy.ndarray" in str(exc) or "unsupported operand" in str(exc):
                     raise Mismatch(f"raised TypeError: {exc}", "a host array met a device array: copy each batch "
@@ -1032,21 +1054,41 @@ def check_pixel_accuracy(pixel_accuracy: Callable) -> Callable:
                     raise Mismatch(f"raised TypeError: {exc}", "numpy cannot read a device array: use the array's "
                                    "methods ((pred == y).sum()) or backend.xp, and float() once at the end") from exc
                 raise
-            transfers = device.stats["transfers"]
+            stats = dict(device.stats)
+        if any(not np.array_equal(a, b) for (a, b), (c, d) in zip(batches, given) for a, b in ((a, c), (b, d))):
+            raise Mismatch("your function changed the batches it was given", "leave them as they were: a loader may "
+                           "hand the same arrays again; compute into new arrays")
         if not isinstance(result, float):
             raise Mismatch(f"your function returned a {type(result).__name__}",
                            "return a Python float: float(correct) / total, the one copy back to the host")
-        if transfers > 1:
-            raise Mismatch(f"{transfers} device -> host transfers for {len(sizes)} batches",
-                           "float(), .item(), int() or to_host inside the loop waits for the GPU at every batch: "
-                           "keep the count on the device (correct = correct + (pred == y).sum()) and convert once, "
-                           "at the end; total needs no transfer (y.size is known on the host)")
-        return [compare("accuracy", np.array(result), np.array(expected), "the pixels counted on the host",
-                        [(np.array(in_train_mode), "the model came in train mode: BatchNorm used each batch's own "
-                                                   "statistics; call model.eval() first"),
-                         (np.array(per_batch_mean), "the mean of the batches' accuracies weighs the small last batch "
-                                                    "as much as a full one: add up the correct pixels and divide once")],
-                        f"batches of {sizes} images")]
+        if stats["transfers"] > 1:
+            raise Mismatch(f"{stats['transfers']} device -> host transfers for {len(sizes)} batches",
+                           "float(), .item(), int(), to_host, a print or an `if` on a device value inside the loop "
+                           "waits for the GPU at every batch: keep the count on the device (correct = correct + "
+                           "(pred == y).sum()) and convert once, at the end; y.size is known on the host")
+        if stats["values_to_host"] > 1:
+            raise Mismatch(f"{stats['values_to_host']} values copied to the host",
+                           "one number is enough: count the right pixels on the device and bring back the count, "
+                           "not the predictions")
+        if len(forwards) != len(sizes):
+            raise Mismatch(f"{len(forwards)} forward passes for {len(sizes)} batches",
+                           "one forward per batch: each costs the whole network")
+        if stats["uploads"] > 2 * len(sizes):
+            raise Mismatch(f"{stats['uploads']} host -> device copies for {len(sizes)} batches of (x, y)",
+                           "copy each batch once (x and y), then use the device arrays")
+        try:
+            return [compare("accuracy", np.array(result), np.array(expected), "the pixels counted on the host",
+                            [(np.array(in_train_mode), "the model came in train mode: BatchNorm used each batch's own "
+                                                       "statistics; call model.eval() first"),
+                             (np.array(per_batch_mean), "the mean of the batches' accuracies gives the lone image of "
+                                                        "the last batch the weight of four: add up the right pixels "
+                                                        "and divide once")],
+                            f"batches of {sizes} images")]
+        except Mismatch as failure:
+            if failure.hint == BY_HAND:
+                failure.hint = ("the fraction of pixels whose most probable class (argmax over axis 1, the classes) "
+                                "equals the label, over every pixel of every batch: a float division at the end")
+            raise
     return verdict("pixel_accuracy", pixel_accuracy, reference_pixel_accuracy, run, "the pixels counted on the host")
 
 

@@ -21,7 +21,8 @@ refuse ``numpy.asarray`` (NumPy recognises the subclass and never asks it), and 
 - forwards a fixed list of ndarray methods/attributes (``reshape``, ``sum``, ``astype``, ``T``, ...),
   whose results are wrapped again, so results stay on the "device";
 - counts every explicit device -> host transfer (``get()``, ``float()``, ``int()``, ``bool()``,
-  ``item()``, ``tolist()``, ``repr()``, ``asnumpy``) in :data:`stats` of the module;
+  ``item()``, ``tolist()``, ``repr()``, ``asnumpy``) in :data:`stats` of the module (``"transfers"``,
+  and the values they carried, ``"values_to_host"``), and every host -> device copy (``"uploads"``);
 - counts every operation that would launch a GPU kernel (``stats["launches"]``, by name in
   :data:`launches`): each call of an array function, ufunc, operator, in-place operator, computing
   method (sum, max, astype, copy, ...), assignment into an array, advanced indexing, and reshape or
@@ -54,7 +55,7 @@ import numpy as _np
 __all__ = ["FakeCupyArray", "stats", "transfer_log", "launches", "reset_counters", "asnumpy", "ndarray"]
 
 #: explicit device -> host transfers, and operations that launch a kernel, since :func:`reset_counters`
-stats: Dict[str, int] = {"transfers": 0, "launches": 0, "uploads": 0}
+stats: Dict[str, int] = {"transfers": 0, "values_to_host": 0, "launches": 0, "uploads": 0}
 #: one (kind, short stack) entry per transfer, to tell *where* a transfer happened
 transfer_log: List[tuple] = []
 #: the launches by operation name (e.g. "matmul", "__add__", "sum", "setitem")
@@ -71,7 +72,7 @@ _COMPUTING = {"astype", "copy", "sum", "mean", "max", "min", "argmax", "argmin",
 
 
 def reset_counters() -> None:
-    stats["transfers"] = stats["launches"] = stats["uploads"] = 0
+    stats["transfers"] = stats["values_to_host"] = stats["launches"] = stats["uploads"] = 0
     transfer_log.clear()
     launches.clear()
 
@@ -81,8 +82,9 @@ def _launch(name: str) -> None:
     launches[name] += 1
 
 
-def _count(kind: str) -> None:
+def _count(kind: str, values: int = 1) -> None:
     stats["transfers"] += 1
+    stats["values_to_host"] += values
     stack = traceback.extract_stack(limit=8)[:-2]
     transfer_log.append((kind, [f"{f.filename}:{f.lineno} {f.name}" for f in stack]))
 
@@ -189,7 +191,7 @@ class FakeCupyArray:
 
     # --- explicit transfers (counted) ------------------------------------------------------------
     def get(self) -> _np.ndarray:
-        _count("get")
+        _count("get", self._a.size)
         return self._a.copy()
 
     def item(self, *args: Any) -> Any:
@@ -197,7 +199,7 @@ class FakeCupyArray:
         return self._a.item(*args)
 
     def tolist(self) -> Any:
-        _count("tolist")
+        _count("tolist", self._a.size)
         return self._a.tolist()
 
     def __float__(self) -> float:
@@ -221,15 +223,15 @@ class FakeCupyArray:
         return bool(self._a)
 
     def __repr__(self) -> str:
-        _count("repr")
+        _count("repr", self._a.size)
         return "fake_cupy." + repr(self._a)
 
     def __str__(self) -> str:
-        _count("str")
+        _count("str", self._a.size)
         return str(self._a)
 
     def __format__(self, spec: str) -> str:
-        _count("format")
+        _count("format", self._a.size)
         return format(self._a, spec) if self._a.ndim == 0 else format(str(self._a), spec)
 
     # --- structure ------------------------------------------------------------------------------
