@@ -390,3 +390,51 @@ def test_first_process_loads_before_the_others():
     assert events == [("start", 0), ("end", 0), ("start", 1), ("end", 1)], events
     assert results == {0: 0, 1: 10}
     assert distributed.first_process_first(None, lambda: "alone") == "alone"
+
+
+def test_running_statistics_are_the_processes_average():
+    """--no-sync-batchnorm: at each epoch's end every process's BatchNorm running statistics become the
+    average of the processes' (two threads as two processes, their allreduce a real sum at a barrier); the
+    expected values are the two models' buffers averaged here, one by one. Summed without the division, both
+    processes would hold the same doubled statistics and a validation of either would agree with the other."""
+    import threading
+    from types import SimpleNamespace
+
+    from tinyunet.models import UNet
+    from tinyunet.train import Trainer
+
+    barrier, shared = threading.Barrier(2), {}
+
+    class ThreadGroup:
+        size = 2
+
+        def __init__(self, rank):
+            self.rank = rank
+
+        def allreduce(self, array):
+            shared[self.rank] = array.copy()
+            barrier.wait()
+            total = shared[0] + shared[1]
+            barrier.wait()
+            array[...] = total
+            return array
+
+    models = []
+    for rank in range(2):
+        model = UNet(3, 3, base_channels=2, depth=2)
+        rng = np.random.default_rng(rank)
+        for module in model.modules():
+            for name in module.buffer_names:
+                setattr(module, name, rng.uniform(0.5, 2.0, getattr(module, name).shape).astype(np.float32))
+        models.append(model)
+    before = [{k: v.copy() for k, v in m.named_buffers()} for m in models]
+    assert before[0] and any(not np.array_equal(before[0][k], before[1][k]) for k in before[0])
+    threads = [threading.Thread(target=Trainer._average_running_statistics,
+                                args=(SimpleNamespace(model=models[r], group=ThreadGroup(r)),)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for model in models:
+        for name, value in model.named_buffers():
+            np.testing.assert_allclose(value, (before[0][name] + before[1][name]) / 2, rtol=1e-6)

@@ -955,6 +955,53 @@ def test_linear_and_unet_checks_after_a_learners_walkthrough(check, mine, hint, 
     assert hint in out, out
 
 
+def adam_step_kingma(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    """The Adam paper's efficient form: eps on sqrt(v), not on sqrt(v_hat)."""
+    for p, m, v in zip(params, ms, vs):
+        m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+        v[...] = betas[1] * v + (1 - betas[1]) * p.grad ** 2
+        p.data -= lr * np.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t) * m / (np.sqrt(v) + eps)
+
+
+def softmax_forward_log_of_p(z, t):
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return -np.log(np.take_along_axis(p, t[:, None], axis=1)).mean(), p      # log(0) for a far-off class
+
+
+def skip_backward_clearing_the_gradients(conv1, pool, conv2, up, cat, conv3):
+    def backward(dout, use_skip_gradient=True):
+        for layer in (conv1, conv2, up, conv3):
+            layer.zero_grad()
+        dd, ds_skip = cat.backward(conv3.backward(dout))
+        ds_down = pool.backward(conv2.backward(up.backward(dd)))
+        return conv1.backward(ds_down + ds_skip if use_skip_gradient else ds_down)
+    return backward
+
+
+def test_hints_after_rerunning_the_walkthroughs_answers(capsys):
+    """Rerunning every learner answer of the day against the stricter checks: the Adam paper's efficient form
+    got "eps goes outside the square root" (it is outside), a forward taking log(p) was told to subtract the
+    max (it did), and clearing the gradients inside the skip's backward passed."""
+    used = E.check_adam_step(adam_step_kingma)
+    assert_verdict(used, adam_step_kingma, capsys.readouterr().out, "efficient form")
+    mine = lambda p, t: E.reference_softmax_ce_backward(p, t)
+    used = E.check_softmax_ce_backward(mine, softmax_forward_log_of_p)
+    assert_verdict(used, mine, capsys.readouterr().out, "not log(p)")
+    from tinyunet import backend
+    from tinyunet.nn import Concat, Conv2d, ConvTranspose2d, MaxPool2d
+
+    backend.seed(0)
+    layers = (Conv2d(2, 3, 3, padding=1).double(), MaxPool2d(2), Conv2d(3, 3, 3, padding=1).double(),
+              ConvTranspose2d(3, 3, 2, stride=2).double(), Concat(axis=1), Conv2d(6, 2, 3, padding=1).double())
+    conv1, pool, conv2, up, cat, conv3 = layers
+    forward = lambda x: conv3.forward(cat.forward(up.forward(conv2.forward(pool.forward(s := conv1.forward(x)))), s))
+    mine = skip_backward_clearing_the_gradients(*layers)
+    used = E.check_skip_backward(mine, forward, layers)
+    assert_verdict(used, mine, capsys.readouterr().out, "cleared the gradients")
+
+
 def relu_backward_in_place(dout, mask):
     dout[~mask] = 0              # right numbers, but the caller's dout is changed
     return dout

@@ -660,3 +660,114 @@ def test_pets_runs_get_the_pets_recipe_where_no_option_is_given(run_cli, make_pe
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     recipe = {k: v for k, v in train_module.PETS_RECIPE.items() if k not in ("size", "epochs")}
     assert {k: config[k] for k in recipe} == recipe
+
+
+def test_best_is_the_highest_validation_score_and_a_resume_remembers_it(run_cli, tmp_path, monkeypatch, no_figures):
+    """Validation scores scripted as 0.3, 0.5 (epochs 1-2), then, resumed, 0.4 (epoch 3): best.npz must be
+    epoch 2's weights with best_miou 0.5 after both runs (the lowest score, or a resume that forgot the best,
+    would pick another epoch)."""
+    real = train_module.evaluate_model
+    scripted = []
+
+    def scored(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["miou"] = scripted.pop(0)
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate_model", scored)
+    run = tmp_path / "run"
+    scripted[:] = [0.3, 0.5]
+    assert run_cli(*train_args(run, 2))[0] == 0
+    epoch_2 = read_npz(run / "last.npz")
+    best = meta_of(run / "best.npz")
+    assert (best["epoch"], best["best_miou"]) == (2, 0.5)
+    scripted[:] = [0.4]
+    assert run_cli(*train_args(run, 3, "--resume"))[0] == 0
+    assert scripted == [] and meta_of(run / "last.npz")["epoch"] == 3
+    best, weights = meta_of(run / "best.npz"), read_npz(run / "best.npz")
+    assert (best["epoch"], best["best_miou"]) == (2, 0.5)
+    assert all(np.array_equal(weights[k], epoch_2[k]) for k in epoch_2 if k.startswith("model/"))
+
+
+def test_another_seed_another_order(run_cli, tmp_path, monkeypatch, no_figures):
+    """The shuffling follows the seed, not only the epoch: --seed 0 and --seed 1 visit the training images
+    in different orders in epoch 1 (and the same seed twice in the same order)."""
+    real_batches = train_module.iterate_batches
+    orders = []
+
+    def recording(data, batch_size, shuffle, rng, augment=False, drop_last=False, shard=None):
+        batches = list(real_batches(data, batch_size, shuffle, rng, augment=augment, drop_last=drop_last, shard=shard))
+        if shuffle:
+            orders.append([name for _, _, names in batches for name in names])
+        return iter(batches)
+
+    monkeypatch.setattr(train_module, "iterate_batches", recording)
+    for name, seed in (("a", "0"), ("b", "1"), ("c", "0")):
+        assert run_cli(*train_args(tmp_path / name, 1, "--seed", seed))[0] == 0
+    assert sorted(orders[0]) == sorted(orders[1])       # the same images (the data follows the seed too)
+    assert orders[0] != orders[1] and orders[0] == orders[2]
+
+
+def test_logged_train_loss_is_the_mean_of_the_steps_losses(run_cli, tmp_path, monkeypatch, no_figures):
+    """metrics.csv's train_loss of each epoch is the mean of that epoch's step losses (equal batches), as
+    recorded from the loss itself at every step."""
+    real_make_loss = train_module.make_loss
+    recorded = []
+
+    def recording_loss(*args, **kwargs):
+        loss = real_make_loss(*args, **kwargs)
+        forward = loss.forward
+
+        def logged(logits, target):
+            value = forward(logits, target)
+            recorded.append(float(value))
+            return value
+        loss.forward = logged
+        return loss
+
+    monkeypatch.setattr(train_module, "make_loss", recording_loss)   # the training loss (validation makes its own)
+    run = tmp_path / "run"
+    assert run_cli(*train_args(run, 2))[0] == 0
+    assert len(recorded) == 2 * STEPS_PER_EPOCH
+    for epoch, row in enumerate(metrics_rows(run)):
+        steps = recorded[epoch * STEPS_PER_EPOCH:(epoch + 1) * STEPS_PER_EPOCH]
+        assert float(row["train_loss"]) == pytest.approx(np.mean(steps), rel=1e-5)
+
+
+def test_the_learning_rate_of_every_step(run_cli, tmp_path, monkeypatch, no_figures):
+    """The cosine schedule over the run's steps: 48 images in batches of 8 are 6 steps an epoch (the last
+    partial batch dropped), 12 in two epochs; step k trains at 0.5 lr (1 + cos(pi k / 12)), written out here."""
+    from tinyunet.optim import Adam
+
+    rates = []
+    real_step = Adam.step
+    monkeypatch.setattr(Adam, "step", lambda self: rates.append(self.lr) or real_step(self))
+    run = tmp_path / "run"
+    assert run_cli(*train_args(run, 2, "--lr", "0.01"))[0] == 0
+    expected = [0.5 * 0.01 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert [float(r["lr"]) for r in metrics_rows(run)] == pytest.approx([0.005, 0.0], abs=1e-9)
+
+
+def test_evaluate_scores_shapes_that_training_never_saw(run_cli, tmp_path, monkeypatch, no_figures):
+    """A shapes checkpoint is evaluated on held-out shapes: no image of the evaluation is one of training's
+    or validation's (compared pixel for pixel, from the images each side generated)."""
+    import tinyunet.data as data_module
+    from tinyunet import evaluate as evaluate_module
+
+    made = []
+    real = data_module.make_shapes
+
+    def recording(*args, **kwargs):
+        data = real(*args, **kwargs)
+        made.append(data)
+        return data
+
+    monkeypatch.setattr(train_module, "make_shapes", recording)
+    run = tmp_path / "run"
+    assert run_cli(*train_args(run, 1))[0] == 0
+    seen = {image.tobytes() for data in made for image in data.images}
+    made.clear()
+    monkeypatch.setattr(evaluate_module, "make_shapes", recording)
+    assert run_cli("evaluate", "--checkpoint", str(run / "best.npz"), "--quiet")[0] == 0
+    assert len(made) == 1 and not seen & {image.tobytes() for image in made[0].images}

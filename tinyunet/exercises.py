@@ -75,8 +75,8 @@ def compare(what: str, mine: Any, expected: Any, against: str,
         raise Mismatch(f"{where}: your result is {mine.dtype}, the inputs were float64",
                        "keep the precision you are given (no astype(np.float32), no np.zeros(..., dtype=np.float32) "
                        "for a float64 input): float32 keeps 7 digits, and the gradient checks need float64's 16")
-    matched = [hint for wrong, hint in known if wrong is not None and np.shape(wrong) == mine.shape
-               and relative_error(mine, host(wrong)) < TOLERANCE]     # a known mistake gives exactly yours
+    matched = [hint for wrong, hint in known if wrong is not None and np.shape(wrong) == mine.shape   # a known
+               and relative_error(mine, host(wrong)) <= tolerance]     # mistake gives yours, to the same tolerance
     if mine.shape != expected.shape:
         hint = f"your {what} has shape {mine.shape}, the right one {expected.shape}"
         if sorted(mine.shape) == sorted(expected.shape):
@@ -619,11 +619,14 @@ def check_skip_backward(backward: Callable, forward: Callable, layers: Sequence[
                  "conv3.weight": conv3.weight}
 
     def gradients(fn: Callable, x: np.ndarray, g: np.ndarray) -> Dict[str, np.ndarray]:
-        for layer in (conv1, conv2, up, conv3):
-            layer.zero_grad()
+        """dx, and what fn's backward added to each weight's gradient (the weights come with gradients of an
+        earlier batch: backward adds into .grad, as gradient accumulation needs)."""
+        stale = {name: np.full(p.grad.shape, 0.5) for name, p in learnable.items()}
+        for name, p in learnable.items():
+            p.grad[...] = to_device(stale[name].astype(p.grad.dtype))
         forward(x)
         dx = fn(g)
-        return {"dx": dx, **{name: host(p.grad) for name, p in learnable.items()}}
+        return {"dx": dx, **{name: host(p.grad) - stale[name] for name, p in learnable.items()}}
 
     def run(fn: Callable) -> List[float]:
         rng = _rng()
@@ -639,8 +642,11 @@ def check_skip_backward(backward: Callable, forward: Callable, layers: Sequence[
         hint = "the skip feeds two places (the pool and the concat): add both gradients before conv1.backward (the fork)"
         order = "cat.backward returns the gradients in the order cat.forward took its inputs: (dd, ds) for cat.forward(d, s)"
         errors = []
+        zeroed = ("your backward cleared the gradients the weights came with: a backward adds into .grad "
+                  "(gradients accumulate, lesson 02); clearing them is the training loop's zero_grad, before the step")
         for name in ["conv3.weight", "up.weight", "conv2.weight", "conv1.weight", "dx"]:
-            known = [(forgot[name], hint), (crossed.get(name), order)]
+            known = [(forgot[name], hint), (crossed.get(name), order),
+                     (expected[name] - 0.5 if name != "dx" else None, zeroed)]
             errors.append(compare(name, mine[name], expected[name], "the reference wiring", known))
             if name in numeric:
                 errors.append(compare(name, mine[name], numeric[name], "finite differences", known, tolerance=TOLERANCE))
@@ -807,8 +813,9 @@ def check_softmax_ce_backward(softmax_ce_backward: Callable, softmax_ce_forward:
             loss = float(np.asarray(to_host(loss)))
             case = f"your softmax_ce_forward, logits of size {scale:g}"
             if not np.all(np.isfinite(np.asarray(to_host(probs)))) or not np.isfinite(loss):
-                raise Mismatch(f"{case}: NaN or inf", "exp(1000) overflows: subtract each pixel's largest logit first "
-                               "(softmax is unchanged by a shift; log_softmax = z - max - log(sum(exp(z - max))))")
+                raise Mismatch(f"{case}: NaN or inf", "exp(1000) overflows, and a probability that underflows to 0 "
+                               "has log(0) = -inf: subtract each pixel's largest logit first (softmax is unchanged by a "
+                               "shift) and take the log as log_softmax = z - max - log(sum(exp(z - max))), not log(p)")
             expected_loss = float(CrossEntropyLoss().forward(to_device(logits), to_device(target)))
             errors.append(compare("loss", np.array(loss), np.array(expected_loss), "CrossEntropyLoss.forward",
                                   [(np.array(expected_loss * target.size), "that is the sum over the pixels: the loss "
@@ -1594,13 +1601,22 @@ def check_adam_step(adam_step: Callable) -> Callable:
             m[...] = 0.9 * m + 0.1 * p.grad
             v[...] = 0.999 * v + 0.001 * p.grad ** 2
             p.data -= lr * (m / (1 - 0.9 ** t)) / np.sqrt(v / (1 - 0.999 ** t) + eps)
+    def kingma(ps: Any, ms: Any, vs: Any, t: int, lr: float, betas: Any = (0.9, 0.999), eps: float = 1e-8) -> None:
+        for p, m, v in zip(ps, ms, vs):
+            m[...] = betas[0] * m + (1 - betas[0]) * p.grad
+            v[...] = betas[1] * v + (1 - betas[1]) * p.grad ** 2
+            p.data -= lr * (1 - betas[1] ** t) ** 0.5 / (1 - betas[0] ** t) * m / (np.sqrt(v) + eps)
     def no_eps(ps: Any, ms: Any, vs: Any, t: int, lr: float, betas: Any = (0.9, 0.999), eps: float = 1e-8) -> None:
         with np.errstate(divide="ignore", invalid="ignore"):   # the zero gradient's 0/0: the slip's NaN
             reference_adam_step(ps, ms, vs, t, lr, betas, 0.0)
     return _check_optimizer("adam_step", "adam", adam_step, reference_adam_step,
                             {"the bias correction is missing: divide m by 1 - b1**t and v by 1 - b2**t": no_correction,
                              "eps goes outside the square root: sqrt(v_hat) + eps": eps_inside,
-                             "you divide without eps: by sqrt(v_hat) + eps (a zero gradient would give 0/0)": no_eps})
+                             "you divide without eps: by sqrt(v_hat) + eps (a zero gradient would give 0/0)": no_eps,
+                             "that is the Adam paper's efficient form, lr * sqrt(1 - b2**t) / (1 - b1**t) * m / "
+                             "(sqrt(v) + eps): its eps sits where the text's would be eps * sqrt(1 - b2**t), a "
+                             "different step where gradients are tiny; write the text's m_hat / (sqrt(v_hat) + eps)":
+                             kingma})
 
 
 # --- several processes: the ring allreduce, synchronized BatchNorm -------------------------------------------
