@@ -280,6 +280,9 @@ def test_iterate_batches_shapes_and_determinism():
     assert names == ["x0", "x1", "x2", "x3"]
     np.testing.assert_allclose(x[1, :, 2, 3], (data.images[1, 2, 3] / 255 - MEAN) / STD, rtol=1e-5)
     assert [len(b[2]) for b in iterate_batches(data, 4, False, None, drop_last=True)] == [4, 4]
+    exact = fake_data(8)   # a whole number of batches: drop_last drops nothing
+    assert [b[2] for b in iterate_batches(exact, 4, False, None, drop_last=True)] == [[f"x{i}" for i in range(4)],
+                                                                                      [f"x{i}" for i in range(4, 8)]]
 
     def run(seed):
         return list(iterate_batches(data, 3, shuffle=True, rng=np.random.default_rng(seed), augment=True))

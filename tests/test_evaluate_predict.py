@@ -162,11 +162,14 @@ def independent_native_predictions(root: Path, checkpoint: Path):
     return pairs
 
 
-def test_evaluate_native_resolution_matches_independent_computation(trained, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("batch_size", [16, 3])   # one batch; batches of 3 and 1 (each photo's own trimap)
+def test_evaluate_native_resolution_matches_independent_computation(trained, capsys, monkeypatch, tmp_path,
+                                                                    batch_size):
     root, checkpoint = trained
     monkeypatch.setenv("TINYUNET_CACHE", str(tmp_path / "cache"))
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test", "--json"]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(root), "--split", "test", "--json",
+                 "--batch-size", str(batch_size)]) == 0
     result = json.loads(capsys.readouterr().out)
     native = result["native"]
     pairs = independent_native_predictions(root, checkpoint)

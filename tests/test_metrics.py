@@ -38,7 +38,7 @@ def naive_scores(pred, target, num_classes, ignore_index=None):
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("ignore_index", [None, 255])
+@pytest.mark.parametrize("ignore_index", [None, 255, 0])   # 0: a class id, not a "no"
 def test_matches_naive_reference(seed, ignore_index):
     rng = np.random.default_rng(seed)
     C = 4

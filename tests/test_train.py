@@ -735,15 +735,16 @@ def test_logged_train_loss_is_the_mean_of_the_steps_losses(run_cli, tmp_path, mo
 
 
 def test_the_learning_rate_of_every_step(run_cli, tmp_path, monkeypatch, no_figures):
-    """The cosine schedule over the run's steps: 48 images in batches of 8 are 6 steps an epoch (the last
-    partial batch dropped), 12 in two epochs; step k trains at 0.5 lr (1 + cos(pi k / 12)), written out here."""
+    """The cosine schedule over the run's steps: 52 images in batches of 8 are 6 steps an epoch (the last
+    partial batch of 4 dropped), 12 in two epochs; step k trains at 0.5 lr (1 + cos(pi k / 12)), written out
+    here."""
     from tinyunet.optim import Adam
 
     rates = []
     real_step = Adam.step
     monkeypatch.setattr(Adam, "step", lambda self: rates.append(self.lr) or real_step(self))
     run = tmp_path / "run"
-    assert run_cli(*train_args(run, 2, "--lr", "0.01"))[0] == 0
+    assert run_cli(*train_args(run, 2, "--lr", "0.01", "--num-shapes", "52"))[0] == 0
     expected = [0.5 * 0.01 * (1 + math.cos(math.pi * k / 12)) for k in range(12)]
     assert rates == pytest.approx(expected, rel=1e-12)
     assert [float(r["lr"]) for r in metrics_rows(run)] == pytest.approx([0.005, 0.0], abs=1e-9)
