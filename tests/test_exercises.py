@@ -1002,6 +1002,20 @@ def test_hints_after_rerunning_the_walkthroughs_answers(capsys):
     assert_verdict(used, mine, capsys.readouterr().out, "cleared the gradients")
 
 
+def trimap_to_labels_in_place(trimap):
+    trimap = np.asarray(trimap)
+    if not np.isin(trimap, [1, 2, 3]).all():
+        raise ValueError(f"trimap values must be 1, 2 or 3, found {np.setdiff1d(trimap, [1, 2, 3])}")
+    trimap -= 1                                   # the caller's trimap becomes the labels
+    return trimap.astype(np.uint8)
+
+
+def test_trimap_check_refuses_writing_into_the_trimap(capsys):
+    """Found by a second walk through lesson 12: a trimap_to_labels that subtracted 1 in place passed."""
+    used = E.check_trimap_to_labels(trimap_to_labels_in_place)
+    assert_verdict(used, trimap_to_labels_in_place, capsys.readouterr().out, "leave the inputs as they were")
+
+
 def relu_backward_in_place(dout, mask):
     dout[~mask] = 0              # right numbers, but the caller's dout is changed
     return dout
@@ -1066,7 +1080,7 @@ def gate_slip(slip):
 @pytest.mark.parametrize("mine, hint", [
     (gate_backward_by_layers, None),
     (gate_slip("sigmoid"), "sig * (1 - sig)"), (gate_slip("mean"), "summed over the channels"),
-    (gate_slip("relu"), "mask (s > 0)"), (gate_slip("fork"), "x forks"),
+    (gate_slip("relu"), "mask (s > 0)"), (gate_slip("fork"), "x forks"), (gate_slip("product"), "the gate's own path"),
     (lambda *args: E.reference_gate_backward(*args)[::-1], "the right one"),
 ])
 def test_gate_backward_check(mine, hint, capsys):

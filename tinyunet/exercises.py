@@ -901,7 +901,7 @@ def check_trimap_to_labels(trimap_to_labels: Callable) -> Callable:
         expected = reference_trimap_to_labels(trimap)
         known = [(trimap.astype(np.int64), "those are the trimap values: the class id is value - 1 (an index into the logits)"),
                  (np.choose(trimap - 1, [1, 0, 2]), "pet and background are swapped: trimap 1 is the pet (class 0)")]
-        labels = fn(trimap.copy())
+        labels = call_leaving_inputs(fn, trimap)
         errors = [compare("labels", labels, expected, "tinyunet.classes.trimap_to_labels", known, "a 5x7 trimap")]
         if np.asarray(labels).dtype != np.uint8:
             raise Mismatch(f"labels have dtype {np.asarray(labels).dtype}", "return uint8 class ids (.astype(np.uint8)): the "
@@ -1364,7 +1364,7 @@ def _gate_backward_variant(dout: np.ndarray, k: Dict[str, Any], slip: str = "") 
     dg = np.einsum("nkhw,kc->nchw", ds, k["Wg"])
     n, c, h, w = k["x"].shape
     dx_wx = np.einsum("nkij,kcab->nciajb", ds, k["Wx"]).reshape(n, c, h, w)
-    return (dx_wx if slip == "fork" else dout * k["alpha"] + dx_wx), dg
+    return (dx_wx if slip == "fork" else dout * k["alpha"] if slip == "product" else dout * k["alpha"] + dx_wx), dg
 
 
 def reference_gate_backward(dout: Any, x: Any, s: Any, sig: Any, alpha: Any, Wx: Any, Wg: Any, Wpsi: Any,
@@ -1381,7 +1381,9 @@ def check_gate_backward(gate_backward: Callable) -> Callable:
     hints = {"sigmoid": "the sigmoid's derivative is sig * (1 - sig), not sig",
              "mean": "alpha multiplied every channel of x: dalpha is summed over the channels, not averaged",
              "relu": "the ReLU's mask (s > 0) is missing: psi read relu(s)",
-             "fork": "x forks: it is multiplied by alpha *and* fed W_x, so dx = dout * alpha + W_x's backward of ds"}
+             "fork": "x forks: it is multiplied by alpha *and* fed W_x, so dx = dout * alpha + W_x's backward of ds",
+             "product": "x forks: besides dout * alpha (the product's path), x fed W_x, which fed alpha: add W_x's "
+                        "backward of ds (the gate's own path)"}
 
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
