@@ -1530,34 +1530,24 @@ def pixel_accuracy_per_batch_float(model, batches):
     return right / total
 
 
-def pixel_accuracy_on_host_batches(model, batches):
-    model.eval()
-    right = total = 0
-    for x, y in batches:
-        right = right + (model.forward(x).argmax(axis=1) == y).sum()      # no to_device
-        total += y.size
-    return float(right) / total
-
-
-def pixel_accuracy_with_numpy(model, batches):
+def pixel_accuracy_slip(kind):
+    """The right loop with one slip: "host batches" (no to_device), "np.sum" on device arrays, "train mode" (no
+    model.eval()), "labels alone" (never asks the model), "two forwards" per batch, "y twice" (uploaded twice)."""
     from tinyunet.backend import to_device
 
-    model.eval()
-    right = total = 0
-    for x, y in batches:
-        right = right + np.sum(model.forward(to_device(x)).argmax(axis=1) == to_device(y))
-        total += y.size
-    return float(right) / total
-
-
-def pixel_accuracy_train_mode(model, batches):
-    from tinyunet.backend import to_device
-
-    right = total = 0
-    for x, y in batches:
-        right = right + (model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum()
-        total += y.size
-    return float(right) / total
+    def accuracy(model, batches):
+        if kind != "train mode":
+            model.eval()
+        right = total = 0
+        for x_host, y_host in batches:
+            x, y = (x_host, y_host) if kind == "host batches" else (to_device(x_host), to_device(y_host))
+            if kind == "two forwards":
+                model.forward(x)
+            hits = (y == 0) if kind == "labels alone" else model.forward(x).argmax(axis=1) == y
+            right = right + (np.sum(hits) if kind == "np.sum" else hits.sum())
+            total += to_device(y_host).size if kind == "y twice" else y.size
+        return float(right) / total
+    return accuracy
 
 
 def pixel_accuracy_mean_of_batches(model, batches):
@@ -1566,18 +1556,6 @@ def pixel_accuracy_mean_of_batches(model, batches):
     model.eval()
     return float(xp.stack([(model.forward(to_device(x)).argmax(axis=1) == to_device(y)).mean()
                            for x, y in batches]).mean())
-
-
-def pixel_accuracy_labels_alone(model, batches):
-    """Never asks the model: the share of class-0 labels (right when the model predicts 0 everywhere)."""
-    from tinyunet.backend import to_device
-
-    right = total = 0
-    for _, y in batches:
-        y = to_device(y)
-        right = right + (y == 0).sum()
-        total += y.size
-    return float(right) / total
 
 
 def pixel_accuracy_predictions_to_host(model, batches):
@@ -1589,30 +1567,6 @@ def pixel_accuracy_predictions_to_host(model, batches):
         predictions.append(model.forward(to_device(x)).argmax(axis=1))
         labels.append(y)
     return float((to_host(xp.concatenate(predictions)) == np.concatenate(labels)).mean())   # one copy, many values
-
-
-def pixel_accuracy_twice_through_the_model(model, batches):
-    from tinyunet.backend import to_device
-
-    model.eval()
-    right = total = 0
-    for x, y in batches:
-        x, y = to_device(x), to_device(y)
-        model.forward(x)
-        right = right + (model.forward(x).argmax(axis=1) == y).sum()
-        total += y.size
-    return float(right) / total
-
-
-def pixel_accuracy_uploading_y_twice(model, batches):
-    from tinyunet.backend import to_device
-
-    model.eval()
-    right = total = 0
-    for x, y in batches:
-        right = right + (model.forward(to_device(x)).argmax(axis=1) == to_device(y)).sum()
-        total += to_device(y).size
-    return float(right) / total
 
 
 def pixel_accuracy_counting_in_uint8(model, batches):
@@ -1629,14 +1583,14 @@ def pixel_accuracy_counting_in_uint8(model, batches):
 @pytest.mark.parametrize("mine, hint", [
     (pixel_accuracy_counted, None),
     (pixel_accuracy_per_batch_float, "waits for the GPU at every batch"),
-    (pixel_accuracy_on_host_batches, "copy each batch with to_device"),
-    (pixel_accuracy_with_numpy, "numpy cannot read a device array"),
-    (pixel_accuracy_train_mode, "model.eval()"),
+    (pixel_accuracy_slip("host batches"), "copy each batch with to_device"),
+    (pixel_accuracy_slip("np.sum"), "numpy cannot read a device array"),
+    (pixel_accuracy_slip("train mode"), "model.eval()"),
     (pixel_accuracy_mean_of_batches, "the weight of four"),
-    (pixel_accuracy_labels_alone, "one forward per batch"),
+    (pixel_accuracy_slip("labels alone"), "one forward per batch"),
     (pixel_accuracy_predictions_to_host, "not the predictions"),
-    (pixel_accuracy_twice_through_the_model, "one forward per batch"),
-    (pixel_accuracy_uploading_y_twice, "copy each batch once"),
+    (pixel_accuracy_slip("two forwards"), "one forward per batch"),
+    (pixel_accuracy_slip("y twice"), "copy each batch once"),
     (pixel_accuracy_counting_in_uint8, "argmax over axis 1"),
 ])
 def test_pixel_accuracy_check_on_the_cupy_stand_in(mine, hint, capsys):
