@@ -383,3 +383,38 @@ def test_loaded_labels_are_the_trimap_resized_by_nearest_neighbour(write_example
         h, w = trimap.shape
         expected = trimap[np.ix_(nearest_indices(h, 16), nearest_indices(w, 16))] - 1  # values 1, 2, 3 -> ids 0, 1, 2
         np.testing.assert_array_equal(data.labels[i], expected)
+
+
+def _load_small(root, tmp_path):
+    return load_pets(root, size=16, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_a_rewritten_trimap_of_the_same_byte_size_rebuilds_the_cache(make_pets_root, tmp_path):
+    """The cache key holds each file's modification time, not only its size: a trimap rewritten with other
+    values but the same number of bytes (an uncompressed PNG's size depends only on its dimensions) is read
+    again. Expected labels from the trimap values: 1 -> class 0, 2 -> class 1."""
+    root = make_pets_root()
+    trimap = root / "annotations" / "trimaps" / "Cat_0.png"
+    with Image.open(trimap) as tm:
+        h, w = np.asarray(tm).shape
+    Image.fromarray(np.full((h, w), 1, np.uint8)).save(trimap, compress_level=0)
+    before = trimap.stat()
+    first = _load_small(root, tmp_path)
+    Image.fromarray(np.full((h, w), 2, np.uint8)).save(trimap, compress_level=0)
+    assert trimap.stat().st_size == before.st_size
+    os.utime(trimap, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    second = _load_small(root, tmp_path)
+    assert (first.labels[0] == 0).all() and (second.labels[0] == 1).all()
+
+
+def test_a_new_cache_version_decodes_everything_again(make_pets_root, tmp_path, monkeypatch):
+    """The preprocessing's version is part of the cache key: after a change to it (a bumped _CACHE_VERSION)
+    every example is decoded again instead of an old cache being served."""
+    root = make_pets_root()
+    _load_small(root, tmp_path)
+    decoded = []
+    real = pets._load_example
+    monkeypatch.setattr(pets, "_load_example", lambda *a: decoded.append(a[1]) or real(*a))
+    monkeypatch.setattr(pets, "_CACHE_VERSION", pets._CACHE_VERSION + 1)
+    data = _load_small(root, tmp_path)
+    assert len(decoded) == len(data.names) > 0

@@ -494,3 +494,33 @@ def test_a_shared_evaluation_reads_only_its_own_trimaps_one_batch_at_a_time(trai
     assert events == [("forward", 1), ("read", "dog_2"), ("forward", 1), ("read", "dog_3")]
     assert sum(map(sum, result["native"]["confusion"])) == sum(
         np.asarray(Image.open(root / "annotations" / "trimaps" / f"{n}.png")).size for n in ("dog_2", "dog_3"))
+
+
+def test_predict_labels_takes_the_most_probable_class_of_each_pixel():
+    """predict_labels: the argmax over the class axis (1) of the model's logits, in eval mode, on the host;
+    a stand-in model whose logits say class (row + column) % 3 at every pixel, and that notes its modes."""
+    from tinyunet.train import predict_labels
+
+    class Fixed:
+        modes = []
+
+        def eval(self):
+            self.modes.append("eval")
+
+        def train(self):
+            self.modes.append("train")
+
+        def forward(self, x):
+            n, _, h, w = x.shape
+            winner = (np.arange(h)[:, None] + np.arange(w)[None, :]) % 3
+            logits = np.zeros((n, 3, h, w), np.float32)
+            for c in range(3):
+                logits[:, c][:, winner == c] = 5.0
+            self.modes.append("forward")
+            return logits
+
+    model = Fixed()
+    labels = predict_labels(model, np.zeros((2, 3, 4, 5), np.float32))
+    assert labels.shape == (2, 4, 5)
+    assert (labels == (np.arange(4)[:, None] + np.arange(5)[None, :]) % 3).all()
+    assert model.modes == ["eval", "forward", "train"]

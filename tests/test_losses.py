@@ -192,3 +192,13 @@ def test_make_loss_names():
     assert [type(p) for p in make_loss("ce+dice").losses] == [CrossEntropyLoss, DiceLoss]
     with pytest.raises(ValueError, match="ce, dice, ce\\+dice"):
         make_loss("focal")
+
+
+def test_softmax_and_dice_of_huge_logits():
+    """softmax (used by Dice and by the predictions) subtracts the largest logit: logits of +-1000 give
+    probabilities (1, 0, 0) and a finite Dice loss, not exp(1000) = inf."""
+    from tinyunet.losses import softmax
+
+    z = np.array([1000.0, 0.0, -1000.0], np.float32).reshape(1, 3, 1, 1).repeat(2, axis=2)
+    np.testing.assert_allclose(softmax(z)[0, :, 0, 0], [1, 0, 0], atol=1e-6)
+    assert np.isfinite(float(DiceLoss().forward(z, np.zeros((1, 2, 1), np.int64))))

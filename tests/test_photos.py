@@ -147,6 +147,19 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_prediction(check
 # --- high bit depths, transparency, animations -----------------------------------------------------
 
 
+def test_a_32_bit_integer_image_of_16_bit_values_is_scaled_like_one(tmp_path):
+    """Pillow opens some 16-bit files as mode "I" (32-bit integers; older versions do so for 16-bit PNGs):
+    read as 16-bit values, shown by their top 8 bits, as for "I;16"."""
+    from tinyunet.data.images import read_photo
+
+    values = np.arange(64 * 8, dtype=np.int32).reshape(8, 64) * 128                 # 0 ... 65408
+    Image.fromarray(values, mode="I").save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as im:
+        assert im.mode == "I"
+    image, _ = read_photo(tmp_path / "deep.tif")
+    np.testing.assert_array_equal(image, np.repeat((values // 256).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_16_bit_png_is_scaled_to_8_bits(checkpoint, tmp_path, capsys):
     from tinyunet.data.images import read_photo
 

@@ -89,3 +89,17 @@ def test_without_the_acceleration_every_layer_is_the_reference(reference_only):
     rows = summarize(UNet(base_channels=4, depth=2), (2, 3, 32, 32))
     assert {r.implementation for r in rows} == {"reference"}
     assert "reference" in format_summary(rows)
+
+
+def test_a_view_of_a_kept_array_is_charged_once():
+    """Saved memory counts bytes, not arrays: a module keeping an array and a view of it holds the array's
+    400 bytes (10 x 10 float32), once."""
+    import numpy as np
+
+    from tinyunet.nn import Module
+    from tinyunet.summary import saved_bytes
+
+    module = Module()
+    whole = np.zeros((10, 10), np.float32)
+    module.whole, module.part = whole, whole[2:5]
+    assert saved_bytes(module) == 400

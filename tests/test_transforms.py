@@ -193,3 +193,32 @@ def test_iterate_batches_with_augmentation_matches_augment_on_the_same_rng():
         np.testing.assert_array_equal(x, to_input(p))
         np.testing.assert_array_equal(y, m.astype(np.int64))
         assert names == [f"x{i}" for i in idx]
+
+
+def test_the_crop_windows_centre_is_drawn_x_first():
+    """A photo whose red channel holds the column and green the row: the middle row of each cropped image
+    shows where its window's centre was, and it matches the draws made here in the documented order (the
+    side, sqrt(uniform(scale, 1)), then the centres, x then y). Swapped centres put the window elsewhere."""
+    size, n = 64, 50
+    rows, cols = np.mgrid[0:size, 0:size]
+    photo = np.stack([cols * 4, rows * 4, np.zeros_like(cols)], -1).astype(np.uint8)[None].repeat(n, 0)
+    out, _ = augment(photo, np.zeros((n, size, size), np.uint8), np.random.default_rng(1),
+                     Augmentation(flip=False, scale=0.5))
+    rng = np.random.default_rng(1)
+    side = np.sqrt(rng.uniform(0.5, 1.0, n))
+    cx, cy = rng.uniform(side / 2, 1 - side / 2, (2, n))
+    seen_x = (out[:, size // 2, :, 0].astype(float).mean(axis=1) / 4 + 0.5) / size   # mean source column
+    seen_y = (out[:, :, size // 2, 1].astype(float).mean(axis=1) / 4 + 0.5) / size   # mean source row
+    np.testing.assert_allclose(seen_x, cx, atol=0.02)
+    np.testing.assert_allclose(seen_y, cy, atol=0.02)
+
+
+def test_to_input_is_imagenet_normalised_nchw():
+    """uint8 NHWC -> float32 NCHW, (x / 255 - mean) / std with ImageNet's published statistics, by hand."""
+    images = np.array([[[[0, 128, 255], [10, 20, 30]]]], dtype=np.uint8)        # (1, 1, 2, 3)
+    x = to_input(images)
+    assert x.shape == (1, 3, 1, 2) and x.dtype == np.float32
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    for c in range(3):
+        for j in range(2):
+            assert x[0, c, 0, j] == pytest.approx((images[0, 0, j, c] / 255 - mean[c]) / std[c], rel=1e-5)
