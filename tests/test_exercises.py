@@ -636,9 +636,9 @@ def sgd_step_rebinding_data(params, lr):
 
 
 @pytest.mark.parametrize("check, mine, hint", [
-    (E.check_sgd_step, sgd_step_lr_written_in, "wrong with lr 0.03: use every argument"),
-    (E.check_momentum_step, momentum_step_written_in, "wrong with lr 0.03, momentum 0.5: use every argument"),
-    (E.check_adam_step, adam_step_default_betas, "wrong with lr 0.03, betas (0.8, 0.99), eps 0.001: use every"),
+    (E.check_sgd_step, sgd_step_lr_written_in, "wrong with lr 0.3: use every argument"),
+    (E.check_momentum_step, momentum_step_written_in, "wrong with lr 0.3, momentum 0.95: use every argument"),
+    (E.check_adam_step, adam_step_default_betas, "wrong with lr 0.3, betas (0.8, 0.99), eps 0.001: use every"),
     (E.check_sgd_step, sgd_step_scaling_grad, "leave it as it is"),
     (E.check_momentum_step, momentum_step_through_grad, "leave it as it is"),
     (E.check_adam_step, adam_step_squaring_grad, "leave it as it is"),
@@ -721,6 +721,38 @@ def test_ring_check_after_a_learners_walkthrough(mine, hint, capsys):
     steps per phase passed (the check saw only the sums); the all-gather's rebinding was told the
     all-gather was missing. A ring the other way, views sent without copies (no process sends and receives
     one chunk in the same step) and value-by-value writes are rings, and pass."""
+    used = E.check_ring_allreduce(mine)
+    assert_verdict(used, mine, capsys.readouterr().out, hint)
+
+
+def ring_with_copyto(arrays):
+    """The text's ring, every write through np.copyto / np.add with out= (a right answer)."""
+    n = len(arrays)
+    chunks = [np.array_split(a, n) for a in arrays]
+    for step in range(n - 1):
+        sent = [chunks[r][(r - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            target = chunks[(r + 1) % n][(r - step) % n]
+            np.add(target, sent[r], out=target)
+    for step in range(n - 1):
+        sent = [chunks[r][(r + 1 - step) % n].copy() for r in range(n)]
+        for r in range(n):
+            np.copyto(chunks[(r + 1) % n][(r + 1 - step) % n], sent[r])
+    return arrays
+
+
+def ring_through_asarray(arrays):
+    """The plain sum, written through np.asarray (a view the count does not see)."""
+    total = np.sum([np.asarray(a) for a in arrays], axis=0)
+    for a in arrays:
+        np.asarray(a)[...] = total
+    return arrays
+
+
+@pytest.mark.parametrize("mine, hint", [(ring_with_copyto, None), (ring_through_asarray, "write past the count")])
+def test_ring_check_sees_copyto_and_uncounted_writes(mine, hint, capsys):
+    """Found by a second learner: np.copyto with a copied chunk crashed the check (a recursion in its
+    counting), and writes through np.asarray(a) went uncounted and were blamed on the ring's traffic."""
     used = E.check_ring_allreduce(mine)
     assert_verdict(used, mine, capsys.readouterr().out, hint)
 
@@ -1014,6 +1046,94 @@ def test_trimap_check_refuses_writing_into_the_trimap(capsys):
     """Found by a second walk through lesson 12: a trimap_to_labels that subtracted 1 in place passed."""
     used = E.check_trimap_to_labels(trimap_to_labels_in_place)
     assert_verdict(used, trimap_to_labels_in_place, capsys.readouterr().out, "leave the inputs as they were")
+
+
+def sgd_step_emptying_the_list(params, lr):
+    while params:
+        p = params.pop()
+        p.data -= lr * p.grad
+
+
+def momentum_step_of_its_own(params, velocities, lr, momentum=0.9):
+    """Keeps its velocities in a function attribute, restarting when the ones given are zero."""
+    own = momentum_step_of_its_own.__dict__.setdefault("v", {})
+    for i, (p, v) in enumerate(zip(params, velocities)):
+        if not np.any(v):
+            own[i] = np.zeros_like(p.data)
+        own[i] = momentum * own[i] + p.grad
+        v[...] = own[i]
+        p.data -= lr * own[i]
+
+
+def momentum_step_lazy(params, velocities, lr, momentum=0.9):
+    for p, v in zip(params, velocities):
+        if not np.any(p.grad):
+            continue                                     # "nothing to do": but the velocity still moves p
+        v *= momentum
+        v += p.grad
+        p.data -= lr * v
+
+
+def adam_step_counting_itself(params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    adam_step_counting_itself.t = 1 if not np.any(ms[0]) else adam_step_counting_itself.t + 1
+    adam_step(params, ms, vs, adam_step_counting_itself.t, lr, betas, eps)
+
+
+@pytest.mark.parametrize("check, mine, hint", [
+    (E.check_sgd_step, lambda params, lr: params.clear(), "the weights did not move"),
+    (E.check_sgd_step, sgd_step_emptying_the_list, "changed the lists"),
+    (E.check_sgd_step, lambda params, lr: sgd_step(params[:2], lr), "did not move"),
+    (E.check_sgd_step, lambda params, lr: sgd_step(params, min(lr, 0.1)), "use every argument"),
+    (E.check_momentum_step, momentum_step_of_its_own, "no counter or state of your own"),
+    (E.check_momentum_step, momentum_step_lazy, "also one whose gradient is zero"),
+    (E.check_adam_step, adam_step_counting_itself, "use the t and the state you are given"),
+    (E.check_adam_step, lambda params, ms, vs, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8:
+     adam_step(params, ms, vs, min(t, 3), lr, betas, eps), "use the t"),
+])
+def test_optimizer_checks_after_a_second_walkthrough(check, mine, hint, capsys):
+    """Found by a second learner trying to break lesson 11's checks: an emptied parameter list passed with
+    0 comparisons, two parameters only (the check had two), lr capped at 0.1, velocities or a step count of the
+    function's own, a lazy step that skips zero gradients, t capped at 3 - each passed."""
+    used = check(mine)
+    out = capsys.readouterr().out
+    assert used is not mine and ": FAIL " in out and hint in out, out
+
+
+def sync_bn_forward_counting_along_w(xs, gamma, beta, eps=1e-5):
+    """M as x.size // x.shape[-1]: the right count while C == W, as in the lesson's example."""
+    m = sum(x.size // x.shape[-1] for x in xs)
+    mean = sum(x.sum(axis=(0, 2, 3)) for x in xs) / m
+    var = sum((x * x).sum(axis=(0, 2, 3)) for x in xs) / m - mean ** 2
+    s = 1 / np.sqrt(np.abs(var) + eps)
+    xhats = [(x - mean[:, None, None]) * s[:, None, None] for x in xs]
+    return [gamma[:, None, None] * xh + beta[:, None, None] for xh in xhats], (xhats, s, gamma, m)
+
+
+_stashed = {}
+
+
+def sync_bn_forward_stashing(xs, gamma, beta, eps=1e-5):
+    outs, cache = sync_bn_forward(xs, gamma, beta, eps)
+    _stashed["cache"] = cache                     # the backward reads the last forward's, not its own
+    return outs, cache
+
+
+def sync_bn_backward_from_the_stash(dys, cache):
+    return sync_bn_backward(dys, _stashed["cache"])
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_sync_bn_forward, lambda xs, gamma, beta, eps=1e-5: sync_bn_forward(xs, gamma, beta), (), "eps 0.1"),
+    (E.check_sync_bn_forward, sync_bn_forward_counting_along_w, (), "of (4, 5, 6)"),
+    (E.check_sync_bn_backward, sync_bn_backward_from_the_stash, (sync_bn_forward_stashing,), "compare one small case"),
+])
+def test_sync_bn_checks_after_a_second_walkthrough(check, mine, extra, hint, capsys):
+    """Found by a second learner: eps ignored passed (the check always used 1e-5), M counted along W passed
+    (C == W = 3 in every case), and a backward reading the last forward's cache from a global passed (one
+    forward, then its backward: no other layer in between)."""
+    used = check(mine, *extra)
+    out = capsys.readouterr().out
+    assert used is not mine and ": FAIL " in out and hint in out, out
 
 
 def relu_backward_in_place(dout, mask):
@@ -1669,3 +1789,12 @@ def test_a_crash_names_the_line_and_the_call(capsys):
     out = capsys.readouterr().out
     assert "in conv_forward_four_outputs, line" in out and "w.reshape(4, -1) @ cols" in out
     assert "called with (array (3, 2, 5, 8) float64, array (5, 2, 3, 3) float64, array (5,) float64, 1, 1)" in out
+
+
+def test_a_check_that_compared_nothing_is_no_pass(capsys):
+    """A run that made no comparison (an answer that emptied what it was given, say) is a FAIL, never
+    "PASS ... (0 comparisons)"."""
+    reference = lambda: None
+    mine = lambda: None
+    assert E.verdict("f", mine, reference, lambda fn: [], "nothing") is reference
+    assert "FAIL  nothing was compared" in capsys.readouterr().out

@@ -167,6 +167,12 @@ def verdict(name: str, mine: Callable, reference: Callable, run: Callable[[Calla
                 if isinstance(exc, TypeError) and "NoneType" in str(exc) else
                 "read the error above; run your function on a tiny input")
     else:
+        if not errors:
+            message, hint = ("nothing was compared", "your function left nothing to compare (an emptied list of "
+                             "parameters, no result?): leave the arguments as they are and return what is asked")
+            print(f"{name}: FAIL  {message}\n  hint: {hint}\n"
+                  f"  the package's version stands in for yours from here on, so the rest of the lesson runs")
+            return reference
         print(f"{name}: PASS  worst relative error {max(errors, default=0.0):.1e} "
               f"({len(errors)} comparisons vs {against})")
         return mine
@@ -1467,7 +1473,7 @@ def reference_adam_step(params: Sequence[Any], ms: Sequence[Any], vs: Sequence[A
 
 
 OPTIMIZER_SETTINGS = [dict(lr=0.1, momentum=0.9, betas=(0.9, 0.999), eps=1e-8),
-                      dict(lr=0.03, momentum=0.5, betas=(0.8, 0.99), eps=1e-3)]
+                      dict(lr=0.3, momentum=0.95, betas=(0.8, 0.99), eps=1e-3)]
 """The check runs each step with both: an answer that ignores an argument (a learning rate or a momentum
 written into the code, PyTorch's default betas) gives the first right and the second wrong."""
 
@@ -1481,7 +1487,8 @@ def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3,
     from tinyunet.optim import SGD, Adam
 
     rng = _rng()
-    params = [Parameter(rng.standard_normal((3, 4))), Parameter(rng.standard_normal(5))]
+    # a matrix, a vector, a 3-d and a 0-d parameter: a step written for the shapes of one case fails another
+    params = [Parameter(rng.standard_normal(shape)) for shape in [(3, 4), (5,), (2, 3, 2), ()]]
     grads = [[rng.standard_normal(p.shape) for p in params] for _ in range(steps)]
     for g in grads:   # a zero and a tiny gradient: where Adam's eps decides the step
         g[1][:2] = 0.0, 1e-9
@@ -1503,17 +1510,48 @@ def _optimizer_run(kind: str, fn: Optional[Callable], steps: int = 3,
                 reference_momentum_step(shadow, state[0], lr, momentum)
             elif kind == "adam":
                 reference_adam_step(shadow, state[0], state[1], t, lr, betas, eps)
-        elif kind == "sgd":
-            fn(params, lr)
-        elif kind == "momentum":   # new lists of the same arrays each call, as a training loop may pass
-            fn(params, list(state[0]), lr, momentum)
+        elif kind == "sgd":        # new lists of the same arrays each call, as a training loop may pass
+            fn(list(params), lr)
+        elif kind == "momentum":
+            fn(list(params), list(state[0]), lr, momentum)
         else:
-            fn(params, list(state[0]), list(state[1]), t, lr, betas, eps)
+            fn(list(params), list(state[0]), list(state[1]), t, lr, betas, eps)
         if not reference and not all(np.array_equal(host(p.grad), g) for p, g in zip(params, grads[t - 1])):
             raise Mismatch(f"step {t}: your step changed p.grad",
                            "read the gradient, leave it as it is: it belongs to the backward that computed it "
                            "(zero_grad clears it before the next one); p.grad *= lr or g **= 2 on p.grad change it "
                            "-- compute into new arrays (lr * p.grad makes one)")
+    used = {"sgd": [], "momentum": state[:1], "adam": state}[kind]
+    return [host(p.data).copy() for p in params], [host(a).copy() for s in used for a in s]
+
+
+def _optimizer_resumed(kind: str, fn: Callable, settings: Dict[str, Any] = OPTIMIZER_SETTINGS[0]) -> Tuple[Any, Any]:
+    """(parameters, state) of a run that ``fn`` takes over at step t = 5 from 4 steps of the text's
+    formulas: the state it is handed is not zero, the same list objects come at every call, and the last
+    step has a zero gradient for the first parameter (its momentum still moves it). Raises a Mismatch if
+    ``fn`` changed the lists."""
+    from tinyunet.nn import Parameter
+
+    rng = _rng()
+    shapes = [(3, 4), (5,), (2, 3, 2), ()]
+    start = [rng.standard_normal(shape) for shape in shapes]
+    grads = [[rng.standard_normal(shape) for shape in shapes] for _ in range(6)]
+    grads[5][0][...] = 0.0
+    lr, momentum, betas, eps = settings["lr"], settings["momentum"], settings["betas"], settings["eps"]
+    params = [Parameter(a.copy()) for a in start]
+    state = [[np.zeros(shape) for shape in shapes] for _ in range(2)]
+    lists = [list(params), list(state[0]), list(state[1])]
+    given = [list(a) for a in lists]
+    steps = {"sgd": lambda f, t: f(lists[0], lr), "momentum": lambda f, t: f(lists[0], lists[1], lr, momentum),
+             "adam": lambda f, t: f(lists[0], lists[1], lists[2], t, lr, betas, eps)}[kind]
+    references = {"sgd": reference_sgd_step, "momentum": reference_momentum_step, "adam": reference_adam_step}
+    for t in range(1, 7):
+        for p, g in zip(params, grads[t - 1]):
+            p.grad[...] = g
+        steps(references[kind] if t < 5 else fn, t)
+    if any(len(a) != len(b) or any(x is not y for x, y in zip(a, b)) for a, b in zip(lists, given)):
+        raise Mismatch("your step changed the lists it was given (popped, cleared or replaced an entry)",
+                       "read the lists, leave them as they are: the caller passes the same lists at every step")
     used = {"sgd": [], "momentum": state[:1], "adam": state}[kind]
     return [host(p.data).copy() for p in params], [host(a).copy() for s in used for a in s]
 
@@ -1529,6 +1567,9 @@ def _check_optimizer(name: str, kind: str, fn: Callable, reference: Callable, kn
                 expected, expected_state = _optimizer_run(kind, None, steps, settings)
                 result, state = _optimizer_run(kind, mine, steps, settings)
                 known = [(_optimizer_run(kind, bug, steps, settings)[0], hint) for hint, bug in known_bugs.items()]
+                known.append((_optimizer_run(kind, lambda *args: None, steps, settings)[0],
+                              "the weights did not move: change p.data in place (p.data -= ...); a new list, or "
+                              "`p = ...`, only rebinds a name"))
                 state_known = [(_optimizer_run(kind, bug, steps, settings)[1], hint)
                                for hint, bug in known_state_bugs.items()]
                 case = f"{steps} step(s), {given}"
@@ -1544,6 +1585,19 @@ def _check_optimizer(name: str, kind: str, fn: Callable, reference: Callable, kn
                         failure.hint = (f"right with the first settings, wrong with {given}: use every argument "
                                         "you are given, not a number written into the code")
                     raise
+        expected, expected_state = _optimizer_resumed(kind, reference)
+        result, state = _optimizer_resumed(kind, mine)
+        case = "a run taken over at step t = 5, a zero gradient at its last step"
+        try:
+            for i, (a, b) in enumerate(zip(result + state, expected + expected_state)):
+                errors.append(compare("parameter" if i < len(result) else "state", a, b, "the text's formulas", [],
+                                      case))
+        except Mismatch as failure:
+            if failure.hint == BY_HAND:
+                failure.hint = ("right from a fresh start, wrong from step 5 with the state of 4 earlier steps: use "
+                                "the t and the state you are given (no counter or state of your own), and update "
+                                "every parameter, also one whose gradient is zero (its momentum still moves it)")
+            raise
         if kind == "adam":   # independent of the package: Adam's first step is lr * g / |g| = lr * sign(g) (eps 0)
             from tinyunet.nn import Parameter
 
@@ -1674,28 +1728,37 @@ RING_HINTS = {
 
 
 class ProcessMemory(np.ndarray):
-    """One process's array in the ring check, as a NumPy array that counts the values written into it (by
-    ``[...] =``, ``+=`` and any ufunc's ``out=``, ``np.copyto``): what a process receives over its link. Only
-    writes into the array itself count, through any view of it; a copy (``.copy()``, what is sent) is not it."""
+    """One process's 1-D array in the ring check, as a NumPy array that counts the values written into it (by
+    ``[...] =``, ``+=``, any ufunc's ``out=``, ``np.copyto``): what a process receives over its link. Only
+    writes into the array itself count, through any view of it; a copy (``.copy()``, what is sent) is not
+    it. Each written position is also marked, so that a write the count cannot see (``np.asarray(a)[...]``,
+    ``np.put``, ``.flat``) shows as a changed value that was never marked. It counts what each process
+    receives, not who sent it."""
 
     def __array_finalize__(self, obj: Any) -> None:
         self.counter = getattr(obj, "counter", None)
 
-    def _record(self, target: np.ndarray, size: int) -> None:
+    def _record(self, target: np.ndarray, key: Any = Ellipsis) -> None:
+        """Count and mark the positions ``target[key]`` of every process memory that ``target`` views."""
         for k, memory in enumerate(self.counter["memories"]):
             if np.shares_memory(target, memory):
-                self.counter["written"][k] += size
+                item = memory.itemsize
+                offset = (target.__array_interface__["data"][0] - memory.__array_interface__["data"][0]) // item
+                positions = np.lib.stride_tricks.as_strided(   # the memory's indices, seen as target sees them
+                    self.counter["positions"][k][offset:], target.shape,
+                    [stride // item * 8 for stride in target.strides])
+                marked = np.atleast_1d(positions[key]).ravel()
+                self.counter["written"][k] += marked.size
+                self.counter["marked"][k][marked] = True
 
     def __setitem__(self, key: Any, value: Any) -> None:
         plain = self.view(np.ndarray)
         target = plain[key]
         same = (isinstance(value, np.ndarray) and isinstance(target, np.ndarray) and value.shape == target.shape
                 and value.__array_interface__["data"][0] == target.__array_interface__["data"][0])
-        plain[key] = value
+        plain[key] = value.view(np.ndarray) if isinstance(value, ProcessMemory) else value
         if self.counter is not None and not same:   # same: the write-back of a[i] += x, already counted
-            written = np.zeros(self.shape, dtype=bool)
-            written[key] = True
-            self._record(plain, int(written.sum()))
+            self._record(plain, key)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, out: Any = None, **kwargs: Any) -> Any:
         plain = [x.view(np.ndarray) if isinstance(x, ProcessMemory) else x for x in inputs]
@@ -1705,30 +1768,38 @@ class ProcessMemory(np.ndarray):
                                                  for o in out), **kwargs)
         for o in out:
             if isinstance(o, ProcessMemory) and o.counter is not None:
-                o._record(o.view(np.ndarray), o.size)
+                o._record(o.view(np.ndarray))
         return out[0] if len(out) == 1 else out
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         if func is np.copyto:
+            plain = lambda a: a.view(np.ndarray) if isinstance(a, ProcessMemory) else a
             dst = args[0] if args else kwargs["dst"]
-            np.copyto(dst.view(np.ndarray) if isinstance(dst, ProcessMemory) else dst, *args[1:], **{
-                k: v for k, v in kwargs.items() if k != "dst"})
+            np.copyto(plain(dst), *map(plain, args[1:]), **{k: plain(v) for k, v in kwargs.items() if k != "dst"})
             if isinstance(dst, ProcessMemory) and dst.counter is not None:
-                dst._record(dst.view(np.ndarray), dst.size)
+                dst._record(dst.view(np.ndarray))
             return None
         return super().__array_function__(func, types, args, kwargs)
 
 
 def received_by_ring(fn: Callable, arrays: Sequence[np.ndarray]) -> List[int]:
-    """How many values ``fn`` wrote into each process's array (on copies)."""
-    memories = [np.array(a) for a in arrays]
-    counter = {"memories": memories, "written": [0] * len(arrays)}
+    """How many values ``fn`` wrote into each process's array (on copies); a Mismatch if some value changed
+    by a write that could not be counted."""
+    memories = [np.array(a, dtype=np.float64) for a in arrays]
+    counter = {"memories": memories, "written": [0] * len(arrays),
+               "positions": [np.arange(len(m), dtype=np.int64) for m in memories],
+               "marked": [np.zeros(len(m), dtype=bool) for m in memories]}
     wrapped = []
     for m in memories:
         w = m.view(ProcessMemory)
         w.counter = counter
         wrapped.append(w)
     fn(wrapped)
+    for k, (before, after) in enumerate(zip(arrays, memories)):
+        if np.any((after != before) & ~counter["marked"][k]):
+            raise Mismatch(f"process {k}'s array changed by writes the check cannot follow",
+                           "write into the chunks' views with chunk[...] = ... or chunk += ...: np.asarray(a)[...], "
+                           "np.put, np.add.at and .flat write past the count of what each process receives")
     return counter["written"]
 
 
@@ -1798,15 +1869,18 @@ def reference_sync_bn_backward(dys: Sequence[Any], cache: Any) -> List[Tuple[Any
             for dy, xh, dg, db in zip(dys, xhats, dgammas, dbetas)]
 
 
-SYNC_BN_CASES = [(3, 2), (1, 2, 2), (2, 2, 1, 3)]     # images per shard
+# images per shard, (C, H, W) of an image (C != W: a count of values taken along the wrong axis fails), eps
+SYNC_BN_CASES = [((3, 2), (3, 4, 3), 1e-5), ((1, 2, 2), (4, 5, 6), 1e-5), ((2, 2, 1, 3), (3, 4, 2), 0.1)]
 
 
-def _sync_bn_case(rng: np.random.Generator, counts: Sequence[int]) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
+def _sync_bn_case(rng: np.random.Generator, counts: Sequence[int],
+                  shape: Tuple[int, int, int]) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
     # each shard its own offset: the shards' statistics differ, as those of small random batches do
     # and channel 2 with a variance near eps (~2e-5), so that a missing eps shows
-    scale = np.array([1.0, 1.0, 0.002]).reshape(1, 3, 1, 1)
-    xs = [(rng.standard_normal((n, 3, 4, 3)) * 2 + rng.standard_normal((1, 3, 1, 1))) * scale for n in counts]
-    return xs, rng.standard_normal(3), rng.standard_normal(3)
+    c = shape[0]
+    scale = np.where(np.arange(c) == 2, 0.002, 1.0).reshape(1, c, 1, 1)
+    xs = [(rng.standard_normal((n, *shape)) * 2 + rng.standard_normal((1, c, 1, 1))) * scale for n in counts]
+    return xs, rng.standard_normal(c), rng.standard_normal(c)
 
 
 def check_sync_bn_forward(sync_bn_forward: Callable) -> Callable:
@@ -1814,15 +1888,15 @@ def check_sync_bn_forward(sync_bn_forward: Callable) -> Callable:
     on the concatenated batch."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for counts in SYNC_BN_CASES:
-            xs, gamma, beta = _sync_bn_case(rng, counts)
-            expected, _, _, _ = _bn_reference(np.concatenate(xs), gamma, beta, np.zeros_like(np.concatenate(xs)))
-            own = np.concatenate([host(_bn_reference(x, gamma, beta, np.zeros_like(x))[0]) for x in xs])
-            mean, _, _, _ = _bn_shards(xs, gamma, 1e-5)
+        for counts, shape, eps in SYNC_BN_CASES:
+            xs, gamma, beta = _sync_bn_case(rng, counts, shape)
+            expected, _, _, _ = _bn_reference(np.concatenate(xs), gamma, beta, np.zeros_like(np.concatenate(xs)), eps)
+            own = np.concatenate([host(_bn_reference(x, gamma, beta, np.zeros_like(x), eps)[0]) for x in xs])
+            mean, _, _, _ = _bn_shards(xs, gamma, eps)
             avg_var = sum(x.var(axis=(0, 2, 3)) * x.shape[0] for x in xs) / sum(counts)   # within-shard only
-            no_spread = np.concatenate([(x - mean.reshape(1, -1, 1, 1)) / np.sqrt(avg_var + 1e-5).reshape(1, -1, 1, 1)
+            no_spread = np.concatenate([(x - mean.reshape(1, -1, 1, 1)) / np.sqrt(avg_var + eps).reshape(1, -1, 1, 1)
                                         * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1) for x in xs])
-            result = call_leaving_inputs(fn, xs, gamma, beta, 1e-5)
+            result = call_leaving_inputs(fn, xs, gamma, beta, eps)
             expect_parts(result, 2, "return the list of outputs and the cache")
             outs = result[0]
             if len(outs) != len(xs):
@@ -1832,7 +1906,8 @@ def check_sync_bn_forward(sync_bn_forward: Callable) -> Callable:
                      (no_spread, "the variance of the whole batch is not the average of the shards' variances (the "
                                  "shards' means differ too): add the sums of squares, var = sum(x^2) / M - mean^2")]
             errors.append(compare("out", np.concatenate([host(o) for o in outs]), expected,
-                                  "BatchNorm2d on the concatenated batch", known, f"shards of {counts} images"))
+                                  "BatchNorm2d on the concatenated batch", known,
+                                  f"shards of {counts} images of {shape}, eps {eps:g}"))
         return errors
     return verdict("sync_bn_forward", sync_bn_forward, reference_sync_bn_forward, run,
                    "BatchNorm2d on the concatenated batch")
@@ -1843,12 +1918,12 @@ def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable
     ``sync_bn_forward``: the dx of BatchNorm2d on the concatenated batch, and each shard's share of dgamma, dbeta."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for counts in SYNC_BN_CASES:
-            xs, gamma, beta = _sync_bn_case(rng, counts)
+        for counts, shape, eps in SYNC_BN_CASES:
+            xs, gamma, beta = _sync_bn_case(rng, counts, shape)
             dys = [rng.standard_normal(x.shape) for x in xs]
-            _, dx, dgamma, dbeta = _bn_reference(np.concatenate(xs), gamma, beta, np.concatenate(dys))
-            _, _, inv_std, _ = _bn_shards(xs, gamma, 1e-5)
-            xhats = reference_sync_bn_forward(xs, gamma, beta)[1][0]
+            _, dx, dgamma, dbeta = _bn_reference(np.concatenate(xs), gamma, beta, np.concatenate(dys), eps)
+            _, _, inv_std, _ = _bn_shards(xs, gamma, eps)
+            xhats = reference_sync_bn_forward(xs, gamma, beta, eps)[1][0]
             shares_g = [(dy * xh).sum(axis=(0, 2, 3)) for dy, xh in zip(dys, xhats)]
             shares_b = [dy.sum(axis=(0, 2, 3)) for dy in dys]
             m = sum(x.size // x.shape[1] for x in xs)
@@ -1856,8 +1931,8 @@ def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable
             local = [np.concatenate([per(gamma * inv_std / c) * (c * dy - per(sb) - xh * per(sg))
                                      for dy, xh, sg, sb, c in zip(dys, xhats, shares_g, shares_b, sizes)])
                      for sizes in ([m] * len(xs), [x.size // x.shape[1] for x in xs])]   # the shard's sums, M or m_k
-            own_m = np.concatenate([host(_bn_reference(x, gamma, beta, dy)[1]) for x, dy in zip(xs, dys)])
-            case = f"shards of {counts} images"
+            own_m = np.concatenate([host(_bn_reference(x, gamma, beta, dy, eps)[1]) for x, dy in zip(xs, dys)])
+            case = f"shards of {counts} images of {shape}, eps {eps:g}"
             hint_local = "your dx uses the shard's own sums of dy and dy * xhat: every image moved the mean and the " \
                          "variance, so both sums must be those of the whole batch (added up over the shards)"
             whole = ("your dgamma/dbeta is the whole batch's on every shard: the gradient allreduce adds the shards' "
@@ -1880,14 +1955,15 @@ def check_sync_bn_backward(sync_bn_backward: Callable, sync_bn_forward: Callable
                                      "BatchNorm2d's dgamma on the concatenated batch", (), case))
                 return found
 
-            own_cache = sync_bn_forward([x.copy() for x in xs], gamma, beta, 1e-5)[1]
+            own_cache = sync_bn_forward([x.copy() for x in xs], gamma, beta, eps)[1]
+            sync_bn_forward([x * 2 + 1 for x in xs], gamma, beta, eps)   # another layer's forward in between
             result = call_leaving_inputs(fn, dys, own_cache)
             try:
                 errors += scored(result)
             except Mismatch as failure:
                 if sync_bn_forward is not reference_sync_bn_forward:   # is it the forward's cache?
                     try:
-                        scored(fn([dy.copy() for dy in dys], reference_sync_bn_forward(xs, gamma, beta, 1e-5)[1]))
+                        scored(fn([dy.copy() for dy in dys], reference_sync_bn_forward(xs, gamma, beta, eps)[1]))
                     except Exception:
                         raise failure
                     raise Mismatch(f"{case}: your backward is right with the cache of the text's forward and wrong "
