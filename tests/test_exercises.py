@@ -31,7 +31,7 @@ def im2col_loops(x, kh, kw, stride=1, padding=0):
     n, c, h, w = x.shape
     xp_ = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    cols = np.zeros((n, c * kh * kw, ho * wo))
+    cols = np.zeros((n, c * kh * kw, ho * wo), dtype=x.dtype)
     for ci in range(c):
         for i in range(kh):
             for j in range(kw):
@@ -1132,6 +1132,72 @@ def test_sync_bn_checks_after_a_second_walkthrough(check, mine, extra, hint, cap
     (C == W = 3 in every case), and a backward reading the last forward's cache from a global passed (one
     forward, then its backward: no other layer in between)."""
     used = check(mine, *extra)
+    out = capsys.readouterr().out
+    assert used is not mine and ": FAIL " in out and hint in out, out
+
+
+def im2col_stride_1_or_2(x, kh, kw, stride=1, padding=0):
+    return im2col_loops(x, kh, kw, 1 if stride == 1 else 2, padding)     # stride 3 taken for 2
+
+
+def maxpool_forward_column_major_ties(x):
+    n, c, h, w = x.shape
+    win = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    order = np.array([0, 2, 1, 3])                                        # column by column
+    return win.max(-1), order[win[..., order].argmax(-1)]
+
+
+def maxpool_forward_from_minus_5(x):
+    n, c, h, w = x.shape
+    win = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    best, arg = np.full(win.shape[:-1], -5.0), np.zeros(win.shape[:-1], dtype=int)
+    for k in range(4):
+        better = win[..., k] > best
+        best, arg = np.where(better, win[..., k], best), np.where(better, k, arg)
+    return best, arg
+
+
+_last = {}
+
+
+def relu_forward_remembered(x):
+    _last["x"] = x
+    return np.maximum(x, 0), x > 0
+
+
+def bn_backward_recomputing_s(dy, cache):
+    x, mu, var, _, _, gamma = cache
+    s = 1 / np.sqrt(var + 1e-5)                          # eps written in: the cache's s is the one to use
+    xhat = (x - mu[:, None, None]) * s[:, None, None]
+    return bn_backward_compact(dy, (x, mu, var, s, xhat, gamma))
+
+
+def softmax_forward_remembered(z, t):
+    loss, p = softmax_forward(z, t)
+    _last["probs"] = p
+    return loss, p
+
+
+@pytest.mark.parametrize("check, mine, extra, hint", [
+    (E.check_im2col, im2col_stride_1_or_2, (), "stride 3"),
+    (E.check_im2col, lambda x, *a: im2col_loops(x, *a).astype(np.float64), (), "keep the dtype you are given"),
+    (E.check_maxpool_forward, maxpool_forward_column_major_ties, (), "column by column"),
+    (E.check_maxpool_forward, maxpool_forward_from_minus_5, (), "compare one small case"),
+    (E.check_relu_backward, lambda dout, mask: dout * mask, (lambda x: (np.maximum(x, 0), x > 0.05),), "ReLU"),
+    (E.check_relu_backward, lambda dout, mask: dout * (_last["x"] > 0), (relu_forward_remembered,), "ReLU"),
+    (E.check_bn_backward, bn_backward_recomputing_s, (bn_forward,), "eps 0.001"),
+    (E.check_softmax_ce_backward, lambda p, t: E.reference_softmax_ce_backward(_last["probs"], t),
+     (softmax_forward_remembered,), "CrossEntropyLoss"),
+    (E.check_concat_backward, lambda dout, ca: (dout[:, :ca], dout[:, ca:ca + 5]), (), "(2, 7, 3, 4)"),
+    (E.check_iou_per_class, lambda cm: E.reference_iou_per_class(cm.astype(np.int16)), (), "counts above 32767"),
+])
+def test_layer_checks_that_a_learner_tried_to_break(check, mine, extra, hint, capsys):
+    """Found by a learner trying to break lessons 03-08 and 13: a stride written as 1 or 2, columns of float64
+    for a float32 x, ties broken column by column, a max started from -5, a ReLU mask of x > 0.05, a backward
+    reading what the last forward left in a global (another forward now runs in between), a BatchNorm
+    backward with eps written in, a concat cut at 5 channels, an IoU in int16 - each passed."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        used = check(mine, *extra)
     out = capsys.readouterr().out
     assert used is not mine and ": FAIL " in out and hint in out, out
 

@@ -234,7 +234,8 @@ def backend_numpy() -> Iterator[None]:
 
 # --- convolution (lessons on the forward and the backward pass) ----------------------------------------
 
-CONV_CASES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2), ((2, 3), 1, 1), ((3, 1), 2, 0)]     # kernel, stride, padding
+CONV_CASES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (5, 1, 2), ((2, 3), 1, 1), ((3, 1), 2, 0),
+              (3, 3, 1)]     # kernel, stride, padding
 CONV_SHAPES = [(2, 3, 7, 6), (3, 2, 5, 8)]   # the lesson's x, then other sizes: a size written into the code fails
 CONV_CASES_AND_SHAPES = [(case, CONV_SHAPES[0]) for case in CONV_CASES] + \
                         [(case, CONV_SHAPES[1]) for case in CONV_CASES[:2] + CONV_CASES[-2:]]
@@ -296,6 +297,12 @@ def check_im2col(im2col: Callable) -> Callable:
                      (reference_im2col(x, kh, kw, s, 0) if p else None, "the padding is missing: pad x by `padding` zeros on each side of H and W first")]
             errors.append(compare("cols", call_leaving_inputs(fn, x, kh, kw, s, p), expected, "tinyunet.nn.conv.im2col",
                                   known, case))
+        x32 = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+        cols32 = np.asarray(to_host(fn(x32, 3, 3, 1, 1)))
+        if cols32.dtype != np.float32:
+            raise Mismatch(f"cols of a float32 x are {cols32.dtype}", "keep the dtype you are given "
+                           "(np.zeros(..., dtype=x.dtype)): training runs in float32, and a float64 copy doubles "
+                           "the memory and the time")
         return errors
     return verdict("im2col", im2col, reference_im2col, run, "tinyunet.nn.conv.im2col")
 
@@ -326,20 +333,24 @@ def check_col2im(col2im: Callable) -> Callable:
         for (k, s, p), shape in CONV_CASES_AND_SHAPES:
             kh, kw = _hw(k)
             cols = rng.standard_normal(reference_im2col(np.zeros(shape), kh, kw, s, p).shape)
+            if (k, s, p) == CONV_CASES[0] and shape == CONV_SHAPES[1]:   # one float32 case: the image stays float32
+                cols = cols.astype(np.float32)
             x = rng.standard_normal(shape)
             expected = reference_col2im(cols, shape, kh, kw, s, p)
-            case = f"kernel {kh}x{kw}, stride {s}, padding {p}, x {shape}"
+            case = f"kernel {kh}x{kw}, stride {s}, padding {p}, x {shape}, {cols.dtype} cols"
             image = call_leaving_inputs(fn, cols, shape, kh, kw, s, p)
             if image is not None and np.asarray(to_host(image)).dtype != cols.dtype:
                 raise Mismatch(f"image, {case}: dtype {np.asarray(to_host(image)).dtype} for {cols.dtype} cols",
-                               "keep the dtype you are given (np.zeros(..., dtype=cols.dtype)): a float32 "
-                               "buffer rounds a float64 gradient check's numbers to 7 digits")
+                               "keep the dtype you are given (np.zeros(..., dtype=cols.dtype)): a float32 buffer "
+                               "rounds a float64 gradient check's numbers to 7 digits, and a float64 one doubles "
+                               "the memory and the time of float32 training")
             errors.append(compare("image", image, expected, "tinyunet.nn.conv.col2im",
                                   [(_col2im_assigning(cols, shape, (kh, kw), s, p),
                                     "where patches overlap the values must add up (+=), not overwrite each other (=)")], case))
             # the adjoint identity <im2col(x), cols> = <x, col2im(cols)>, independent of the package's col2im
             lhs, rhs = float((host(reference_im2col(x, kh, kw, s, p)) * cols).sum()), float((x * host(image)).sum())
-            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case))
+            errors.append(compare("<x, col2im(cols)>", np.array(rhs), np.array(lhs), "<im2col(x), cols>", (), case,
+                                  tolerance=None if cols.dtype == np.float64 else TOLERANCE))
         return errors
     return verdict("col2im", col2im, reference_col2im, run, "tinyunet.nn.conv.col2im and the adjoint identity")
 
@@ -377,7 +388,7 @@ def check_conv2d_backward(conv2d_backward: Callable) -> Callable:
         rng, errors = _rng(), []
         for k, s, p, (n, c, h, wd), cout in [(3, 1, 1, (2, 3, 5, 4), 4), (3, 2, 1, (2, 3, 5, 4), 4),
                                              (2, 2, 0, (2, 3, 5, 4), 4), ((2, 3), 1, 1, (2, 3, 5, 4), 4),
-                                             (3, 1, 1, (3, 2, 4, 5), 5)]:   # other sizes than the lesson's
+                                             (3, 1, 1, (3, 2, 4, 5), 5), (3, 3, 1, (2, 3, 5, 4), 4)]:   # other sizes, stride 3
             x, w = rng.standard_normal((n, c, h, wd)), rng.standard_normal((cout, c, *_hw(k)))
             b = np.zeros(cout)
             g = rng.standard_normal(host(reference_conv2d_forward(x, w, b, s, p)).shape)
@@ -437,8 +448,8 @@ def check_maxpool_forward(maxpool2x2_forward: Callable) -> Callable:
         rng, errors = _rng(), []
         for shape in [(2, 3, 4, 6), (1, 2, 8, 8)]:
             x = _distinct(rng, *shape)
-            x = x - x.mean()      # half of the values negative (every window of the second image): a max that starts from 0 shows
-            x[-1] -= x.max() + 1
+            x = x - x.mean()      # half of the values negative, and every window of the last image below -20:
+            x[-1] -= x.max() + 20   # a max that starts from 0 (or from any "small enough" number) shows
             result = call_leaving_inputs(fn, x)
             expect_parts(result, 2, "return the pooled array and the argmax (which position won)")
             expected, _ = _maxpool_layer_backward(x, np.zeros((shape[0], shape[1], shape[2] // 2, shape[3] // 2)))
@@ -463,11 +474,17 @@ def check_maxpool_forward(maxpool2x2_forward: Callable) -> Callable:
                 raise Mismatch(str(failure), "your out is right but your argmax points at other positions: take it over "
                                "the window's 4 values, numbered 0..3 row by row (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)")
         # ties (ReLU outputs are full of zeros): the first maximum wins, as argmax and PyTorch do
-        tie = np.array([[[[2.0, 2.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]]).transpose(1, 0, 2, 3).reshape(1, 2, 2, 2)
-        result = fn(tie)
-        errors.append(compare("argmax of a tied window", np.asarray(result[1]).reshape(-1), np.zeros(2), "the first maximum",
-                              [(np.array([1, 3]), "on a tie your argmax takes the last maximum: take the first (np.argmax does)")],
-                              "windows [[2, 2], [1, 0]] and all zeros"))
+        # and windows whose first maximum row by row is not the first column by column
+        tie = np.array([[[2, 2], [1, 0]], [[0, 0], [0, 0]], [[0, 2], [2, 1]], [[1, 2], [0, 2]]], dtype=np.float64)
+        result = fn(tie[:, None])       # 4 images of one 2x2 window each
+        errors.append(compare("argmax of a tied window", np.asarray(result[1]).reshape(-1), np.array([0, 0, 1, 1]),
+                              "the first maximum, row by row",
+                              [(np.array([1, 3, 2, 3]), "on a tie your argmax takes the last maximum: take the first "
+                                                        "(np.argmax does)"),
+                               (np.array([0, 0, 2, 1]), "on a tie your argmax takes the first maximum column by column: "
+                                                        "number the window's values row by row (0 top-left, 1 "
+                                                        "top-right, 2 bottom-left, 3 bottom-right)")],
+                              "windows [[2, 2], [1, 0]], zeros, [[0, 2], [2, 1]], [[1, 2], [0, 2]]"))
         return errors
     return verdict("maxpool2x2_forward", maxpool2x2_forward, reference_maxpool2x2_forward, run, "MaxPool2d(2)")
 
@@ -484,8 +501,10 @@ def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Ca
             known = {"dx": [(spread, "every input got its window's gradient: only the winner (the argmax) gets it"),
                             (spread / 4, "that is average pooling's gradient: only the winner gets dout, unscaled")]}
             forward = lambda: float((host(reference_maxpool2x2_forward(x)[0]) * g).sum())
+            argmax = maxpool2x2_forward(x)[1]
+            maxpool2x2_forward(-x)        # another layer's forward in between: the backward uses the argmax it is given
             errors += _gradient_cases(forward, {"dx": x}, {"dx": expected},
-                                      {"dx": call_leaving_inputs(fn, g, maxpool2x2_forward(x)[1])}, "MaxPool2d(2).backward", known,
+                                      {"dx": call_leaving_inputs(fn, g, argmax)}, "MaxPool2d(2).backward", known,
                                       f"input {shape}")
         x = np.maximum(np.round(rng.standard_normal((2, 3, 4, 6))), 0)      # ReLU-like: many tied zeros
         g = rng.standard_normal((2, 3, 2, 3))
@@ -505,7 +524,8 @@ def check_maxpool_backward(maxpool2x2_backward: Callable, maxpool2x2_forward: Ca
 
 # --- transposed convolution -----------------------------------------------------------------------------
 
-UPCONV_CASES = [((2, 2), 2, 0), ((3, 3), 2, 1), ((3, 3), 1, 0), ((4, 4), 3, 1), ((2, 3), 2, 0)]  # kernel, stride, padding
+UPCONV_CASES = [((2, 2), 2, 0), ((3, 3), 2, 1), ((3, 3), 1, 0), ((4, 4), 3, 1), ((2, 3), 2, 0),
+                ((2, 2), 3, 0)]  # kernel, stride, padding (the last: gaps between the stamps)
 
 
 def _upconv_layer(w: np.ndarray, b: np.ndarray, stride: int, padding: int) -> Any:
@@ -555,8 +575,8 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
     """``conv_transpose_backward(x, w, dout, stride, padding) -> (dx, dw, db)``."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for k, s, p in UPCONV_CASES[:3] + UPCONV_CASES[4:]:
-            x, w = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((3, 2, *k))
+        for (k, s, p), n in zip(UPCONV_CASES, [2, 2, 2, 3, 2, 2]):   # every case, and a batch of 3
+            x, w = rng.standard_normal((n, 3, 3, 4)), rng.standard_normal((3, 2, *k))
             b = np.zeros(2)
             g = rng.standard_normal(host(reference_conv_transpose_forward(x, w, b, s, p)).shape)
             dx, dw, db = reference_conv_transpose_backward(x, w, g, s, p)
@@ -564,10 +584,10 @@ def check_conv_transpose_backward(conv_transpose_backward: Callable) -> Callable
             expect_parts(result, 3, "return dx, dw, db")
             _, dw0, db0 = reference_conv_transpose_backward(x[:1], w, g[:1], s, p)
             averaged = "you averaged over the batch: the loss adds every image's term, so sum instead"
-            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch"), (host(dw) / 2, averaged),
+            known = {"dw": [(dw0, "your dw is the first image's alone: sum over the batch"), (host(dw) / n, averaged),
                             (host(dw)[:, :, ::-1, ::-1], "your dw is flipped in space: the stamp's offset (i, j) pairs "
                                                          "x with dout at y*stride + i - padding, no flip")],
-                     "db": [(db0, "your db is the first image's alone: sum over the batch too"), (host(db) / 2, averaged)]}
+                     "db": [(db0, "your db is the first image's alone: sum over the batch too"), (host(db) / n, averaged)]}
             forward = lambda: float((host(reference_conv_transpose_forward(x, w, b, s, p)) * g).sum())
             errors += _gradient_cases(forward, {"dx": x, "dw": w}, {"dx": dx, "dw": dw, "db": db},
                                       dict(zip(("dx", "dw", "db"), result)), "ConvTranspose2d.backward", known,
@@ -591,7 +611,7 @@ def check_concat_backward(concat_backward: Callable) -> Callable:
     """``concat_backward(dout, ca) -> (da, db)`` for ``out = concat([a, b], axis=1)``, a with ca channels."""
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
-        for ca, cb in [(2, 3), (4, 1), (1, 5)]:
+        for ca, cb in [(2, 3), (4, 1), (1, 5), (3, 7)]:
             a, b = rng.standard_normal((2, ca, 3, 4)), rng.standard_normal((2, cb, 3, 4))
             g = rng.standard_normal((2, ca + cb, 3, 4))
             result = call_leaving_inputs(fn, g, ca)
@@ -677,7 +697,9 @@ def check_relu_backward(relu_backward: Callable, relu_forward: Callable) -> Call
 
     def run(fn: Callable) -> List[float]:
         rng = _rng()
-        x = rng.uniform(0.1, 1.0, (2, 3, 4, 5)) * rng.choice([-1.0, 1.0], (2, 3, 4, 5))   # away from the kink
+        # away from the kink by more than the finite differences' step, some very close to it
+        x = rng.uniform(0.1, 1.0, (2, 3, 4, 5)) * rng.choice([-1.0, 1.0], (2, 3, 4, 5))
+        x[:, :, 1] *= 0.01
         g = rng.standard_normal(x.shape)
         with reference_layers():
             relu = ReLU()
@@ -686,8 +708,10 @@ def check_relu_backward(relu_backward: Callable, relu_forward: Callable) -> Call
         known = {"dx": [(g * (x < 0), "the mask is reversed: the gradient passes where x > 0"),
                         (np.maximum(g, 0), "that is relu(dout): the mask comes from the *input*, not from dout")]}
         forward = lambda: float((np.maximum(x, 0) * g).sum())
+        mask = relu_forward(x)[1]
+        relu_forward(-x)                  # another layer's forward in between: the backward uses the mask it is given
         errors = _gradient_cases(forward, {"dx": x}, {"dx": expected},
-                                 {"dx": call_leaving_inputs(fn, g, relu_forward(x)[1])}, "ReLU.backward", known, "")
+                                 {"dx": call_leaving_inputs(fn, g, mask)}, "ReLU.backward", known, "")
         x0 = x.copy()
         x0[:, :, 0] = 0.0        # exactly at the kink: no derivative there, the text's choice is 0
         with reference_layers():
@@ -729,10 +753,13 @@ def _bn_slips(x: np.ndarray, gamma: np.ndarray, g: np.ndarray) -> List[Tuple[Any
 
 
 def reference_bn_backward(dy: Any, cache: Any) -> Tuple[Any, Any, Any]:
-    """BatchNorm's backward from the lesson's cache (x, mu, var, s, xhat, gamma)."""
-    x, gamma = cache[0], cache[5]
-    _, dx, dgamma, dbeta = _bn_reference(host(x), host(gamma), np.zeros(len(gamma)), host(dy))
-    return dx, dgamma, dbeta
+    """BatchNorm's backward from the lesson's cache (x, mu, var, s, xhat, gamma): the one-line formula, with
+    the cache's s (so its eps) and xhat."""
+    x, _, _, s, xhat, gamma = cache
+    m = x.size // x.shape[1]
+    c = lambda v: v.reshape(1, -1, 1, 1)
+    dbeta, dgamma = dy.sum(axis=(0, 2, 3)), (dy * xhat).sum(axis=(0, 2, 3))
+    return c(gamma * s / m) * (m * dy - c(dbeta) - xhat * c(dgamma)), dgamma, dbeta
 
 
 def reference_bn_forward(x: Any, gamma: Any, beta: Any, eps: float = 1e-5) -> Tuple[Any, Any]:
@@ -750,20 +777,23 @@ def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
     def run(fn: Callable) -> List[float]:
         rng, errors = _rng(), []
         # the second input's variance (~0.0025) is small enough that a missing eps shows (by ~0.2%)
-        for shape, scale in [((4, 3, 3, 2), 3.0), ((2, 2, 5, 5), 0.05)]:
+        # the third input with another eps: a backward that recomputes s with 1e-5 instead of the cache's fails
+        for shape, scale, eps in [((4, 3, 3, 2), 3.0, 1e-5), ((2, 2, 5, 5), 0.05, 1e-5), ((3, 2, 2, 3), 0.01, 1e-3)]:
             x = rng.standard_normal(shape) * scale + 1
             gamma, beta, g = rng.standard_normal(shape[1]), rng.standard_normal(shape[1]), rng.standard_normal(shape)
-            _, dx, dgamma, dbeta = _bn_reference(x, gamma, beta, g)
+            _, dx, dgamma, dbeta = _bn_reference(x, gamma, beta, g, eps)
             known = {"dx": _bn_slips(x, gamma, g) + [(_bn_reference(x, gamma, beta, g, eps=0.0)[1],
                                                       "eps is missing: s = 1/sqrt(var + eps), take it from the cache")],
                      "dgamma": [(dbeta, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")],
                      "dbeta": [(dgamma, "dgamma and dbeta are swapped: return dx, dgamma, dbeta")]}
-            forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape))[0]) * g).sum())
+            forward = lambda: float((host(_bn_reference(x, gamma, beta, np.zeros(shape), eps)[0]) * g).sum())
             scored = lambda result: _gradient_cases(forward, {"dx": x, "dgamma": gamma, "dbeta": beta},
                                                     {"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
                                                     dict(zip(("dx", "dgamma", "dbeta"), result)),
-                                                    "BatchNorm2d.backward", known, f"input {shape}")
-            result = call_leaving_inputs(fn, g, bn_forward(x, gamma, beta)[1])
+                                                    "BatchNorm2d.backward", known, f"input {shape}, eps {eps:g}")
+            cache = bn_forward(x, gamma, beta, eps)[1]
+            bn_forward(x * 2 + 1, gamma, beta, eps)     # another layer's forward in between: its own cache
+            result = call_leaving_inputs(fn, g, cache)
             expect_parts(result, 3, "return dx, dgamma, dbeta")
             try:
                 errors += scored(result)
@@ -771,7 +801,7 @@ def check_bn_backward(bn_backward: Callable, bn_forward: Callable) -> Callable:
                 if bn_forward is reference_bn_forward:
                     raise
                 try:   # is it the forward's cache?
-                    scored(fn(g.copy(), reference_bn_forward(x, gamma, beta)[1]))
+                    scored(fn(g.copy(), reference_bn_forward(x, gamma, beta, eps)[1]))
                 except Exception:
                     raise failure
                 raise Mismatch(f"input {shape}: your backward is right with the cache of the text's forward and wrong "
@@ -808,8 +838,10 @@ def check_softmax_ce_backward(softmax_ce_backward: Callable, softmax_ce_forward:
                                  (expected / shape[1], "divided by every logit (N*C*H*W): the mean is over the N*H*W pixels, "
                                                        "each with its C classes")]}
             forward = lambda: float(CrossEntropyLoss().forward(to_device(logits), to_device(target)))
+            probs = softmax_ce_forward(logits, target)[1]
+            softmax_ce_forward(-logits, target)      # another forward in between (a validation batch, say)
             errors += _gradient_cases(forward, {"dlogits": logits}, {"dlogits": expected},
-                                      {"dlogits": call_leaving_inputs(fn, softmax_ce_forward(logits, target)[1], target)},
+                                      {"dlogits": call_leaving_inputs(fn, probs, target)},
                                       "CrossEntropyLoss.backward", known, f"logits {shape}")
         # your forward too: its loss, and logits large enough that exp overflows unless the max is subtracted
         for scale in (1.0, 1000.0):
@@ -2103,5 +2135,10 @@ def check_iou_per_class(iou_fn: Callable) -> Callable:
                                "its union holds pixels (its FN or FP) and TP = 0: IoU 0, a real score, not NaN; NaN "
                                "only where the union itself is 0")
         errors.append(compare("iou", mine, expected, "tinyunet.metrics.iou_per_class", [], "classes of IoU 0"))
+        # 3 classes (the trimaps'), with sums beyond int16's reach (a validation set has millions of pixels)
+        cm = np.array([[90_000, 2_100, 950], [1_800, 120_000, 1_200], [600, 1_400, 41_000]], dtype=np.int64)
+        mine = np.asarray(to_host(call_leaving_inputs(fn, cm)), dtype=np.float64)
+        errors.append(compare("iou", mine, reference_iou_per_class(cm), "tinyunet.metrics.iou_per_class", [],
+                              "3 classes, counts above 32767", tolerance=TOLERANCE))   # float32 IoUs are fine
         return errors
     return verdict("iou_per_class", iou_fn, reference_iou_per_class, run, "tinyunet.metrics.iou_per_class")
