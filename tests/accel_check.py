@@ -50,3 +50,36 @@ def assert_same(got: Dict[str, Any], expected: Dict[str, Any], rtol: float) -> N
 
 def tolerance(dtype: Any) -> float:
     return 2e-5 if dtype == np.float32 else 1e-10
+
+
+class AcceleratedByTheLayer:
+    """``step``'s implementation argument for "the layer's own choice": its forward and backward with the
+    acceleration on."""
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+
+    def forward(self, *inputs: Any) -> Any:
+        before = backend.set_acceleration(True)
+        try:
+            out = self.layer.forward(*inputs)
+        finally:
+            backend.set_acceleration(before)
+        assert getattr(self.layer, "fast", None) is not None, "nothing accelerated this layer"
+        return out
+
+    def backward(self, dout: Any) -> Any:
+        return self.layer.backward(dout)
+
+
+def channels_last(a: np.ndarray) -> np.ndarray:
+    """The same NCHW array with channels-last memory, as the accelerated layers hand each other."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+def compare_layer(layer: Any, inputs: Tuple[Any, ...], dout: Any, rtol: Optional[float] = None) -> Dict[str, Any]:
+    """The layer with whatever the acceleration picks against its reference code, forward and backward."""
+    expected = step(layer, inputs, dout)
+    got = step(layer, inputs, dout, AcceleratedByTheLayer(layer))
+    assert_same(got, expected, rtol or tolerance(inputs[0].dtype))
+    return got

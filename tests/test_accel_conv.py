@@ -4,7 +4,7 @@ threshold of its plan on both sides (odd sizes, strides, paddings, kernels 1/2/3
 import numpy as np
 import pytest
 
-from accel_check import assert_same, step, tolerance
+from accel_check import AcceleratedByTheLayer, assert_same, step, tolerance
 from tinyunet import backend
 from tinyunet.accel import compiled_loops, parallel
 from tinyunet.accel.choose import SPLIT_WEIGHT_GRAD_ROWS
@@ -258,23 +258,3 @@ def test_the_default_unets_convolutions_as_the_chooser_picks_them():
         assert_same(got, expected, tolerance(np.float32))
     assert (16, 3, 1, 0, 128, 128) in shapes and len(shapes) >= 10, sorted(shapes)
     assert len(chosen) >= 2, chosen
-
-
-class AcceleratedByTheLayer:
-    """``step``'s implementation argument for "the layer's own choice": its forward and backward with the
-    acceleration on."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def forward(self, x):
-        before = backend.set_acceleration(True)
-        try:
-            out = self.layer.forward(x)
-        finally:
-            backend.set_acceleration(before)
-        assert self.layer.fast is not None, "nothing accelerated this convolution"
-        return out
-
-    def backward(self, dout):
-        return self.layer.backward(dout)
