@@ -1042,6 +1042,18 @@ def trimap_to_labels_in_place(trimap):
     return trimap.astype(np.uint8)
 
 
+def test_trimap_check_wants_the_bad_value_named(capsys):
+    """The lesson's docstring asks for a ValueError naming the value: a bare "broken trimap" fails."""
+    def silent(trimap):
+        trimap = np.asarray(trimap)
+        if not np.isin(trimap, [1, 2, 3]).all():
+            raise ValueError("broken trimap")
+        return (trimap - 1).astype(np.uint8)
+
+    used = E.check_trimap_to_labels(silent)
+    assert_verdict(used, silent, capsys.readouterr().out, "say what was found")
+
+
 def test_trimap_check_refuses_writing_into_the_trimap(capsys):
     """Found by a second walk through lesson 12: a trimap_to_labels that subtracted 1 in place passed."""
     used = E.check_trimap_to_labels(trimap_to_labels_in_place)
@@ -1801,7 +1813,7 @@ def trimap_by_table(trimap):
     for c in CLASSES:
         out[trimap == c.trimap_value] = c.id
     if (out == 255).any():
-        raise ValueError("not a trimap value")
+        raise ValueError(f"not a trimap value: {np.setdiff1d(trimap, [1, 2, 3])}")
     return out
 
 

@@ -949,7 +949,11 @@ def check_trimap_to_labels(trimap_to_labels: Callable) -> Callable:
             broken[2, 3] = bad
             try:
                 fn(broken)
-            except ValueError:
+            except ValueError as exc:
+                if str(bad) not in str(exc):
+                    raise Mismatch(f"a trimap holding a {bad}: ValueError({str(exc)!r}) does not name the value",
+                                   "say what was found (f\"... found {bad_values}\"): a user with a broken file "
+                                   "learns what is in it") from exc
                 continue
             raise Mismatch(f"a trimap holding a {bad}: no ValueError",
                            "a value outside {1, 2, 3} is a broken file: raise ValueError (value - 1 would turn "
