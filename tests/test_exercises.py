@@ -1640,17 +1640,6 @@ def train_steps_two_forwards(model, optimizer, loss_fn, batches):
     return out
 
 
-def train_steps_zero_grad_after_step(model, optimizer, loss_fn, batches):
-    model.train()
-    out = []
-    for x, y in batches:
-        out.append(float(loss_fn.forward(model.forward(x), y)))
-        model.backward(loss_fn.backward())
-        optimizer.step()
-        optimizer.zero_grad()
-    return out
-
-
 def train_steps_keeping_loss_objects(model, optimizer, loss_fn, batches):
     model.train()
     out = []
@@ -1687,7 +1676,7 @@ def iou_zeroing_the_diagonal(cm):
 @pytest.mark.parametrize("check, mine, hint", [
     (E.check_train_steps, train_steps_counting_first, "one-pass loader"),
     (E.check_train_steps, train_steps_two_forwards, "a second forward also moves"),
-    (E.check_train_steps, train_steps_zero_grad_after_step, "cleared after the step"),
+    (E.check_train_steps, train_steps_slip("zero_grad last"), "cleared after the step"),
     (E.check_train_steps, train_steps_keeping_loss_objects, "append float(loss)"),
     (E.check_train_steps, train_steps_optimizer_on_copies, "copies of the parameters"),
     (E.check_train_steps, lambda *a: np.array(train_steps_written_out(*a)), None),
